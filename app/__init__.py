@@ -1,0 +1,79 @@
+"""Reconciliation Console: the Flask application factory."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flask import Flask
+
+from .config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def create_app(config: dict | None = None) -> Flask:
+    """Build the web application. `config` overrides settings (tests pass DATABASE_URL etc.)."""
+    settings = Settings.from_env()
+    config = dict(config or {})
+    if "DATABASE_URL" in config:
+        settings.database_url = config["DATABASE_URL"]
+    if "REDIS_URL" in config:
+        settings.redis_url = config["REDIS_URL"]
+    app = Flask(
+        __name__,
+        template_folder=str(ROOT / "templates"),
+        static_folder=str(Path(__file__).parent / "static"),
+        instance_path=str(settings.instance_path),
+    )
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        WTF_CSRF_TIME_LIMIT=None,
+        WTF_CSRF_HEADERS=["X-CSRFToken", "X-CSRF-Token"],
+        MAX_CONTENT_LENGTH=10 * 1024 * 1024,
+        RECON_SETTINGS=settings,
+    )
+    app.config.update(config)
+    register_extensions(app, settings)
+    register_blueprints(app)
+    from .web.errors import register_error_handlers
+
+    register_error_handlers(app)
+    from .logging import configure_logging
+
+    configure_logging(app)
+    logging.getLogger("recon").debug("app created", extra={"database": settings.database_url.split(":")[0]})
+    return app
+
+
+def register_extensions(app: Flask, settings: Settings) -> None:
+    from .web import extensions
+
+    extensions.init_app(app, settings)
+
+
+def register_blueprints(app: Flask) -> None:
+    from .web.admin import bp as admin_bp
+    from .web.api import bp as api_bp
+    from .web.approvals import bp as approvals_bp
+    from .web.audit import bp as audit_bp
+    from .web.auth import bp as auth_bp
+    from .web.dashboard import bp as dashboard_bp
+    from .web.exceptions import bp as exceptions_bp
+    from .web.ops import bp as ops_bp
+    from .web.queues import bp as queues_bp
+
+    for bp in (
+        auth_bp,
+        dashboard_bp,
+        queues_bp,
+        exceptions_bp,
+        approvals_bp,
+        audit_bp,
+        admin_bp,
+        api_bp,
+        ops_bp,
+    ):
+        app.register_blueprint(bp)

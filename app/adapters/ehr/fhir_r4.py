@@ -1,0 +1,761 @@
+"""FHIR R4 REST adapter (SPEC 2 and 4).
+
+One attempt = (local checks) -> (token, once per expiry) -> (metadata version check, once per
+adapter) -> ``POST [base]/[type]``. Everything that can go wrong is turned into an Outcome by
+:func:`classify`, the single place where HTTP signals become categories, so that the safety rule
+"after an unknown outcome, reconcile before re-sending" rests on one reviewed mapping:
+
+* the request provably never reached the EHR (connect refused, DNS, TLS, a failing preflight,
+  a local validation error) -> ``provably_not_applied=True``;
+* the EHR answered and refused (4xx, 429, 503) -> the answer says what happened;
+* anything after the request may have left (timeouts, resets, dropped responses, a 2xx we cannot
+  read) -> ``UNKNOWN``: the message may be in the EHR; ``find_applied`` decides.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+import typing
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import httpx
+from pydantic import ValidationError
+
+from app.domain.categorize import categorize_fhir_status, operation_outcome_issues
+from app.domain.delivery import AttemptOutcome, Category, ConnectionSettings, Envelope, Outcome
+
+from .base import EhrAdapter
+from .errors import AdapterError, ConfigError, ValidationFailed, VersionMismatch
+
+log = logging.getLogger("app.adapters.ehr.fhir_r4")
+
+FHIR_JSON = "application/fhir+json"
+EXCERPT_CHARS = 2000
+USER_AGENT = "recon-console/0.1 (fhir-r4 adapter)"
+_TYPE_NAME_RE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+_ABSTRACT_TYPES = {"Resource", "DomainResource"}
+
+# Phases of an attempt; only CREATE can leave the message in an unknown state.
+CREATE, METADATA, TOKEN, SEARCH = "create", "metadata", "token", "search"
+
+# Exceptions raised before a single byte of the request reached the server.
+_NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError)
+_CONFIG_ERRORS = (httpx.UnsupportedProtocol, httpx.InvalidURL)
+
+
+class _Stop(Exception):
+    """Internal: a preflight step (token, metadata) ended the attempt with this Outcome."""
+
+    def __init__(self, outcome: Outcome):
+        super().__init__(outcome.detail)
+        self.outcome = outcome
+
+
+# --------------------------------------------------------------------------- payload preparation
+
+
+def resource_model(resource_type: str) -> type:
+    """The fhir.resources R4B model class of a concrete resource type; ValidationFailed otherwise."""
+    from fhir.resources.R4B import get_fhir_model_class
+    from fhir.resources.R4B.resource import Resource
+
+    if not _TYPE_NAME_RE.match(resource_type or "") or resource_type in _ABSTRACT_TYPES:
+        raise ValidationFailed(f"{resource_type!r} is not a FHIR resource type")
+    try:
+        model = get_fhir_model_class(resource_type)
+    except ValueError:
+        raise ValidationFailed(f"{resource_type!r} is not a FHIR R4 resource type") from None
+    if not issubclass(model, Resource):
+        raise ValidationFailed(f"{resource_type!r} is a FHIR data type, not a resource")
+    return model
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_payload(envelope: Envelope) -> dict[str, Any]:
+    """The payload as a JSON object whose resourceType is the message type."""
+    text = envelope.payload.lstrip("\ufeff")  # a BOM is an encoding artefact, not content
+    try:
+        doc = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise ValidationFailed(f"payload is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValidationFailed(f"payload is a JSON {type(doc).__name__}, not a FHIR resource object")
+    rtype = doc.get("resourceType")
+    if not isinstance(rtype, str) or not rtype:
+        raise ValidationFailed("payload has no resourceType")
+    if rtype != envelope.message_type:
+        raise ValidationFailed(f"payload is a {rtype} but the message type is {envelope.message_type}")
+    return doc
+
+
+def add_delivery_identifier(resource: dict[str, Any], model: type, system: str, value: str) -> dict[str, Any]:
+    """A copy of the resource carrying exactly one delivery identifier {system, value}.
+
+    Existing identifiers are kept. A different value under our delivery system would make the
+    EHR-side search ambiguous, so it is refused rather than overwritten.
+    """
+    if not system or not value:
+        raise ConfigError("the envelope carries no delivery identifier (system and value are required)")
+    field = model.model_fields.get("identifier")
+    if field is None:
+        raise ValidationFailed(
+            f"{resource['resourceType']} has no identifier element to carry the delivery key"
+        )
+    is_list = any(typing.get_origin(arg) is list for arg in (typing.get_args(field.annotation) or ()))
+    ours = {"system": system, "value": value}
+    out = dict(resource)
+    current = out.get("identifier")
+    if not is_list:  # a 0..1 identifier (e.g. Bundle): only usable when free or already ours
+        if current is None:
+            out["identifier"] = ours
+            return out
+        if isinstance(current, dict) and current.get("system") == system and current.get("value") == value:
+            return out
+        raise ValidationFailed(f"{resource['resourceType']}.identifier is taken; cannot add the delivery key")
+    if current is None:
+        current = []
+    if not isinstance(current, list):
+        raise ValidationFailed(f"{resource['resourceType']}.identifier must be a list")
+    for ident in current:
+        if isinstance(ident, dict) and ident.get("system") == system:
+            if ident.get("value") == value:
+                return out  # already there: do not add it twice
+            raise ValidationFailed(
+                f"payload already carries a different delivery identifier in system {system}; "
+                "refusing to send two keys for one message"
+            )
+    out["identifier"] = [*current, ours]
+    return out
+
+
+def _error_path(resource_type: str, loc: tuple[Any, ...]) -> str:
+    path = resource_type
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def _issue_code(error_type: str) -> str:
+    """OperationOutcome issue code for a pydantic error type (so both sources read alike)."""
+    if "missing" in error_type:
+        return "required"
+    if error_type == "extra_forbidden" or error_type.endswith("_type") or "json" in error_type:
+        return "structure"
+    if "pattern" in error_type or error_type.startswith("value_error") or "enum" in error_type:
+        return "value"
+    return "invalid"
+
+
+def validate_resource(model: type, resource: dict[str, Any]) -> None:
+    """Validate with the R4B model; ValidationFailed with a readable summary and issues."""
+    rtype = resource.get("resourceType", model.__name__)
+    try:
+        model.model_validate(resource)
+    except ValidationError as exc:
+        issues = [
+            {
+                "severity": "error",
+                "code": _issue_code(str(err.get("type", ""))),
+                # Only pydantic's message, never the offending input: it may be PHI.
+                "diagnostics": str(err.get("msg", "")).split("\n")[0].strip(),
+                "expression": [_error_path(rtype, tuple(err.get("loc", ())))],
+            }
+            for err in exc.errors(include_url=False, include_input=False)
+        ]
+        shown = "; ".join(f"{i['expression'][0]}: {i['diagnostics']}" for i in issues[:10])
+        more = f" (and {len(issues) - 10} more)" if len(issues) > 10 else ""
+        raise ValidationFailed(
+            f"{rtype} failed FHIR R4B validation ({len(issues)} problem(s)): {shown}{more}", issues=issues
+        ) from None
+    except (TypeError, ValueError) as exc:  # fhir.resources raises these for some malformed input
+        raise ValidationFailed(f"{rtype} failed FHIR R4B validation: {exc}") from None
+
+
+def prepare_resource(envelope: Envelope) -> dict[str, Any]:
+    """Parse, add the delivery identifier and validate; the dict that will be sent."""
+    resource = parse_payload(envelope)
+    model = resource_model(resource["resourceType"])
+    resource = add_delivery_identifier(resource, model, envelope.delivery_system, envelope.delivery_value)
+    validate_resource(model, resource)
+    return resource
+
+
+# --------------------------------------------------------------------------- wire helpers
+
+
+def _escape_token(text: str) -> str:
+    """FHIR search escaping for one part of a token parameter."""
+    return re.sub(r"([\\|,$])", r"\\\1", text)
+
+
+def identifier_token(system: str, value: str) -> str:
+    """The `identifier` token search value 'system|value'."""
+    return f"{_escape_token(system)}|{_escape_token(value)}"
+
+
+def if_none_exist(system: str, value: str) -> str:
+    """The If-None-Exist header value: a URL query string."""
+    return "identifier=" + quote(identifier_token(system, value), safe=":/|@")
+
+
+def retry_after_seconds(header: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date)."""
+    if not header:
+        return None
+    header = header.strip()
+    try:
+        seconds = float(header)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(header)
+        except (TypeError, ValueError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - time.time()
+    if math.isnan(seconds) or math.isinf(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def _ref_from_location(location: str | None, resource_type: str) -> str | None:
+    """'Type/id' from a Location like [base]/Type/id/_history/1."""
+    if not location:
+        return None
+    parts = [p for p in urlsplit(location).path.split("/") if p]
+    for i in range(len(parts) - 1):
+        if parts[i] == resource_type:
+            return f"{resource_type}/{parts[i + 1]}"
+    return None
+
+
+def _excerpt(response: httpx.Response) -> str:
+    return response.content[: EXCERPT_CHARS * 4].decode("utf-8", "replace")[:EXCERPT_CHARS]
+
+
+def _json_or_none(content: bytes) -> Any:
+    try:
+        return json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _describe_issues(issues: list[dict]) -> str:
+    parts = []
+    for issue in issues[:5]:
+        text = f"{issue.get('code')}: {issue.get('diagnostics') or ''}".strip()
+        if issue.get("expression"):
+            text += f" [{', '.join(issue['expression'])}]"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def _elapsed_ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+# --------------------------------------------------------------------------- categorization
+
+
+def classify(
+    *,
+    phase: str,
+    summary: str,
+    started: float,
+    response: httpx.Response | None = None,
+    error: BaseException | None = None,
+    resource_type: str | None = None,
+    detail: str | None = None,
+) -> Outcome:
+    """Turn one HTTP response or exception into an Outcome (SPEC 3.2). The only such mapping.
+
+    `phase` CREATE is the clinical request itself. For the preflight phases (METADATA, TOKEN)
+    the message was never sent, so every outcome there is provably not applied, and a timeout
+    means "EHR unavailable" rather than "unknown outcome".
+    """
+    latency = _elapsed_ms(started)
+    preflight = phase != CREATE
+    where = {METADATA: "metadata check: ", TOKEN: "token request: ", SEARCH: "search: "}.get(phase, "")
+
+    if error is not None:
+        name = type(error).__name__
+        if isinstance(error, _CONFIG_ERRORS):
+            return Outcome(
+                AttemptOutcome.REJECTED,
+                Category.CONFIG,
+                summary=summary,
+                detail=f"{where}bad endpoint URL ({name}: {error})",
+                latency_ms=latency,
+                provably_not_applied=True,
+            )
+        if isinstance(error, _NOT_SENT_ERRORS):
+            return Outcome(
+                AttemptOutcome.TRANSIENT,
+                Category.TRANSPORT,
+                summary=summary,
+                detail=f"{where}could not reach the EHR ({name}: {error}); the request was not sent",
+                latency_ms=latency,
+                provably_not_applied=True,
+            )
+        if preflight:
+            return Outcome(
+                AttemptOutcome.TRANSIENT,
+                Category.EHR_UNAVAILABLE,
+                summary=summary,
+                detail=f"{where}no usable answer ({name}: {error}); the message was not sent",
+                latency_ms=latency,
+                provably_not_applied=True,
+            )
+        if isinstance(error, httpx.DecodingError):
+            return Outcome(
+                AttemptOutcome.UNKNOWN,
+                Category.MALFORMED_RESPONSE,
+                summary=summary,
+                detail=f"the EHR answered but the response could not be decoded ({error}); it may have "
+                "applied - reconcile before re-sending",
+                latency_ms=latency,
+            )
+        return Outcome(
+            AttemptOutcome.UNKNOWN,
+            Category.UNKNOWN_OUTCOME,
+            summary=summary,
+            detail=f"the request may have reached the EHR but no trustworthy answer came back "
+            f"({name}: {error or 'no detail'}); reconcile (search by identifier) before re-sending",
+            latency_ms=latency,
+        )
+
+    assert response is not None
+    status = response.status_code
+    excerpt = _excerpt(response)
+    common = {"summary": summary, "status_code": status, "response_excerpt": excerpt, "latency_ms": latency}
+
+    if 200 <= status < 300:
+        if preflight:  # a preflight 2xx reaches here only when its body was unusable
+            return Outcome(
+                AttemptOutcome.REJECTED,
+                Category.MALFORMED_RESPONSE,
+                detail=f"{where}{detail or 'unusable response body'}",
+                provably_not_applied=True,
+                **common,
+            )
+        body = _json_or_none(response.content) if response.content else None
+        location = response.headers.get("Location") or response.headers.get("Content-Location")
+        ref = _ref_from_location(location, resource_type or "")
+        if isinstance(body, dict) and body.get("resourceType") == resource_type and status in (200, 201):
+            rid = body.get("id")
+            ref = f"{resource_type}/{rid}" if isinstance(rid, str) and rid else ref
+            return Outcome(
+                AttemptOutcome.DELIVERED, None, resource_ref=ref, detail=f"HTTP {status}", **common
+            )
+        # Prefer: return=minimal / return=OperationOutcome: the Location header is the proof.
+        empty_or_oo = not response.content.strip() or (
+            isinstance(body, dict) and body.get("resourceType") == "OperationOutcome"
+        )
+        if status in (200, 201, 204) and ref and empty_or_oo:
+            return Outcome(
+                AttemptOutcome.DELIVERED,
+                None,
+                resource_ref=ref,
+                detail=f"HTTP {status} (location only)",
+                issues=operation_outcome_issues(response.content) or [],
+                **common,
+            )
+        what = "accepted for asynchronous processing" if status == 202 else "a body we cannot trust"
+        return Outcome(
+            AttemptOutcome.UNKNOWN,
+            Category.MALFORMED_RESPONSE,
+            detail=f"the EHR answered HTTP {status} with {what}; it probably applied - "
+            "reconcile before re-sending",
+            **common,
+        )
+
+    if 300 <= status < 400:
+        if status in (301, 302, 307, 308):
+            return Outcome(
+                AttemptOutcome.REJECTED,
+                Category.CONFIG,
+                detail=f"{where}the EHR redirects (HTTP {status} to {response.headers.get('Location')}); "
+                "fix the connection endpoint",
+                provably_not_applied=True,
+                **common,
+            )
+        return Outcome(
+            AttemptOutcome.REJECTED if preflight else AttemptOutcome.UNKNOWN,
+            Category.MALFORMED_RESPONSE,
+            detail=f"{where}unexpected HTTP {status}",
+            provably_not_applied=preflight,
+            **common,
+        )
+
+    issues = operation_outcome_issues(response.content) or []
+    if phase == TOKEN and 400 <= status < 500 and status != 429:
+        category = Category.AUTH  # the authorization server refused our client credentials
+        oauth = _json_or_none(response.content)
+        if isinstance(oauth, dict) and oauth.get("error"):
+            detail = f"{oauth.get('error')}: {oauth.get('error_description', '')}".strip(": ")
+    else:
+        category = categorize_fhir_status(status, issues)
+    transient = status == 429 or status >= 500
+    if preflight:
+        provably = True
+    elif status in (401, 403, 429, 503):
+        provably = True  # refused before processing
+    elif 400 <= status < 500:
+        # The EHR processed and refused; except conflicts/duplicates, where something exists.
+        provably = status not in (409, 412)
+    else:
+        provably = False  # 500 and friends: it may have applied before failing
+    text = _describe_issues(issues) or detail or response.reason_phrase or ""
+    verb = "unavailable" if transient else "rejected the request"
+    return Outcome(
+        AttemptOutcome.TRANSIENT if transient else AttemptOutcome.REJECTED,
+        category,
+        detail=f"{where}EHR {verb} (HTTP {status}){': ' + text if text else ''}",
+        retry_after_seconds=retry_after_seconds(response.headers.get("Retry-After")),
+        provably_not_applied=provably,
+        issues=issues,
+        **common,
+    )
+
+
+# --------------------------------------------------------------------------- adapter
+
+
+class FhirR4Adapter(EhrAdapter):
+    """Delivers FHIR resources with ``POST [base]/[type]`` to one connection.
+
+    Thread-safe: the token cache and the version check are guarded by locks, so one adapter
+    may serve several worker threads. A passed-in httpx client is not closed by the adapter.
+    """
+
+    token_scope: str | None = "system/*.read system/*.write"
+
+    def __init__(self, settings: ConnectionSettings, client: httpx.Client | None = None):
+        self.settings = settings
+        self.base = settings.endpoint.rstrip("/")
+        self.timeout = httpx.Timeout(
+            connect=settings.connect_timeout,
+            read=settings.read_timeout,
+            write=settings.read_timeout,
+            pool=settings.connect_timeout,
+        )
+        self._owns_client = client is None
+        self._client = (
+            client if client is not None else httpx.Client(timeout=self.timeout, follow_redirects=False)
+        )
+        self._version_lock = threading.Lock()
+        self._version_checked = False
+        self._token_lock = threading.Lock()
+        self._token: str | None = None
+        self._token_expires_at = 0.0
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._client.close()
+
+    # -- headers: the only place request headers are built
+
+    def _headers(self, purpose: str, envelope: Envelope | None = None) -> dict[str, str]:
+        """Headers for a request of `purpose` (CREATE, METADATA, SEARCH or TOKEN)."""
+        if purpose == TOKEN:
+            return {"Accept": "application/json", "User-Agent": USER_AGENT}
+        headers = {"Accept": FHIR_JSON, "User-Agent": USER_AGENT}
+        if purpose == CREATE and envelope is not None:
+            headers["Content-Type"] = FHIR_JSON
+            headers["Prefer"] = "return=representation"
+            # The idempotency key rides on every attempt, for the EHR's logs and dedup if it has one.
+            headers["X-Request-Id"] = envelope.delivery_value
+            headers["X-Idempotency-Key"] = envelope.delivery_value
+            if self.settings.supports_conditional_create:
+                headers["If-None-Exist"] = if_none_exist(envelope.delivery_system, envelope.delivery_value)
+        token = self._bearer_token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    # -- SMART backend services
+
+    def _bearer_token(self) -> str | None:
+        """A cached client-credentials access token, or None when the connection uses no auth.
+
+        Raises ConfigError/AuthError for unusable settings and _Stop when the token endpoint fails.
+        """
+        s = self.settings
+        if not s.auth_token_url:
+            return None
+        with self._token_lock:
+            if self._token and time.monotonic() < self._token_expires_at:
+                return self._token
+            if not s.auth_client_id:
+                raise ConfigError(f"connection {s.name}: auth_token_url is set but auth_client_id is not")
+            secret = None
+            if s.auth_secret_env:
+                secret = os.environ.get(s.auth_secret_env)
+                if not secret:
+                    raise ConfigError(
+                        f"connection {s.name}: environment variable {s.auth_secret_env} (client secret) is not set"
+                    )
+            form = {"grant_type": "client_credentials"}
+            if self.token_scope:
+                form["scope"] = self.token_scope
+            auth = httpx.BasicAuth(s.auth_client_id, secret) if secret else None
+            if auth is None:
+                form["client_id"] = s.auth_client_id
+            summary = f"POST {s.auth_token_url} token"
+            started = time.monotonic()
+            try:
+                response = self._client.post(
+                    s.auth_token_url, data=form, auth=auth, headers=self._headers(TOKEN), timeout=self.timeout
+                )
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
+                raise _Stop(classify(phase=TOKEN, summary=summary, started=started, error=exc)) from None
+            if response.status_code != 200:
+                raise _Stop(classify(phase=TOKEN, summary=summary, started=started, response=response))
+            doc = _json_or_none(response.content)
+            token = doc.get("access_token") if isinstance(doc, dict) else None
+            if not isinstance(token, str) or not token:
+                raise _Stop(
+                    classify(
+                        phase=TOKEN,
+                        summary=summary,
+                        started=started,
+                        response=response,
+                        detail="token response has no access_token",
+                    )
+                )
+            try:
+                lifetime = float(doc.get("expires_in", 300))
+            except (TypeError, ValueError):
+                lifetime = 300.0
+            # Renew a little early so a token never expires between check and use.
+            self._token = token
+            self._token_expires_at = time.monotonic() + max(0.0, lifetime - min(60.0, lifetime / 10))
+            return token
+
+    def _forget_token(self) -> None:
+        with self._token_lock:
+            self._token = None
+            self._token_expires_at = 0.0
+
+    # -- pinned FHIR version
+
+    def _fetch_metadata(self) -> tuple[str, httpx.Response]:
+        """GET [base]/metadata -> (fhirVersion, response); raises _Stop or AdapterError."""
+        url = f"{self.base}/metadata"
+        summary = f"GET {url} CapabilityStatement"
+        started = time.monotonic()
+        headers = self._headers(METADATA)
+        try:
+            response = self._client.get(url, headers=headers, timeout=self.timeout)
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise _Stop(classify(phase=METADATA, summary=summary, started=started, error=exc)) from None
+        if response.status_code != 200:
+            if response.status_code == 401:
+                self._forget_token()
+            raise _Stop(classify(phase=METADATA, summary=summary, started=started, response=response))
+        doc = _json_or_none(response.content)
+        version = doc.get("fhirVersion") if isinstance(doc, dict) else None
+        if not isinstance(doc, dict) or doc.get("resourceType") != "CapabilityStatement" or not version:
+            raise _Stop(
+                classify(
+                    phase=METADATA,
+                    summary=summary,
+                    started=started,
+                    response=response,
+                    detail="the metadata endpoint did not return a CapabilityStatement with fhirVersion",
+                )
+            )
+        return str(version), response
+
+    def _version_matches(self, reported: str) -> bool:
+        """Pinned "4.0.1" needs exactly 4.0.1; a pinned "4.0" accepts any 4.0.x. Never negotiates."""
+        pinned = self.settings.fhir_version.strip().split(".")
+        return reported.strip().split(".")[: len(pinned)] == pinned
+
+    def _ensure_version(self) -> None:
+        """Check the CapabilityStatement once per adapter instance (until it passes)."""
+        with self._version_lock:
+            if self._version_checked:
+                return
+            version, _response = self._fetch_metadata()
+            if not self._version_matches(version):
+                raise VersionMismatch(
+                    f"EHR reports fhirVersion {version}, connection pinned to {self.settings.fhir_version}"
+                )
+            self._version_checked = True
+
+    # -- EhrAdapter
+
+    def _refuse_unroutable(self, envelope: Envelope) -> None:
+        """Connection-level refusals (category config) before looking at the payload."""
+        s = self.settings
+        if not s.enabled:
+            raise ConfigError(f"connection {s.name} is disabled")
+        if s.enabled_message_types and envelope.message_type not in s.enabled_message_types:
+            raise ConfigError(f"message type {envelope.message_type} is not enabled on connection {s.name}")
+        if envelope.content_type and "json" not in envelope.content_type.lower():
+            raise ConfigError(
+                f"connection {s.name} speaks FHIR JSON; cannot deliver content type {envelope.content_type}"
+            )
+
+    def deliver(self, envelope: Envelope) -> Outcome:
+        """Deliver one message (create). Nothing is sent unless the payload is valid FHIR R4B."""
+        started = time.monotonic()
+        rtype = envelope.message_type
+        url = f"{self.base}/{rtype}"
+        summary = f"POST {url} {rtype}"
+        try:
+            self._refuse_unroutable(envelope)
+            resource = prepare_resource(envelope)
+            self._ensure_version()
+            headers = self._headers(CREATE, envelope)
+        except AdapterError as exc:
+            outcome = exc.to_outcome(summary, _elapsed_ms(started))
+            return self._logged(envelope, outcome)
+        except _Stop as stop:
+            # Keep the failing preflight request in the detail; the summary names the attempt.
+            stop.outcome.detail = f"{stop.outcome.detail} [{stop.outcome.summary}; message not sent]"
+            stop.outcome.summary = summary
+            stop.outcome.latency_ms = _elapsed_ms(started)
+            return self._logged(envelope, stop.outcome)
+
+        body = json.dumps(resource, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        try:
+            response = self._client.post(url, content=body, headers=headers, timeout=self.timeout)
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            outcome = classify(phase=CREATE, summary=summary, started=started, error=exc, resource_type=rtype)
+            return self._logged(envelope, outcome)
+        if response.status_code == 401:
+            self._forget_token()  # the next attempt fetches a fresh token
+        outcome = classify(
+            phase=CREATE, summary=summary, started=started, response=response, resource_type=rtype
+        )
+        return self._logged(envelope, outcome)
+
+    def _logged(self, envelope: Envelope, outcome: Outcome) -> Outcome:
+        # No payload and no patient data in logs: the key, the verdict and the numbers.
+        log.info(
+            "fhir deliver connection=%s type=%s key=%s outcome=%s category=%s status=%s latency_ms=%s",
+            self.settings.name,
+            envelope.message_type,
+            envelope.delivery_value,
+            outcome.outcome,
+            outcome.category,
+            outcome.status_code,
+            outcome.latency_ms,
+        )
+        return outcome
+
+    def find_applied(self, envelope: Envelope) -> bool | None:
+        """Search the EHR by the delivery identifier. True/False only on a clear answer."""
+        if not self.settings.supports_identifier_search:
+            return None
+        rtype = envelope.message_type
+        if (
+            not _TYPE_NAME_RE.match(rtype or "")
+            or not envelope.delivery_system
+            or not envelope.delivery_value
+        ):
+            return None
+        url = f"{self.base}/{rtype}"
+        try:
+            response = self._client.get(
+                url,
+                params={"identifier": identifier_token(envelope.delivery_system, envelope.delivery_value)},
+                headers=self._headers(SEARCH),
+                timeout=self.timeout,
+            )
+        except (httpx.HTTPError, httpx.InvalidURL, AdapterError, _Stop) as exc:
+            log.info(
+                "fhir search connection=%s key=%s failed: %s",
+                self.settings.name,
+                envelope.delivery_value,
+                exc,
+            )
+            return None
+        if response.status_code != 200:
+            if response.status_code == 401:
+                self._forget_token()
+            return None
+        return _bundle_holds(_json_or_none(response.content), rtype, envelope)
+
+    def check_connection(self) -> dict[str, Any]:
+        """Fetch the CapabilityStatement (with a token when configured) and compare fhirVersion."""
+        started = time.monotonic()
+        result: dict[str, Any] = {
+            "ok": False,
+            "fhirVersion": None,
+            "pinned": self.settings.fhir_version,
+            "detail": "",
+            "status_code": None,
+            "latency_ms": 0,
+        }
+        try:
+            version, response = self._fetch_metadata()
+        except AdapterError as exc:
+            result["detail"] = exc.message
+        except _Stop as stop:
+            result["detail"] = stop.outcome.detail
+            result["status_code"] = stop.outcome.status_code
+            result["category"] = str(stop.outcome.category)
+        else:
+            result["fhirVersion"] = version
+            result["status_code"] = response.status_code
+            if self._version_matches(version):
+                result["ok"] = True
+                result["detail"] = f"fhirVersion {version} matches the pinned {self.settings.fhir_version}"
+                with self._version_lock:
+                    self._version_checked = True
+            else:
+                result["detail"] = (
+                    f"EHR reports fhirVersion {version}, connection pinned to {self.settings.fhir_version}"
+                )
+                result["category"] = str(Category.CONFIG)
+        result["latency_ms"] = _elapsed_ms(started)
+        return result
+
+
+def _bundle_holds(doc: Any, resource_type: str, envelope: Envelope) -> bool | None:
+    """Interpret a search Bundle: True only when a returned resource really carries our identifier.
+
+    A server that ignores an unknown search parameter returns *everything*; trusting a non-empty
+    Bundle blindly would mark an unsent message as applied, so such answers are "cannot tell".
+    """
+    if not isinstance(doc, dict) or doc.get("resourceType") != "Bundle":
+        return None
+    entries = doc.get("entry") or []
+    if not isinstance(entries, list):
+        return None
+    resources = [
+        e["resource"]
+        for e in entries
+        if isinstance(e, dict)
+        and isinstance(e.get("resource"), dict)
+        and e["resource"].get("resourceType") == resource_type
+        and (e.get("search") or {}).get("mode", "match") == "match"
+    ]
+    for resource in resources:
+        idents = resource.get("identifier")
+        idents = [idents] if isinstance(idents, dict) else idents if isinstance(idents, list) else []
+        for ident in idents:
+            if (
+                isinstance(ident, dict)
+                and ident.get("system") == envelope.delivery_system
+                and ident.get("value") == envelope.delivery_value
+            ):
+                return True
+    total = doc.get("total")
+    if resources or (isinstance(total, int) and total > 0):
+        return None  # matches that do not carry the identifier: the server ignored the search
+    return False

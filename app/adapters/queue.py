@@ -1,0 +1,79 @@
+"""RQ: the outbox relay and the worker loop (SPEC 2, 9.2).
+
+Jobs carry no RQ Retry (RQ would re-run an abandoned job that has retries left);
+a job id is the outbox row's job_id (`replay-<id>`, `deliver-<attempt id>`) and
+jobs are enqueued with unique=True, so relaying twice enqueues once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+from rq import Queue, SimpleWorker
+from rq.exceptions import DuplicateJobError
+
+from app.services import delivery
+
+log = logging.getLogger("recon.queue")
+
+JOB_FUNCTIONS = {
+    "deliver": "jobs.delivery.deliver_attempt_job",
+    "replay": "jobs.delivery.run_replay_job",
+}
+JOB_TIMEOUT = 300
+
+
+def relay_outbox(rt: delivery.Runtime, queue: Queue) -> int:
+    """Move unrelayed outbox rows into RQ; safe to run from several workers at once."""
+    entries = delivery.pending_outbox(rt)
+    done = []
+    for entry in entries:
+        try:
+            queue.enqueue_call(
+                JOB_FUNCTIONS[entry.kind],
+                args=(int(entry.ref_id),),
+                job_id=entry.job_id,
+                unique=True,
+                timeout=JOB_TIMEOUT,
+                result_ttl=3600,
+                failure_ttl=7 * 24 * 3600,
+                description=f"{entry.kind} {entry.ref_id}",
+            )
+        except DuplicateJobError:
+            pass  # another relay got there first; the job exists once
+        done.append(entry.id)
+    delivery.mark_relayed(rt, done)
+    return len(done)
+
+
+def worker_name() -> str:
+    return f"recon-{socket.gethostname()}-{os.getpid()}"
+
+
+def run_worker(rt: delivery.Runtime, queue: Queue, *, burst: bool, poll_seconds: float = 0.5) -> dict:
+    """Relay the outbox, schedule due retries, reap expired leases and run RQ jobs.
+
+    burst: repeat until a whole pass finds nothing to do, then return counts.
+    """
+    counts = {"relayed": 0, "retries": 0, "reaped": 0, "jobs": 0}
+    worker = SimpleWorker([queue], connection=queue.connection, name=rt.worker_name)
+    while True:
+        relayed = relay_outbox(rt, queue)
+        retries = delivery.schedule_due_retries(rt)
+        reaped = delivery.reap_expired_leases(rt)
+        if retries:
+            relayed += relay_outbox(rt, queue)
+        pending = queue.count
+        if pending:
+            worker.work(burst=True, max_jobs=max(pending, 1), logging_level="WARNING")
+        counts["relayed"] += relayed
+        counts["retries"] += retries
+        counts["reaped"] += reaped
+        counts["jobs"] += pending
+        if burst and not (relayed or retries or reaped or pending or queue.count):
+            return counts
+        if not (relayed or retries or reaped or pending):
+            time.sleep(poll_seconds)

@@ -1,0 +1,361 @@
+"""The `recon` command (SPEC 9.2)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+
+from app.config import Settings
+from app.domain.errors import DomainError
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+def _sessions(settings: Settings):
+    from app.db.session import session_factory
+
+    return session_factory(settings.database_url)
+
+
+def _fail(message: str, code: int = 1):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+class _DomainErrors(click.Group):
+    """Domain errors become a one-line message and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DomainError as exc:
+            _fail(exc.message, 2)
+
+
+@click.group(cls=_DomainErrors)
+def main() -> None:
+    """Reconciliation Console: deliver EHR messages, reconcile failures, audit every decision."""
+
+
+# --- db -----------------------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Migrate the database to the newest schema."""
+    from app.db.migrate import upgrade
+
+    settings = _settings()
+    upgrade(settings.database_url)
+    click.echo("database at head")
+
+
+# --- users, tokens, customers, connections -------------------------------------------------------
+
+
+@main.group()
+def users() -> None:
+    """Console and service users."""
+
+
+@users.command("create")
+@click.argument("username")
+@click.option("--role", required=True,
+              type=click.Choice(["reviewer", "clinical_lead", "auditor", "admin", "service"]))
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def users_create(username: str, role: str, password_stdin: bool) -> None:
+    """Create a user. Console roles need a password (prompted, or --password-stdin)."""
+    from app.db.session import transaction
+    from app.services.users import create_user
+
+    password = None
+    if role != "service":
+        if password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    with transaction(_sessions(_settings())) as s:
+        user = create_user(s, username, role, password, actor="system:cli")
+    click.echo(f"created user {user.username} ({user.role})")
+
+
+@main.group()
+def tokens() -> None:
+    """Personal API tokens."""
+
+
+@tokens.command("create")
+@click.argument("username")
+def tokens_create(username: str) -> None:
+    """Print a new bearer token for USERNAME (shown once; stored hashed)."""
+    from app.db.session import transaction
+    from app.services.users import by_username, create_token
+
+    with transaction(_sessions(_settings())) as s:
+        user = by_username(s, username)
+        if user is None:
+            _fail(f"no user {username!r}", 2)
+        token = create_token(s, user, actor="system:cli")
+    click.echo(token)
+
+
+@main.group()
+def customers() -> None:
+    """Customers (health systems, practice groups)."""
+
+
+@customers.command("add")
+@click.argument("name")
+def customers_add(name: str) -> None:
+    from app.db.session import transaction
+    from app.services.connections import add_customer
+
+    with transaction(_sessions(_settings())) as s:
+        customer = add_customer(s, name, actor="system:cli")
+    click.echo(f"added customer {customer.name} (id {customer.id})")
+
+
+@main.group()
+def connections() -> None:
+    """EHR connections, configured at runtime."""
+
+
+@connections.command("add")
+@click.argument("name")
+@click.option("--customer", required=True)
+@click.option("--protocol", required=True, type=click.Choice(["fhir-r4", "hl7v2-mllp"]))
+@click.option("--endpoint", required=True, help="Base URL (FHIR) or HOST:PORT (MLLP).")
+@click.option("--environment", default="prod", type=click.Choice(["prod", "test", "train"]))
+@click.option("--conditional-create/--no-conditional-create", default=True)
+@click.option("--identifier-search/--no-identifier-search", default=True)
+def connections_add(name, customer, protocol, endpoint, environment, conditional_create, identifier_search):
+    """Add a connection for CUSTOMER."""
+    from app.db.session import transaction
+    from app.services.connections import add_connection
+
+    with transaction(_sessions(_settings())) as s:
+        conn = add_connection(
+            s, name, customer=customer, protocol=protocol, endpoint=endpoint, environment=environment,
+            conditional_create=conditional_create, identifier_search=identifier_search, actor="system:cli",
+        )
+    click.echo(f"added connection {conn.name} (id {conn.id})")
+
+
+@connections.command("list")
+def connections_list() -> None:
+    """List connections with their circuit state."""
+    import sqlalchemy as sa
+
+    from app.db.models import Connection
+    from app.db.session import transaction
+    from app.services.connections import circuit_state
+
+    with transaction(_sessions(_settings())) as s:
+        rows = s.scalars(sa.select(Connection).order_by(Connection.name)).all()
+        click.echo(f"{'NAME':<28} {'CUSTOMER':<32} {'PROTOCOL':<11} {'ENV':<5} {'ENABLED':<7} {'CIRCUIT':<9} ENDPOINT")
+        for c in rows:
+            click.echo(f"{c.name:<28} {c.customer.name:<32} {c.protocol:<11} {c.environment:<5} "
+                       f"{'yes' if c.enabled else 'no':<7} {circuit_state(c):<9} {c.endpoint}")
+
+
+# --- seed ---------------------------------------------------------------------------------------
+
+
+@main.group()
+def seed() -> None:
+    """Demo data."""
+
+
+@seed.command("demo")
+@click.option("--sim-url", default="http://127.0.0.1:8090", show_default=True)
+def seed_demo(sim_url: str) -> None:
+    """Load the synthetic demo data set (does nothing if it is already there)."""
+    from seed.demo import load_demo
+
+    result = load_demo(_sessions(_settings()), sim_base_url=sim_url)
+    _print_logins(result)
+
+
+def _print_logins(result) -> None:
+    click.echo("Demo logins (console):")
+    for username, role, password in result.logins:
+        click.echo(f"  {username:<10} {role:<14} password: {password}")
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5000, show_default=True, type=int)
+def web(host: str, port: int) -> None:
+    """Serve the console and the API (development server; use gunicorn in production)."""
+    from app import create_app
+    from app.adapters.redis_conn import redis_url
+
+    settings = _settings()
+    redis_url(settings)  # starts or joins the embedded Redis when REDIS_URL is unset
+    app = create_app()
+    click.echo(f"console on http://{host}:{port}")
+    app.run(host=host, port=port, debug=False, use_reloader=False, threaded=True)
+
+
+@main.command()
+@click.option("--burst", is_flag=True, help="Run until nothing is ready, then exit.")
+def worker(burst: bool) -> None:
+    """RQ worker plus the outbox relay, scheduled retries and the lease reaper."""
+    from rq import Queue
+
+    from app.adapters.queue import run_worker, worker_name
+    from app.adapters.redis_conn import connect, redis_url
+    from app.db.session import session_factory
+    from app.services.delivery import Runtime
+    from jobs.delivery import install_runtime
+
+    settings = _settings()
+    connection = connect(redis_url(settings))
+    queue = Queue(settings.queue_name, connection=connection)
+    rt = Runtime(sessions=session_factory(settings.database_url), lease_seconds=settings.lease_seconds,
+                 worker_name=worker_name())
+    install_runtime(rt)
+    if not burst:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        counts = run_worker(rt, queue, burst=burst)
+    except KeyboardInterrupt:
+        return
+    click.echo(f"worker done: {counts}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--fhir-port", default=8090, show_default=True, type=int)
+@click.option("--mllp-port", default=2575, show_default=True, type=int,
+              help="Reserved for the HL7 v2 listener (a later release).")
+@click.option("--profile", default="default", show_default=True)
+def sim(host: str, fhir_port: int, mllp_port: int, profile: str) -> None:
+    """Run the simulated EHR."""
+    from app.simulator.fhir_server import run_sim
+
+    run_sim(host, fhir_port, profile)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--sim-port", default=8090, show_default=True, type=int)
+def run(host: str, port: int, sim_port: int) -> None:
+    """Everything for a local demo: migrate, seed, simulated EHR, a worker and the console."""
+    from app.adapters.redis_conn import redis_url, stop_embedded
+    from app.db.migrate import upgrade
+    from seed.demo import load_demo
+
+    settings = _settings()
+    upgrade(settings.database_url)
+    result = load_demo(_sessions(settings), sim_base_url=f"http://127.0.0.1:{sim_port}")
+    env = dict(os.environ, REDIS_URL=redis_url(settings), DATABASE_URL=settings.database_url,
+               RECON_INSTANCE=str(settings.instance_path))
+    exe = [sys.executable, "-m", "app.cli"]
+    children = [
+        subprocess.Popen([*exe, "sim", "--fhir-port", str(sim_port)], env=env),
+        subprocess.Popen([*exe, "worker"], env=env),
+        subprocess.Popen([*exe, "web", "--host", host, "--port", str(port)], env=env),
+    ]
+    _print_logins(result)
+    click.echo(f"\nConsole: http://{host}:{port}   simulated EHR: http://127.0.0.1:{sim_port}   Ctrl-C stops all")
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        while not stopping and all(c.poll() is None for c in children):
+            time.sleep(0.5)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        stop_embedded()
+    failed = [c for c in children if c.returncode not in (0, -signal.SIGTERM, None)]
+    if failed and not stopping:
+        _fail("a child process exited; everything was stopped")
+
+
+# --- audit --------------------------------------------------------------------------------------
+
+
+@main.group()
+def audit() -> None:
+    """The hash-chained audit log."""
+
+
+def _parse_iso(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"not an ISO 8601 timestamp: {value}") from None
+    return parsed.astimezone(UTC).replace(tzinfo=None) if parsed.tzinfo else parsed
+
+
+@audit.command("export")
+@click.option("--format", "fmt", required=True, type=click.Choice(["csv", "jsonl", "fhir-ndjson"]))
+@click.option("--since")
+@click.option("--until")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path))
+def audit_export(fmt: str, since: str | None, until: str | None, out: Path | None) -> None:
+    """Stream an export (audited; ends with the chain head it covers)."""
+    from app.services.audit_export import stream_export
+
+    lines = stream_export(_sessions(_settings()), fmt, actor="system:cli", since=_parse_iso(since),
+                          until=_parse_iso(until))
+    if out is None:
+        for line in lines:
+            sys.stdout.write(line)
+        return
+    with out.open("w", encoding="utf-8", newline="") as fh:
+        for line in lines:
+            fh.write(line)
+    click.echo(f"wrote {out}", err=True)
+
+
+@audit.command("verify")
+def audit_verify() -> None:
+    """Recompute the chain: exit 0 'OK <n> events head <hash>', else name the first broken event."""
+    from app.db.session import transaction
+    from app.services.audit import verify
+
+    with transaction(_sessions(_settings())) as s:
+        result = verify(s)
+    if result.ok:
+        click.echo(f"OK {result.count} events head {result.head}")
+        return
+    click.echo(f"BROKEN at event {result.broken_id}: {result.problem} ({result.count} events verified before it)")
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

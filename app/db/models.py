@@ -1,0 +1,291 @@
+"""SQLAlchemy 2 typed models. Timestamps are naive UTC everywhere."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlalchemy as sa
+import sqlalchemy.orm as so
+
+
+class Base(so.DeclarativeBase):
+    metadata = sa.MetaData(
+        naming_convention={
+            "ix": "ix_%(column_0_label)s",
+            "uq": "uq_%(table_name)s_%(column_0_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: so.Mapped[int] = so.mapped_column(primary_key=True)
+    username: so.Mapped[str] = so.mapped_column(sa.String(80), unique=True)
+    password_hash: so.Mapped[str | None] = so.mapped_column(sa.String(255))
+    role: so.Mapped[str] = so.mapped_column(sa.String(20))
+    active: so.Mapped[bool] = so.mapped_column(default=True)
+    created_at: so.Mapped[datetime]
+
+    # flask-login protocol, kept free of Flask imports
+    @property
+    def is_authenticated(self) -> bool:
+        return True
+
+    @property
+    def is_active(self) -> bool:
+        return self.active
+
+    @property
+    def is_anonymous(self) -> bool:
+        return False
+
+    def get_id(self) -> str:
+        return str(self.id)
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+    id: so.Mapped[int] = so.mapped_column(primary_key=True)
+    user_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey("users.id"), index=True)
+    token_hash: so.Mapped[str] = so.mapped_column(sa.String(64), unique=True)
+    prefix: so.Mapped[str] = so.mapped_column(sa.String(16))
+    created_at: so.Mapped[datetime]
+    last_used_at: so.Mapped[datetime | None]
+    revoked_at: so.Mapped[datetime | None]
+    user: so.Mapped[User] = so.relationship()
+
+
+class Customer(Base):
+    __tablename__ = "customers"
+    id: so.Mapped[int] = so.mapped_column(primary_key=True)
+    name: so.Mapped[str] = so.mapped_column(sa.String(120), unique=True)
+    created_at: so.Mapped[datetime]
+
+
+class Connection(Base):
+    __tablename__ = "connections"
+    id: so.Mapped[int] = so.mapped_column(primary_key=True)
+    name: so.Mapped[str] = so.mapped_column(sa.String(120), unique=True)
+    customer_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey("customers.id"), index=True)
+    vendor: so.Mapped[str] = so.mapped_column(sa.String(60), default="generic")
+    environment: so.Mapped[str] = so.mapped_column(sa.String(10), default="prod")
+    protocol: so.Mapped[str] = so.mapped_column(sa.String(20))
+    endpoint: so.Mapped[str] = so.mapped_column(sa.String(500))
+    fhir_version: so.Mapped[str] = so.mapped_column(sa.String(10), default="4.0.1")
+    supports_conditional_create: so.Mapped[bool] = so.mapped_column(default=True)
+    supports_identifier_search: so.Mapped[bool] = so.mapped_column(default=True)
+    connect_timeout: so.Mapped[float] = so.mapped_column(default=5.0)
+    read_timeout: so.Mapped[float] = so.mapped_column(default=30.0)
+    auth_token_url: so.Mapped[str | None] = so.mapped_column(sa.String(500))
+    auth_client_id: so.Mapped[str | None] = so.mapped_column(sa.String(200))
+    auth_secret_env: so.Mapped[str | None] = so.mapped_column(sa.String(120))
+    enabled: so.Mapped[bool] = so.mapped_column(default=True)
+    enabled_message_types: so.Mapped[list] = so.mapped_column(sa.JSON, default=list)
+    max_auto_retries: so.Mapped[int] = so.mapped_column(default=3)
+    retry_backoff_seconds: so.Mapped[float] = so.mapped_column(default=30.0)
+    circuit_failure_threshold: so.Mapped[int] = so.mapped_column(default=5)
+    circuit_cooldown_seconds: so.Mapped[float] = so.mapped_column(default=60.0)
+    consecutive_failures: so.Mapped[int] = so.mapped_column(default=0)
+    circuit_open_until: so.Mapped[datetime | None]
+    created_at: so.Mapped[datetime]
+    customer: so.Mapped[Customer] = so.relationship()
+
+
+class Message(Base):
+    __tablename__ = "messages"
+    __table_args__ = (sa.UniqueConstraint("client_id", "idempotency_key", name="uq_messages_client_key"),)
+    id: so.Mapped[str] = so.mapped_column(sa.String(36), primary_key=True)
+    client_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey("users.id"))
+    idempotency_key: so.Mapped[str] = so.mapped_column(sa.String(200), index=True)
+    request_fingerprint: so.Mapped[str] = so.mapped_column(sa.String(64))
+    response_json: so.Mapped[dict] = so.mapped_column(sa.JSON)
+    connection_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey("connections.id"), index=True)
+    message_type: so.Mapped[str] = so.mapped_column(sa.String(40))
+    content_type: so.Mapped[str] = so.mapped_column(sa.String(60))
+    patient_ref: so.Mapped[str | None] = so.mapped_column(sa.String(200))
+    clinical_risk: so.Mapped[str] = so.mapped_column(sa.String(10), default="normal")
+    status: so.Mapped[str] = so.mapped_column(sa.String(20), index=True)
+    delivery_system: so.Mapped[str] = so.mapped_column(sa.String(300))
+    control_id: so.Mapped[str] = so.mapped_column(sa.String(20), index=True)
+    # No FK: payload_versions already points at messages; the pair would be a cycle.
+    current_payload_id: so.Mapped[int | None]
+    created_at: so.Mapped[datetime]
+    updated_at: so.Mapped[datetime]
+    connection: so.Mapped[Connection] = so.relationship()
+    client: so.Mapped[User] = so.relationship()
+    current_payload: so.Mapped[PayloadVersion | None] = so.relationship(
+        primaryjoin="foreign(Message.current_payload_id) == PayloadVersion.id", viewonly=True
+    )
+
+
+class PayloadVersion(Base):
+    __tablename__ = "payload_versions"
+    id: so.Mapped[int] = so.mapped_column(primary_key=True)
+    message_id: so.Mapped[str] = so.mapped_column(sa.ForeignKey("messages.id"), index=True)
+    version: so.Mapped[int]
+    raw: so.Mapped[bytes] = so.mapped_column(sa.LargeBinary)
+    text: so.Mapped[str | None] = so.mapped_column(sa.Text)
+    encoding: so.Mapped[str] = so.mapped_column(sa.String(40))
+    sha256: so.Mapped[str] = so.mapped_column(sa.String(64))
+    created_by_id: so.Mapped[int | None] = so.mapped_column(sa.ForeignKey("users.id"))
+    reason: so.Mapped[str | None] = so.mapped_column(sa.Text)
+    created_at: so.Mapped[datetime]
+
+
+class ExceptionItem(Base):
+    __tablename__ = "exceptions"
+    __table_args__ = (
+        sa.Index("ix_exceptions_queue", "state", "category", "sla_due_at", "id"),
+        sa.Index("ix_exceptions_sla", "sla_due_at", "id"),
+    )
+    id: so.Mapped[int] = so.mapped_column(primary_key=True)
+    message_id: so.Mapped[str] = so.mapped_column(sa.ForeignKey("messages.id"), index=True)
+    connection_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey("connections.id"), index=True)
+    customer_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey("customers.id"), index=True)
+    message_type: so.Mapped[str] = so.mapped_column(sa.String(40))
+    category: so.Mapped[str] = so.mapped_column(sa.String(30))
+    state: so.Mapped[str] = so.mapped_column(sa.String(20))
+    version: so.Mapped[int] = so.mapped_column(default=1)
+    detail: so.Mapped[str] = so.mapped_column(sa.Text, default="")
+    sla_started_at: so.Mapped[datetime]
+    sla_due_at: so.Mapped[datetime]
+    assignee_id: so.Mapped[int | None] = so.mapped_column(sa.ForeignKey("users.id"), index=True)
+    needs_not_applied_confirmation: so.Mapped[bool] = so.mapped_column(default=False)
+    retry_count: so.Mapped[int] = so.mapped_column(default=0)
+    next_retry_at: so.Mapped[datetime | None] = so.mapped_column(index=True)
+    created_at: so.Mapped[datetime]
+    updated_at: so.Mapped[datetime]
+    resolved_at: so.Mapped[datetime | None]
+    message: so.Mapped[Message] = so.relationship()
+    connection: so.Mapped[Connection] = so.relationship()
+    customer: so.Mapped[Customer] = so.relationship()
+    assignee: so.Mapped[User | None] = so.relationship()
+
+
+class Attempt(Base):
+    __tablename__ = "attempts"
+    __table_args__ = (sa.Index("ix_attempts_outcome_lease", "outcome", "lease_expires_at"),)
+    id: so.Mapped[int] = so.mapped_column(primary_key=True)
+    message_id: so.Mapped[str] = so.mapped_column(sa.ForeignKey("messages.id"), index=True)
+    replay_id: so.Mapped[int | None] = so.mapped_column(sa.ForeignKey("replays.id"))
+    payload_version_id: so.Mapped[int | None] = so.mapped_column(sa.ForeignKey("payload_versions.id"))
+    trigger: so.Mapped[str] = so.mapped_column(sa.String(40))
+    started_at: so.Mapped[datetime]
+    finished_at: so.Mapped[datetime | None]
+    request_summary: so.Mapped[str] = so.mapped_column(sa.Text, default="")
+    status_code: so.Mapped[int | None]
+    response_excerpt: so.Mapped[str] = so.mapped_column(sa.Text, default="")
+    # queued -> in_flight -> delivered | rejected | transient | unknown
+    outcome: so.Mapped[str] = so.mapped_column(sa.String(20))
+    lease_expires_at: so.Mapped[datetime | None]
+    category: so.Mapped[str | None] = so.mapped_column(sa.String(30))
+    detail: so.Mapped[str] = so.mapped_column(sa.Text, default="")
+    issues: so.Mapped[list] = so.mapped_column(sa.JSON, default=list)
+    latency_ms: so.Mapped[int] = so.mapped_column(default=0)
+
+
+class Decision(Base):
+    __tablename__ = "decisions"
+    id: so.Mapped[int] = so.mapped_column(primary_key=True)
+    exception_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey("exceptions.id"), index=True)
+    actor_id: so.Mapped[int | None] = so.mapped_column(sa.ForeignKey("users.id"))
+    actor: so.Mapped[str] = so.mapped_column(sa.String(80))  # username or system:<component>
+    action: so.Mapped[str] = so.mapped_column(sa.String(40))
+    reason: so.Mapped[str] = so.mapped_column(sa.Text, default="")
+    reason_code: so.Mapped[str | None] = so.mapped_column(sa.String(40))
+    from_state: so.Mapped[str] = so.mapped_column(sa.String(20))
+    to_state: so.Mapped[str] = so.mapped_column(sa.String(20))
+    details: so.Mapped[dict] = so.mapped_column(sa.JSON, default=dict)
+    created_at: so.Mapped[datetime]
+
+
+class Replay(Base):
+    __tablename__ = "replays"
+    __table_args__ = (sa.Index("ix_replays_state_lease", "state", "lease_expires_at"),)
+    id: so.Mapped[int] = so.mapped_column(primary_key=True)
+    exception_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey("exceptions.id"), index=True)
+    message_id: so.Mapped[str] = so.mapped_column(sa.ForeignKey("messages.id"), index=True)
+    payload_version_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey("payload_versions.id"))
+    state: so.Mapped[str] = so.mapped_column(sa.String(20))
+    corrected: so.Mapped[bool] = so.mapped_column(default=False)
+    requested_by_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey("users.id"))
+    requested_at: so.Mapped[datetime]
+    request_reason: so.Mapped[str] = so.mapped_column(sa.Text, default="")
+    approved_by_id: so.Mapped[int | None] = so.mapped_column(sa.ForeignKey("users.id"))
+    approved_at: so.Mapped[datetime | None]
+    rejected_by_id: so.Mapped[int | None] = so.mapped_column(sa.ForeignKey("users.id"))
+    lease_expires_at: so.Mapped[datetime | None]
+    worker: so.Mapped[str | None] = so.mapped_column(sa.String(120))
+    started_at: so.Mapped[datetime | None]
+    finished_at: so.Mapped[datetime | None]
+    result: so.Mapped[str | None] = so.mapped_column(sa.Text)
+    requested_by: so.Mapped[User] = so.relationship(foreign_keys=[requested_by_id])
+    approved_by: so.Mapped[User | None] = so.relationship(foreign_keys=[approved_by_id])
+    payload_version: so.Mapped[PayloadVersion] = so.relationship()
+
+
+class OutboxEntry(Base):
+    __tablename__ = "outbox"
+    id: so.Mapped[int] = so.mapped_column(primary_key=True)
+    kind: so.Mapped[str] = so.mapped_column(sa.String(20))  # deliver | replay | retry
+    ref_id: so.Mapped[str] = so.mapped_column(sa.String(64))
+    job_id: so.Mapped[str] = so.mapped_column(sa.String(100))
+    created_at: so.Mapped[datetime]
+    relayed_at: so.Mapped[datetime | None] = so.mapped_column(index=True)
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit_events"
+    id: so.Mapped[int] = so.mapped_column(primary_key=True, autoincrement=False)
+    occurred_at: so.Mapped[datetime] = so.mapped_column(index=True)
+    actor: so.Mapped[str] = so.mapped_column(sa.String(80), index=True)
+    action: so.Mapped[str] = so.mapped_column(sa.String(60), index=True)
+    subject_type: so.Mapped[str] = so.mapped_column(sa.String(40))
+    subject_id: so.Mapped[str] = so.mapped_column(sa.String(64))
+    from_state: so.Mapped[str | None] = so.mapped_column(sa.String(20))
+    to_state: so.Mapped[str | None] = so.mapped_column(sa.String(20))
+    reason: so.Mapped[str | None] = so.mapped_column(sa.Text)
+    reason_code: so.Mapped[str | None] = so.mapped_column(sa.String(40))
+    details: so.Mapped[dict] = so.mapped_column(sa.JSON, default=dict)
+    prev_hash: so.Mapped[str] = so.mapped_column(sa.String(64))
+    hash: so.Mapped[str] = so.mapped_column(sa.String(64))
+
+    __table_args__ = (sa.Index("ix_audit_subject", "subject_type", "subject_id"),)
+
+    def as_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "occurred_at": self.occurred_at,
+            "actor": self.actor,
+            "action": self.action,
+            "subject_type": self.subject_type,
+            "subject_id": self.subject_id,
+            "from_state": self.from_state,
+            "to_state": self.to_state,
+            "reason": self.reason,
+            "reason_code": self.reason_code,
+            "details": self.details,
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        }
+
+
+class AuditHead(Base):
+    """The single row writers lock to serialize on the chain head."""
+
+    __tablename__ = "audit_head"
+    id: so.Mapped[int] = so.mapped_column(primary_key=True)
+    last_id: so.Mapped[int] = so.mapped_column(default=0)
+    last_hash: so.Mapped[str] = so.mapped_column(sa.String(64))
+
+
+class SlaRuleRow(Base):
+    __tablename__ = "sla_rules"
+    id: so.Mapped[int] = so.mapped_column(primary_key=True)
+    customer_id: so.Mapped[int | None] = so.mapped_column(sa.ForeignKey("customers.id"))
+    category: so.Mapped[str | None] = so.mapped_column(sa.String(30))
+    risk: so.Mapped[str | None] = so.mapped_column(sa.String(10))
+    minutes: so.Mapped[int]

@@ -1,0 +1,80 @@
+"""Engines, sessions and the one transaction helper.
+
+SQLite: WAL, busy timeout, and BEGIN IMMEDIATE so writers serialize instead of
+failing on lock upgrades. PostgreSQL: READ COMMITTED with row locks on the
+audit chain head.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import sqlalchemy as sa
+import sqlalchemy.orm as so
+
+_engines: dict[str, sa.Engine] = {}
+_lock = threading.Lock()
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def make_engine(url: str) -> sa.Engine:
+    """Create an engine with the per-dialect settings this product relies on."""
+    if is_sqlite(url):
+        path = sa.engine.make_url(url).database
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record):
+            dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _on_begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def get_engine(url: str) -> sa.Engine:
+    """One engine per URL per process."""
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _engines[url] = make_engine(url)
+        return engine
+
+
+def dispose_engines() -> None:
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+
+
+def session_factory(url: str) -> so.sessionmaker[so.Session]:
+    return so.sessionmaker(bind=get_engine(url), expire_on_commit=False)
+
+
+@contextmanager
+def transaction(factory: so.sessionmaker[so.Session]) -> Iterator[so.Session]:
+    """One unit of work: commit on success, roll back on any error."""
+    session = factory()
+    try:
+        with session.begin():
+            yield session
+    finally:
+        session.close()

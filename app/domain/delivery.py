@@ -1,0 +1,130 @@
+"""Delivery vocabulary shared by adapters, services and the worker (SPEC 3, 3.2, 4).
+
+Adapters receive plain dataclasses (ConnectionSettings, Envelope) and return an
+Outcome; they never see database rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Category(StrEnum):
+    TRANSPORT = "transport"
+    EHR_UNAVAILABLE = "ehr_unavailable"
+    EHR_REJECTED = "ehr_rejected"
+    UNKNOWN_OUTCOME = "unknown_outcome"
+    MALFORMED_RESPONSE = "malformed_response"
+    DATA_SHAPE = "data_shape"
+    CODE_SET = "code_set"
+    DUPLICATE_SUSPECTED = "duplicate_suspected"
+    AUTH = "auth"
+    CONFIG = "config"
+
+
+class AttemptOutcome(StrEnum):
+    DELIVERED = "delivered"
+    REJECTED = "rejected"
+    TRANSIENT = "transient"
+    UNKNOWN = "unknown"
+
+
+class Protocol(StrEnum):
+    FHIR_R4 = "fhir-r4"
+    HL7V2_MLLP = "hl7v2-mllp"
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """A connection as an adapter needs it (SPEC 3 'Connection')."""
+
+    name: str
+    protocol: str
+    endpoint: str
+    fhir_version: str = "4.0.1"
+    supports_conditional_create: bool = True
+    supports_identifier_search: bool = True
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    auth_token_url: str | None = None
+    auth_client_id: str | None = None
+    auth_secret_env: str | None = None  # name of the environment variable holding the secret
+    enabled: bool = True
+    enabled_message_types: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One message as the adapter delivers it."""
+
+    message_id: str
+    message_type: str
+    content_type: str
+    payload: str  # decoded text of the current payload version
+    delivery_system: str  # identifier system that carries the idempotency key
+    delivery_value: str  # identifier value (the key itself)
+    control_id: str  # HL7 MSH-10, at most 20 characters
+
+
+@dataclass
+class Outcome:
+    """What one delivery attempt produced."""
+
+    outcome: AttemptOutcome
+    category: Category | None = None  # set for everything but DELIVERED
+    status_code: int | None = None
+    summary: str = ""  # request summary (method, url, type)
+    response_excerpt: str = ""  # first bytes of the response body
+    detail: str = ""  # human-readable explanation
+    resource_ref: str | None = None  # e.g. "MedicationRequest/123" when known
+    latency_ms: int = 0
+    retry_after_seconds: float | None = None
+    provably_not_applied: bool = False  # the EHR told us it did not process the request
+    issues: list[dict] = field(default_factory=list)  # OperationOutcome issues / HL7 ERR parsed
+
+    @property
+    def delivered(self) -> bool:
+        return self.outcome is AttemptOutcome.DELIVERED
+
+
+# Categories a worker may retry automatically (SPEC 3.2).
+AUTO_RETRY_CATEGORIES = frozenset({Category.TRANSPORT, Category.EHR_UNAVAILABLE})
+
+
+def auto_retry_eligible(outcome: Outcome, settings: ConnectionSettings) -> bool:
+    """Only transport failures, and EHR-unavailable ones that provably did not apply or are
+    protected by conditional create, are retried without a human."""
+    if outcome.category is Category.TRANSPORT:
+        return True
+    if outcome.category is Category.EHR_UNAVAILABLE:
+        return outcome.provably_not_applied or settings.supports_conditional_create
+    return False
+
+
+HIGH_RISK_MESSAGE_TYPES = frozenset(
+    {
+        "MedicationRequest",
+        "ServiceRequest",
+        "MedicationAdministration",
+        "ORM^O01",
+        "OMP^O09",
+        "RDE^O11",
+        "OML^O21",
+    }
+)
+
+
+def clinical_risk(message_type: str) -> str:
+    """Medication and order messages are high risk (SPEC 3 'Message')."""
+    base = message_type.split("^")[0] if "^" in message_type else message_type
+    if message_type in HIGH_RISK_MESSAGE_TYPES or base in {"ORM", "OMP", "RDE", "OML", "RXO"}:
+        return "high"
+    return "normal"
+
+
+def control_id_for(key: str) -> str:
+    """HL7 MSH-10 derived from the idempotency key: stable, at most 20 characters."""
+    import hashlib
+
+    return "R" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:19].upper()

@@ -1,0 +1,192 @@
+"""The exception state machine (SPEC 3.1).
+
+`plan_transition` is pure: given the current exception facts, the actor and the
+action, it returns the target state or raises Forbidden / Conflict / Invalid.
+The service layer applies the result with a compare-and-set on (state, version).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .errors import Conflict, Forbidden, Invalid
+from .roles import Role
+
+
+class ExceptionState(StrEnum):
+    OPEN = "open"
+    RETRYING = "retrying"
+    ESCALATED = "escalated"
+    PENDING_APPROVAL = "pending_approval"
+    REPLAYING = "replaying"
+    RESOLVED = "resolved"
+    DISCARDED = "discarded"
+
+
+FINAL_STATES = frozenset({ExceptionState.RESOLVED, ExceptionState.DISCARDED})
+
+
+class Action(StrEnum):
+    RESUBMIT = "resubmit"
+    RESUBMIT_CORRECTED = "resubmit_corrected"
+    APPROVE = "approve"
+    REJECT = "reject"
+    ESCALATE = "escalate"
+    DISCARD = "discard"
+    CONFIRM_NOT_APPLIED = "confirm_not_applied"
+    COMMENT = "comment"
+    ASSIGN = "assign"
+    CLAIM = "claim"
+
+
+class DiscardReason(StrEnum):
+    DUPLICATE = "duplicate"
+    SUPERSEDED = "superseded"
+    APPLIED_MANUALLY = "applied_manually"
+    TEST_MESSAGE = "test_message"
+    PATIENT_MERGED = "patient_merged"
+    OTHER = "other"
+
+
+HUMAN_ACTIONS = tuple(Action)
+
+_REVIEWERS = frozenset({Role.REVIEWER, Role.CLINICAL_LEAD})
+_LEADS = frozenset({Role.CLINICAL_LEAD})
+_NON_FINAL = frozenset(ExceptionState) - FINAL_STATES
+
+
+@dataclass(frozen=True)
+class Rule:
+    from_states: frozenset[ExceptionState]
+    roles: frozenset[Role]
+    to_state: ExceptionState | None  # None: state unchanged
+
+
+RULES: dict[Action, Rule] = {
+    Action.RESUBMIT: Rule(
+        frozenset({ExceptionState.OPEN, ExceptionState.ESCALATED}),
+        _REVIEWERS,
+        ExceptionState.PENDING_APPROVAL,
+    ),
+    Action.RESUBMIT_CORRECTED: Rule(
+        frozenset({ExceptionState.OPEN, ExceptionState.ESCALATED}),
+        _REVIEWERS,
+        ExceptionState.PENDING_APPROVAL,
+    ),
+    Action.APPROVE: Rule(frozenset({ExceptionState.PENDING_APPROVAL}), _LEADS, ExceptionState.REPLAYING),
+    Action.REJECT: Rule(frozenset({ExceptionState.PENDING_APPROVAL}), _LEADS, ExceptionState.OPEN),
+    Action.ESCALATE: Rule(
+        frozenset({ExceptionState.OPEN}), frozenset({Role.REVIEWER}), ExceptionState.ESCALATED
+    ),
+    Action.DISCARD: Rule(
+        frozenset({ExceptionState.OPEN, ExceptionState.ESCALATED}), _REVIEWERS, ExceptionState.DISCARDED
+    ),
+    Action.CONFIRM_NOT_APPLIED: Rule(
+        frozenset({ExceptionState.OPEN, ExceptionState.ESCALATED}), _LEADS, ExceptionState.OPEN
+    ),
+    Action.COMMENT: Rule(_NON_FINAL, _REVIEWERS, None),
+    Action.ASSIGN: Rule(_NON_FINAL, _REVIEWERS, None),
+    Action.CLAIM: Rule(_NON_FINAL, _REVIEWERS, None),
+}
+
+
+@dataclass(frozen=True)
+class ExceptionFacts:
+    """What the rules need to know about an exception, independent of storage."""
+
+    state: ExceptionState
+    category: str
+    needs_not_applied_confirmation: bool = False
+    replay_requested_by: int | None = None  # user id of the pending replay's requester
+
+
+@dataclass(frozen=True)
+class DecisionRequest:
+    action: Action
+    actor_id: int
+    actor_role: Role
+    reason: str = ""
+    reason_code: str | None = None
+    corrected_payload: str | None = None
+    password_confirmed: bool = False
+
+
+def parse_action(value: str) -> Action:
+    try:
+        return Action(value)
+    except ValueError:
+        raise Invalid(f"unknown action {value!r}", code="unknown_action") from None
+
+
+def validate_request(req: DecisionRequest) -> None:
+    """Content rules that do not depend on state: reasons, reason codes, payloads."""
+    reason = (req.reason or "").strip()
+    if req.action is Action.DISCARD:
+        if req.reason_code is None:
+            raise Invalid("discard needs a reason code", code="reason_code_required")
+        try:
+            code = DiscardReason(req.reason_code)
+        except ValueError:
+            raise Invalid(
+                f"unknown discard reason code {req.reason_code!r}", code="unknown_reason_code"
+            ) from None
+        if code is DiscardReason.OTHER and not reason:
+            raise Invalid("reason code 'other' needs a free-text reason", code="reason_required")
+    elif req.reason_code is not None and req.action is not Action.ASSIGN:
+        raise Invalid(f"action {req.action} takes no reason code", code="unknown_reason_code")
+    if (
+        req.action
+        in (
+            Action.RESUBMIT,
+            Action.RESUBMIT_CORRECTED,
+            Action.REJECT,
+            Action.ESCALATE,
+            Action.CONFIRM_NOT_APPLIED,
+            Action.COMMENT,
+        )
+        and not reason
+    ):
+        raise Invalid(f"{req.action} needs a reason", code="reason_required")
+    if req.action is Action.RESUBMIT_CORRECTED and not (req.corrected_payload or "").strip():
+        raise Invalid("resubmit_corrected needs the edited payload", code="payload_required")
+
+
+def plan_transition(facts: ExceptionFacts, req: DecisionRequest) -> ExceptionState:
+    """Return the state the exception moves to, or raise.
+
+    Order of checks: role (403), content (422), state (409), four-eyes (403).
+    """
+    rule = RULES[req.action]
+    if req.actor_role not in rule.roles:
+        raise Forbidden(f"role {req.actor_role} may not {req.action}", code="role_forbidden")
+    validate_request(req)
+    if facts.state not in rule.from_states:
+        raise Conflict(f"cannot {req.action} an exception in state {facts.state}", code="state_conflict")
+    if req.action in (Action.RESUBMIT, Action.RESUBMIT_CORRECTED) and facts.needs_not_applied_confirmation:
+        raise Conflict(
+            "the last attempt has an unknown outcome and this connection cannot search the EHR: "
+            "a clinical lead must record confirm_not_applied first",
+            code="needs_confirm_not_applied",
+        )
+    if req.action is Action.CONFIRM_NOT_APPLIED and not facts.needs_not_applied_confirmation:
+        raise Conflict(
+            "nothing to confirm: this exception does not await confirmation", code="state_conflict"
+        )
+    if req.action is Action.APPROVE:
+        if facts.replay_requested_by is not None and facts.replay_requested_by == req.actor_id:
+            raise Forbidden("four-eyes: you cannot approve your own replay request", code="self_approval")
+        if not req.password_confirmed:
+            raise Forbidden("approval needs your password re-entered", code="password_required")
+    return rule.to_state if rule.to_state is not None else facts.state
+
+
+def system_transition_allowed(from_state: ExceptionState, to_state: ExceptionState) -> bool:
+    """Transitions the system (workers, reaper, retry scheduler) may make."""
+    return (from_state, to_state) in {
+        (ExceptionState.REPLAYING, ExceptionState.RESOLVED),
+        (ExceptionState.REPLAYING, ExceptionState.OPEN),
+        (ExceptionState.RETRYING, ExceptionState.RESOLVED),
+        (ExceptionState.RETRYING, ExceptionState.OPEN),
+        (ExceptionState.RETRYING, ExceptionState.RETRYING),
+    }

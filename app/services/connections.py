@@ -1,0 +1,159 @@
+"""Customers, connections, circuit breaker state and SLA policy lookup."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import sqlalchemy as sa
+import sqlalchemy.orm as so
+
+from app.db.models import Connection, Customer, SlaRuleRow
+from app.domain.delivery import Category, ConnectionSettings, Outcome, Protocol
+from app.domain.errors import Conflict, Invalid, NotFound
+from app.domain.sla import SlaPolicy, SlaRule
+
+from . import audit
+from .clock import utcnow
+
+ENVIRONMENTS = ("prod", "test", "train")
+
+
+def add_customer(session: so.Session, name: str, *, actor: str = "system:cli") -> Customer:
+    name = (name or "").strip()
+    if not name:
+        raise Invalid("customer name is required")
+    if session.scalar(sa.select(Customer).where(Customer.name == name)):
+        raise Conflict(f"customer {name!r} exists")
+    customer = Customer(name=name, created_at=utcnow())
+    session.add(customer)
+    session.flush()
+    audit.record(
+        session,
+        actor=actor,
+        action="customer.create",
+        subject_type="customer",
+        subject_id=customer.id,
+        details={"name": name},
+    )
+    return customer
+
+
+def add_connection(
+    session: so.Session,
+    name: str,
+    *,
+    customer: str,
+    protocol: str,
+    endpoint: str,
+    environment: str = "prod",
+    conditional_create: bool = True,
+    identifier_search: bool = True,
+    vendor: str = "generic",
+    fhir_version: str = "4.0.1",
+    enabled_message_types: list[str] | None = None,
+    actor: str = "system:cli",
+    **options,
+) -> Connection:
+    """Register one EHR instance of a customer; configuration changes are audited."""
+    cust = session.scalar(sa.select(Customer).where(Customer.name == customer))
+    if cust is None:
+        raise NotFound(f"customer {customer!r} not found")
+    try:
+        Protocol(protocol)
+    except ValueError:
+        raise Invalid(f"unknown protocol {protocol!r}") from None
+    if environment not in ENVIRONMENTS:
+        raise Invalid(f"environment must be one of {', '.join(ENVIRONMENTS)}")
+    if not endpoint:
+        raise Invalid("endpoint is required")
+    if session.scalar(sa.select(Connection).where(Connection.name == name)):
+        raise Conflict(f"connection {name!r} exists")
+    conn = Connection(
+        name=name,
+        customer_id=cust.id,
+        vendor=vendor,
+        environment=environment,
+        protocol=protocol,
+        endpoint=endpoint.rstrip("/"),
+        fhir_version=fhir_version,
+        supports_conditional_create=conditional_create,
+        supports_identifier_search=identifier_search,
+        enabled=True,
+        enabled_message_types=list(enabled_message_types or []),
+        created_at=utcnow(),
+        **options,
+    )
+    session.add(conn)
+    session.flush()
+    audit.record(
+        session,
+        actor=actor,
+        action="connection.create",
+        subject_type="connection",
+        subject_id=conn.id,
+        details=connection_summary(conn),
+    )
+    return conn
+
+
+def connection_summary(conn: Connection) -> dict:
+    return {
+        "name": conn.name,
+        "customer_id": conn.customer_id,
+        "protocol": conn.protocol,
+        "endpoint": conn.endpoint,
+        "environment": conn.environment,
+        "vendor": conn.vendor,
+        "conditional_create": conn.supports_conditional_create,
+        "identifier_search": conn.supports_identifier_search,
+        "enabled": conn.enabled,
+    }
+
+
+def settings_for(conn: Connection) -> ConnectionSettings:
+    return ConnectionSettings(
+        name=conn.name,
+        protocol=conn.protocol,
+        endpoint=conn.endpoint,
+        fhir_version=conn.fhir_version,
+        supports_conditional_create=conn.supports_conditional_create,
+        supports_identifier_search=conn.supports_identifier_search,
+        connect_timeout=conn.connect_timeout,
+        read_timeout=conn.read_timeout,
+        auth_token_url=conn.auth_token_url,
+        auth_client_id=conn.auth_client_id,
+        auth_secret_env=conn.auth_secret_env,
+        enabled=conn.enabled,
+        enabled_message_types=tuple(conn.enabled_message_types or ()),
+    )
+
+
+def circuit_state(conn: Connection, now=None) -> str:
+    """closed / open / half_open, derived from the stored counters."""
+    now = now or utcnow()
+    if conn.circuit_open_until is None:
+        return "closed"
+    return "open" if conn.circuit_open_until > now else "half_open"
+
+
+def note_outcome_for_circuit(conn: Connection, outcome: Outcome) -> bool:
+    """Update the breaker after an attempt; return True when this attempt opened it."""
+    if outcome.delivered or outcome.category not in (Category.TRANSPORT, Category.EHR_UNAVAILABLE):
+        conn.consecutive_failures = 0
+        conn.circuit_open_until = None
+        return False
+    conn.consecutive_failures += 1
+    if conn.consecutive_failures >= conn.circuit_failure_threshold:
+        was_open = conn.circuit_open_until is not None
+        conn.circuit_open_until = utcnow() + timedelta(seconds=conn.circuit_cooldown_seconds)
+        return not was_open
+    return False
+
+
+def sla_policy(session: so.Session) -> SlaPolicy:
+    rows = session.scalars(sa.select(SlaRuleRow)).all()
+    return SlaPolicy([SlaRule(r.minutes, r.category, r.risk, r.customer_id) for r in rows])
+
+
+def by_name(session: so.Session, name: str) -> Connection | None:
+    return session.scalar(sa.select(Connection).where(Connection.name == name))

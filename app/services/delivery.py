@@ -1,0 +1,591 @@
+"""Delivery, automatic retries, approved replays and the lease reaper (SPEC 2, 3.1).
+
+A network call never happens inside a database transaction: each flow is
+claim (one transaction, compare-and-set) → call the adapter → record (one
+transaction, compare-and-set). A duplicate job finds nothing to claim and does
+nothing; a worker that dies mid-call leaves an expired lease that the reaper
+turns into `unknown_outcome` — never into a silent re-send.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import sqlalchemy as sa
+import sqlalchemy.orm as so
+
+from app.db.models import Attempt, Connection, ExceptionItem, Message, OutboxEntry, PayloadVersion, Replay
+from app.db.session import transaction
+from app.domain.delivery import (
+    AttemptOutcome,
+    Category,
+    Envelope,
+    Outcome,
+    auto_retry_eligible,
+)
+from app.domain.states import ExceptionState
+
+from . import audit, connections
+from .clock import utcnow
+from .exceptions import open_exception, reopen
+
+log = logging.getLogger("recon.delivery")
+
+AdapterFactory = Callable[[Connection], object]
+
+
+def default_adapter_factory(conn: Connection):
+    from app.adapters.ehr import adapter_for
+
+    return adapter_for(connections.settings_for(conn))
+
+
+@dataclass
+class Runtime:
+    """What a worker needs to run a flow: sessions, lease length, its name, adapters."""
+
+    sessions: so.sessionmaker
+    lease_seconds: float = 90.0
+    worker_name: str = "worker"
+    adapter_factory: AdapterFactory = default_adapter_factory
+
+
+def envelope_for(message: Message, payload: PayloadVersion) -> Envelope:
+    return Envelope(
+        message_id=message.id,
+        message_type=message.message_type,
+        content_type=message.content_type,
+        payload=payload.text or "",
+        delivery_system=message.delivery_system,
+        delivery_value=message.idempotency_key,
+        control_id=message.control_id,
+    )
+
+
+def _gate(conn: Connection, message_type: str) -> Outcome | None:
+    """Reasons not to call the EHR at all: circuit open, connection disabled, type not enabled."""
+    if not conn.enabled:
+        return Outcome(
+            AttemptOutcome.REJECTED,
+            Category.CONFIG,
+            detail=f"connection {conn.name} is disabled",
+            provably_not_applied=True,
+        )
+    if conn.enabled_message_types and message_type not in conn.enabled_message_types:
+        return Outcome(
+            AttemptOutcome.REJECTED,
+            Category.CONFIG,
+            provably_not_applied=True,
+            detail=f"message type {message_type} is not enabled on {conn.name}",
+        )
+    if connections.circuit_state(conn) == "open":
+        return Outcome(
+            AttemptOutcome.TRANSIENT,
+            Category.EHR_UNAVAILABLE,
+            provably_not_applied=True,
+            detail=f"circuit open for {conn.name} until {conn.circuit_open_until:%H:%M:%S} UTC",
+        )
+    return None
+
+
+def _record_attempt(attempt: Attempt, outcome: Outcome) -> None:
+    attempt.outcome = outcome.outcome.value
+    attempt.category = outcome.category.value if outcome.category else None
+    attempt.status_code = outcome.status_code
+    attempt.request_summary = outcome.summary[:1000]
+    attempt.response_excerpt = outcome.response_excerpt[:2000]
+    attempt.detail = outcome.detail[:2000]
+    attempt.issues = list(outcome.issues or [])
+    attempt.latency_ms = outcome.latency_ms
+    attempt.finished_at = utcnow()
+    attempt.lease_expires_at = None
+
+
+def _call(rt: Runtime, conn: Connection, envelope: Envelope, message_type: str) -> Outcome:
+    gated = _gate(conn, message_type)
+    if gated is not None:
+        return gated
+    try:
+        return rt.adapter_factory(conn).deliver(envelope)
+    except Exception as exc:  # an adapter bug after the request may have left: treat as unknown
+        log.exception("adapter raised", extra={"message_id": envelope.message_id})
+        return Outcome(AttemptOutcome.UNKNOWN, Category.UNKNOWN_OUTCOME, detail=f"adapter error: {exc!r}")
+
+
+# --- first delivery and automatic retries -------------------------------------------------------
+
+
+def deliver_attempt(rt: Runtime, attempt_id: int) -> str:
+    """Run one queued attempt (intake or automatic retry). Returns what happened."""
+    with transaction(rt.sessions) as s:
+        now = utcnow()
+        claimed = s.execute(
+            sa.update(Attempt)
+            .where(Attempt.id == attempt_id, Attempt.outcome == "queued")
+            .values(
+                outcome="in_flight",
+                started_at=now,
+                lease_expires_at=now + timedelta(seconds=rt.lease_seconds),
+            )
+        ).rowcount
+        if claimed != 1:
+            return "skipped: attempt already claimed"
+        attempt = s.get(Attempt, attempt_id)
+        message = s.get(Message, attempt.message_id)
+        message.status = "delivering"
+        conn = message.connection
+        envelope = envelope_for(message, s.get(PayloadVersion, attempt.payload_version_id))
+        message_type = message.message_type
+
+    outcome = _call(rt, conn, envelope, message_type)
+
+    with transaction(rt.sessions) as s:
+        attempt = s.get(Attempt, attempt_id)
+        if attempt.outcome != "in_flight":  # the reaper already decided this attempt's fate
+            audit.record(
+                s,
+                actor="system:worker",
+                action="attempt.late_result",
+                subject_type="message",
+                subject_id=attempt.message_id,
+                details={"attempt_id": attempt_id, "outcome": outcome.outcome.value},
+            )
+            return "late"
+        _record_attempt(attempt, outcome)
+        message = s.get(Message, attempt.message_id)
+        conn = s.get(Connection, message.connection_id)
+        if connections.note_outcome_for_circuit(conn, outcome):
+            audit.record(
+                s,
+                actor="system:worker",
+                action="circuit.open",
+                subject_type="connection",
+                subject_id=conn.id,
+                details={"failures": conn.consecutive_failures},
+            )
+        item = s.scalar(
+            sa.select(ExceptionItem).where(
+                ExceptionItem.message_id == message.id, ExceptionItem.state == ExceptionState.RETRYING.value
+            )
+        )
+        return _settle_delivery(s, message, conn, attempt, outcome, item)
+
+
+def _settle_delivery(
+    s: so.Session,
+    message: Message,
+    conn: Connection,
+    attempt: Attempt,
+    outcome: Outcome,
+    item: ExceptionItem | None,
+) -> str:
+    now = utcnow()
+    message.updated_at = now
+    if outcome.delivered:
+        message.status = "delivered"
+        audit.record(
+            s,
+            actor="system:worker",
+            action="message.deliver",
+            subject_type="message",
+            subject_id=message.id,
+            details={"attempt_id": attempt.id, "resource": outcome.resource_ref, "trigger": attempt.trigger},
+        )
+        if item is not None:
+            s.execute(
+                sa.update(ExceptionItem)
+                .where(ExceptionItem.id == item.id, ExceptionItem.state == "retrying")
+                .values(state="resolved", resolved_at=now, version=ExceptionItem.version + 1, updated_at=now)
+            )
+            audit.record(
+                s,
+                actor="system:retry",
+                action="exception.resolve",
+                subject_type="exception",
+                subject_id=item.id,
+                from_state="retrying",
+                to_state="resolved",
+                reason="automatic retry delivered",
+                details={"attempt_id": attempt.id},
+            )
+        return "delivered"
+
+    message.status = "exception"
+    detail = outcome.detail or f"{outcome.category} ({outcome.status_code})"
+    retries_done = item.retry_count if item is not None else 0
+    if auto_retry_eligible(outcome, connections.settings_for(conn)) and retries_done < conn.max_auto_retries:
+        delay = conn.retry_backoff_seconds * (2**retries_done)
+        if outcome.retry_after_seconds:
+            delay = max(delay, outcome.retry_after_seconds)
+        if conn.circuit_open_until:
+            delay = max(delay, (conn.circuit_open_until - now).total_seconds())
+        next_at = now + timedelta(seconds=delay)
+        if item is None:
+            open_exception(
+                s,
+                message,
+                outcome.category,
+                detail,
+                payload_version_id=attempt.payload_version_id,
+                state=ExceptionState.RETRYING,
+                next_retry_at=next_at,
+                actor="system:worker",
+            )
+        else:
+            s.execute(
+                sa.update(ExceptionItem)
+                .where(ExceptionItem.id == item.id, ExceptionItem.state == "retrying")
+                .values(
+                    next_retry_at=next_at,
+                    category=outcome.category.value,
+                    detail=detail[:4000],
+                    version=ExceptionItem.version + 1,
+                    updated_at=now,
+                )
+            )
+            audit.record(
+                s,
+                actor="system:retry",
+                action="exception.retry_scheduled",
+                subject_type="exception",
+                subject_id=item.id,
+                from_state="retrying",
+                to_state="retrying",
+                reason=detail[:500],
+                details={"next_retry_at": next_at.isoformat() + "Z", "retry_count": retries_done},
+            )
+        return "retrying"
+    if item is None:
+        open_exception(
+            s,
+            message,
+            outcome.category,
+            detail,
+            payload_version_id=attempt.payload_version_id,
+            actor="system:worker",
+        )
+    else:
+        reopen(
+            s,
+            item,
+            outcome.category,
+            f"automatic retries stopped: {detail}",
+            from_state="retrying",
+            actor="system:retry",
+        )
+    return "exception"
+
+
+def schedule_due_retries(rt: Runtime, limit: int = 100) -> int:
+    """Queue an attempt for every retrying exception whose time has come."""
+    queued = 0
+    with transaction(rt.sessions) as s:
+        now = utcnow()
+        due = s.scalars(
+            sa.select(ExceptionItem)
+            .where(ExceptionItem.state == "retrying", ExceptionItem.next_retry_at <= now)
+            .order_by(ExceptionItem.next_retry_at)
+            .limit(limit)
+        ).all()
+        for item in due:
+            taken = s.execute(
+                sa.update(ExceptionItem)
+                .where(
+                    ExceptionItem.id == item.id,
+                    ExceptionItem.state == "retrying",
+                    ExceptionItem.next_retry_at == item.next_retry_at,
+                )
+                .values(
+                    next_retry_at=None,
+                    retry_count=ExceptionItem.retry_count + 1,
+                    version=ExceptionItem.version + 1,
+                    updated_at=now,
+                )
+            ).rowcount
+            if taken != 1:
+                continue
+            s.refresh(item)
+            message = item.message
+            attempt = Attempt(
+                message_id=message.id,
+                payload_version_id=message.current_payload_id,
+                trigger=f"auto_retry:{item.retry_count}",
+                started_at=now,
+                outcome="queued",
+            )
+            s.add(attempt)
+            s.flush()
+            s.add(
+                OutboxEntry(
+                    kind="deliver", ref_id=str(attempt.id), job_id=f"deliver-{attempt.id}", created_at=now
+                )
+            )
+            queued += 1
+    return queued
+
+
+# --- approved replays ----------------------------------------------------------------------------
+
+
+def run_replay(rt: Runtime, replay_id: int) -> str:
+    """Run one approved replay: claim, reconcile by identifier search, deliver, settle."""
+    with transaction(rt.sessions) as s:
+        now = utcnow()
+        claimed = s.execute(
+            sa.update(Replay)
+            .where(Replay.id == replay_id, Replay.state == "queued")
+            .values(
+                state="running",
+                started_at=now,
+                worker=rt.worker_name,
+                lease_expires_at=now + timedelta(seconds=rt.lease_seconds),
+            )
+        ).rowcount
+        if claimed != 1:
+            return "skipped: replay already claimed"
+        replay = s.get(Replay, replay_id)
+        message = s.get(Message, replay.message_id)
+        conn = message.connection
+        attempt = Attempt(
+            message_id=message.id,
+            replay_id=replay.id,
+            payload_version_id=replay.payload_version_id,
+            trigger=f"replay:{replay.id}",
+            started_at=now,
+            outcome="in_flight",
+            lease_expires_at=replay.lease_expires_at,
+        )
+        s.add(attempt)
+        s.flush()
+        attempt_id = attempt.id
+        envelope = envelope_for(message, replay.payload_version)
+        message_type = message.message_type
+        search = conn.supports_identifier_search
+
+    found: bool | None = None
+    outcome: Outcome | None = None
+    if search and _gate(conn, message_type) is None:
+        try:
+            found = rt.adapter_factory(conn).find_applied(envelope)
+        except Exception:  # cannot tell
+            log.exception("find_applied raised", extra={"replay_id": replay_id})
+            found = None
+        if found is None:
+            outcome = Outcome(
+                AttemptOutcome.UNKNOWN,
+                Category.UNKNOWN_OUTCOME,
+                provably_not_applied=False,
+                detail="identifier search failed: cannot tell whether the EHR applied it; not re-sent",
+            )
+        elif found:
+            outcome = Outcome(
+                AttemptOutcome.DELIVERED,
+                summary="search by identifier",
+                detail="found already applied by identifier search; not re-sent",
+            )
+    if outcome is None:
+        outcome = _call(rt, conn, envelope, message_type)
+
+    with transaction(rt.sessions) as s:
+        attempt = s.get(Attempt, attempt_id)
+        replay = s.get(Replay, replay_id)
+        now = utcnow()
+        if replay.state != "running":  # the reaper already declared it lost
+            if attempt.outcome == "in_flight":
+                _record_attempt(attempt, outcome)
+            audit.record(
+                s,
+                actor="system:worker",
+                action="replay.late_result",
+                subject_type="replay",
+                subject_id=replay_id,
+                details={"outcome": outcome.outcome.value},
+            )
+            return "late"
+        _record_attempt(attempt, outcome)
+        item = s.get(ExceptionItem, replay.exception_id)
+        message = s.get(Message, replay.message_id)
+        conn = s.get(Connection, message.connection_id)
+        if found is None or not found:
+            connections.note_outcome_for_circuit(conn, outcome)
+        replay.finished_at = now
+        replay.lease_expires_at = None
+        if outcome.delivered:
+            replay.state = "succeeded"
+            replay.result = outcome.detail or f"delivered {outcome.resource_ref or ''}".strip()
+            message.status = "delivered"
+            message.current_payload_id = replay.payload_version_id
+            message.updated_at = now
+            s.execute(
+                sa.update(ExceptionItem)
+                .where(ExceptionItem.id == item.id, ExceptionItem.state == "replaying")
+                .values(state="resolved", resolved_at=now, version=ExceptionItem.version + 1, updated_at=now)
+            )
+            audit.record(
+                s,
+                actor="system:worker",
+                action="replay.succeed",
+                subject_type="exception",
+                subject_id=item.id,
+                from_state="replaying",
+                to_state="resolved",
+                reason=replay.result,
+                details={
+                    "replay_id": replay_id,
+                    "attempt_id": attempt_id,
+                    "found_applied": bool(found),
+                    "resource": outcome.resource_ref,
+                },
+            )
+            return "resolved"
+        replay.state = "failed"
+        replay.result = outcome.detail or str(outcome.category)
+        reopen(
+            s,
+            item,
+            outcome.category or Category.UNKNOWN_OUTCOME,
+            f"replay {replay_id} failed: {replay.result}",
+            from_state="replaying",
+            actor="system:worker",
+        )
+        return "reopened"
+
+
+# --- the reaper and the outbox relay -------------------------------------------------------------
+
+
+def reap_expired_leases(rt: Runtime) -> int:
+    """Replays and attempts whose worker died become `unknown_outcome` for a human — never re-sent."""
+    reaped = 0
+    with transaction(rt.sessions) as s:
+        now = utcnow()
+        for replay in s.scalars(
+            sa.select(Replay).where(Replay.state == "running", Replay.lease_expires_at < now)
+        ).all():
+            if (
+                s.execute(
+                    sa.update(Replay)
+                    .where(Replay.id == replay.id, Replay.state == "running")
+                    .values(
+                        state="lost",
+                        finished_at=now,
+                        lease_expires_at=None,
+                        result="worker lost mid-delivery: outcome unknown",
+                    )
+                ).rowcount
+                != 1
+            ):
+                continue
+            for attempt in s.scalars(
+                sa.select(Attempt).where(Attempt.replay_id == replay.id, Attempt.outcome == "in_flight")
+            ):
+                _expire_attempt(attempt, now)
+            item = s.get(ExceptionItem, replay.exception_id)
+            audit.record(
+                s,
+                actor="system:reaper",
+                action="replay.lease_expired",
+                subject_type="replay",
+                subject_id=replay.id,
+                from_state="running",
+                to_state="lost",
+                details={"worker": replay.worker},
+            )
+            reopen(
+                s,
+                item,
+                Category.UNKNOWN_OUTCOME,
+                f"replay {replay.id} lost its worker ({replay.worker}) mid-delivery: the EHR may or may not "
+                "have applied it",
+                from_state="replaying",
+                actor="system:reaper",
+            )
+            reaped += 1
+        for attempt in s.scalars(
+            sa.select(Attempt).where(
+                Attempt.outcome == "in_flight", Attempt.replay_id.is_(None), Attempt.lease_expires_at < now
+            )
+        ).all():
+            if (
+                s.execute(
+                    sa.update(Attempt)
+                    .where(Attempt.id == attempt.id, Attempt.outcome == "in_flight")
+                    .values(
+                        outcome="unknown",
+                        category=Category.UNKNOWN_OUTCOME.value,
+                        finished_at=now,
+                        lease_expires_at=None,
+                        detail="worker lost mid-delivery",
+                    )
+                ).rowcount
+                != 1
+            ):
+                continue
+            message = s.get(Message, attempt.message_id)
+            message.status = "exception"
+            message.updated_at = now
+            detail = (
+                f"attempt {attempt.id} lost its worker mid-delivery: the EHR may or may not have applied it"
+            )
+            item = s.scalar(
+                sa.select(ExceptionItem).where(
+                    ExceptionItem.message_id == message.id, ExceptionItem.state == "retrying"
+                )
+            )
+            audit.record(
+                s,
+                actor="system:reaper",
+                action="attempt.lease_expired",
+                subject_type="message",
+                subject_id=message.id,
+                details={"attempt_id": attempt.id},
+            )
+            if item is not None:
+                reopen(
+                    s, item, Category.UNKNOWN_OUTCOME, detail, from_state="retrying", actor="system:reaper"
+                )
+            else:
+                open_exception(
+                    s,
+                    message,
+                    Category.UNKNOWN_OUTCOME,
+                    detail,
+                    payload_version_id=attempt.payload_version_id,
+                    actor="system:reaper",
+                )
+            reaped += 1
+    return reaped
+
+
+def _expire_attempt(attempt: Attempt, now) -> None:
+    attempt.outcome = AttemptOutcome.UNKNOWN.value
+    attempt.category = Category.UNKNOWN_OUTCOME.value
+    attempt.finished_at = now
+    attempt.lease_expires_at = None
+    attempt.detail = "worker lost mid-delivery"
+
+
+def pending_outbox(rt: Runtime, limit: int = 200) -> list[OutboxEntry]:
+    with transaction(rt.sessions) as s:
+        return list(
+            s.scalars(
+                sa.select(OutboxEntry)
+                .where(OutboxEntry.relayed_at.is_(None))
+                .order_by(OutboxEntry.id)
+                .limit(limit)
+            )
+        )
+
+
+def mark_relayed(rt: Runtime, entry_ids: list[int]) -> None:
+    if not entry_ids:
+        return
+    with transaction(rt.sessions) as s:
+        s.execute(
+            sa.update(OutboxEntry)
+            .where(OutboxEntry.id.in_(entry_ids), OutboxEntry.relayed_at.is_(None))
+            .values(relayed_at=utcnow())
+        )

@@ -1,0 +1,189 @@
+"""Intake (POST /api/v1/messages): store first, then deliver through the outbox.
+
+The message, its idempotency key, its first payload version, its outbox row and
+its audit event commit in one transaction.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+import sqlalchemy.orm as so
+
+from app.db.models import Attempt, Message, OutboxEntry, PayloadVersion, User
+from app.domain.delivery import Category, clinical_risk
+from app.domain.errors import Invalid, NotFound
+from app.domain.idempotency import request_fingerprint
+from app.domain.payloads import CONTENT_TYPES, decode_payload, patient_reference
+
+from . import audit, connections
+from .clock import utcnow
+from .exceptions import open_exception
+
+DELIVERY_SYSTEM_PREFIX = "urn:recon:idempotency:"
+
+
+class KeyReused(Invalid):
+    code = "idempotency_key_reused"
+
+
+@dataclass
+class IntakeResult:
+    status_code: int
+    body: dict
+    replayed: bool = False
+
+
+def find_existing(session: so.Session, client: User, key: str) -> Message | None:
+    return session.scalar(
+        sa.select(Message).where(Message.client_id == client.id, Message.idempotency_key == key)
+    )
+
+
+def replay_response(existing: Message, fingerprint: str) -> IntakeResult:
+    """Same key: the original response for the same body, 422 for a different one."""
+    if existing.request_fingerprint != fingerprint:
+        raise KeyReused("this Idempotency-Key was already used with a different request body")
+    return IntakeResult(202, dict(existing.response_json), replayed=True)
+
+
+def _raw_payload(body: dict) -> bytes:
+    has_text, has_b64 = "payload" in body, "payload_base64" in body
+    if has_text == has_b64:
+        raise Invalid("send exactly one of payload or payload_base64", code="invalid_body")
+    if has_text:
+        if not isinstance(body["payload"], str):
+            raise Invalid("payload must be a string", code="invalid_body")
+        return body["payload"].encode("utf-8")
+    if not isinstance(body["payload_base64"], str):
+        raise Invalid("payload_base64 must be a string", code="invalid_body")
+    try:
+        return base64.b64decode(body["payload_base64"], validate=True)
+    except (binascii.Error, ValueError):
+        raise Invalid("payload_base64 is not valid base64", code="invalid_body") from None
+
+
+def submit_message(session: so.Session, client: User, key: str, body: dict) -> IntakeResult:
+    """Accept one outbound message. Raises Invalid/NotFound for requests we cannot store."""
+    fingerprint = request_fingerprint(body)
+    existing = find_existing(session, client, key)
+    if existing is not None:
+        return replay_response(existing, fingerprint)
+
+    for name in ("connection", "message_type", "content_type"):
+        if not isinstance(body.get(name), str) or not body[name].strip():
+            raise Invalid(f"{name} is required", code="invalid_body")
+    if body["content_type"] not in CONTENT_TYPES:
+        raise Invalid(f"content_type must be one of {', '.join(CONTENT_TYPES)}", code="invalid_body")
+    raw = _raw_payload(body)
+    conn = connections.by_name(session, body["connection"])
+    if conn is None:
+        raise NotFound(f"connection {body['connection']!r} not found", code="unknown_connection")
+
+    now = utcnow()
+    message_type = body["message_type"].strip()[:40]
+    decoded = decode_payload(raw, body["content_type"], message_type)
+    message = Message(
+        id=str(uuid.uuid4()),
+        client_id=client.id,
+        idempotency_key=key,
+        request_fingerprint=fingerprint,
+        response_json={},
+        connection_id=conn.id,
+        message_type=message_type,
+        content_type=body["content_type"],
+        patient_ref=patient_reference(body["content_type"], decoded.text),
+        clinical_risk=clinical_risk(message_type),
+        status="queued",
+        delivery_system=DELIVERY_SYSTEM_PREFIX + client.username,
+        control_id=_control_id(key, client),
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(message)
+    session.flush()  # the unique (client, key) constraint fires here for a racing duplicate
+    payload = PayloadVersion(
+        message_id=message.id,
+        version=1,
+        raw=decoded.raw,
+        text=decoded.text,
+        encoding=decoded.encoding,
+        sha256=decoded.sha256,
+        created_by_id=client.id,
+        reason="intake",
+        created_at=now,
+    )
+    session.add(payload)
+    session.flush()
+    message.current_payload_id = payload.id
+
+    refusal = _refusal(conn, message_type, decoded)
+    exception = None
+    if refusal is not None:
+        category, detail = refusal
+        message.status = "exception"
+        exception = open_exception(session, message, category, detail, payload_version_id=payload.id)
+    else:
+        attempt = Attempt(
+            message_id=message.id,
+            payload_version_id=payload.id,
+            trigger="intake",
+            started_at=now,
+            outcome="queued",
+        )
+        session.add(attempt)
+        session.flush()
+        session.add(
+            OutboxEntry(
+                kind="deliver", ref_id=str(attempt.id), job_id=f"deliver-{attempt.id}", created_at=now
+            )
+        )
+
+    message.response_json = {"id": message.id, "idempotency_key": key, "status": message.status}
+    if exception is not None:
+        message.response_json["exception_id"] = exception.id
+        message.response_json["category"] = exception.category
+    audit.record(
+        session,
+        actor=client.username,
+        action="message.receive",
+        subject_type="message",
+        subject_id=message.id,
+        to_state=message.status,
+        details={
+            "idempotency_key": key,
+            "connection": conn.name,
+            "message_type": message_type,
+            "payload_sha256": decoded.sha256,
+            "encoding": decoded.encoding,
+        },
+    )
+    return IntakeResult(202, dict(message.response_json))
+
+
+def _control_id(key: str, client: User) -> str:
+    from app.domain.delivery import control_id_for
+
+    return control_id_for(f"{client.id}:{key}")
+
+
+def _refusal(conn, message_type: str, decoded) -> tuple[Category, str] | None:
+    """Why this message cannot be sent as it is, or None."""
+    if decoded.problem:
+        return Category.DATA_SHAPE, f"{decoded.problem_kind}: {decoded.problem}"
+    if not conn.enabled:
+        return Category.CONFIG, f"connection {conn.name} is disabled"
+    if conn.enabled_message_types and message_type not in conn.enabled_message_types:
+        return Category.CONFIG, f"message type {message_type} is not enabled on {conn.name}"
+    return None
+
+
+def message_status(session: so.Session, message_id: str) -> Message:
+    message = session.get(Message, message_id)
+    if message is None:
+        raise NotFound("message not found")
+    return message

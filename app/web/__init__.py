@@ -1,0 +1,1 @@
+"""The console and the API: thin blueprints over app.services."""

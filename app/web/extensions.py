@@ -1,0 +1,61 @@
+"""Flask extensions and per-app services (sessions, Redis, queue)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from flask import Flask, current_app
+from flask_htmx import HTMX
+from flask_login import LoginManager
+from flask_wtf import CSRFProtect
+
+from app.config import Settings
+from app.db.session import session_factory, transaction
+
+login_manager = LoginManager()
+csrf = CSRFProtect()
+htmx = HTMX()
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    app.extensions["recon_sessions"] = session_factory(settings.database_url)
+    login_manager.init_app(app)
+    login_manager.login_view = "auth.login"
+    login_manager.login_message = "Please log in to continue."
+    csrf.init_app(app)
+    htmx.init_app(app)
+    from . import access
+
+    access.init_app(app)
+
+
+def sessions():
+    return current_app.extensions["recon_sessions"]
+
+
+@contextmanager
+def unit_of_work():
+    """One transaction for one request's work: the only way routes touch the database."""
+    with transaction(sessions()) as s:
+        yield s
+
+
+def redis_client():
+    """The app's Redis client (configured URL or the embedded server), created on first use."""
+    client = current_app.extensions.get("recon_redis")
+    if client is None:
+        from app.adapters.redis_conn import connect, redis_url
+
+        client = current_app.extensions["recon_redis"] = connect(
+            redis_url(current_app.config["RECON_SETTINGS"])
+        )
+    return client
+
+
+@login_manager.user_loader
+def _load_user(user_id: str):
+    from app.db.models import User
+
+    with unit_of_work() as s:
+        user = s.get(User, int(user_id))
+        return user if user is not None and user.active else None

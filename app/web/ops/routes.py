@@ -1,0 +1,47 @@
+"""/healthz, /readyz and /metrics (SPEC 7)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from flask import jsonify
+
+from app.db.migrate import at_head
+from app.services.metrics import render_metrics
+
+from ..access import public
+from ..extensions import redis_client, sessions, unit_of_work
+from . import bp
+
+
+@bp.get("/healthz")
+@public
+def healthz():
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+@public
+def readyz():
+    checks = {}
+    try:
+        with unit_of_work() as s:
+            s.execute(sa.text("SELECT 1"))
+        checks["database"] = "ok"
+        checks["migrations"] = "ok" if at_head(sessions().kw["bind"]) else "behind"
+    except Exception as exc:  # readiness reports, it does not raise
+        checks["database"] = f"error: {type(exc).__name__}"
+    try:
+        redis_client().ping()
+        checks["redis"] = "ok"
+    except Exception as exc:
+        checks["redis"] = f"error: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    return jsonify({"status": "ready" if ready else "not_ready", "checks": checks}), 200 if ready else 503
+
+
+@bp.get("/metrics")
+@public
+def metrics():
+    with unit_of_work() as s:
+        body = render_metrics(s)
+    return body, 200, {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}

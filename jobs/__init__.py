@@ -1,0 +1,1 @@
+"""RQ entry points: plain functions that open their own session and call a service."""
