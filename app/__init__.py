@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from flask import Flask
@@ -41,10 +40,9 @@ def create_app(config: dict | None = None) -> Flask:
     from .web.errors import register_error_handlers
 
     register_error_handlers(app)
-    from .logging import configure_logging
+    from .logs import configure_logging
 
     configure_logging(app)
-    logging.getLogger("recon").debug("app created", extra={"database": settings.database_url.split(":")[0]})
     return app
 
 

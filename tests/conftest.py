@@ -235,13 +235,48 @@ def fhir_connection(sessions, sim):
     return conn
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def sim():
-    from app.simulator.fhir_server import SimServer
+    """One real simulated EHR for the run; tests isolate themselves with a fresh tenant each."""
+    from app.simulator import SimServer
 
-    server = SimServer().start()
+    server = SimServer(host="127.0.0.1", fhir_port=0).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def sim_control(sim):
+    """Drive and inspect the simulator over its control API."""
+    return SimControl(sim)
+
+
+class SimControl:
+    def __init__(self, sim):
+        import httpx
+
+        self.sim = sim
+        self.http = httpx.Client(base_url=sim.base_url, timeout=10)
+
+    def set_profile(self, tenant: str, **fields):
+        r = self.http.put(f"/_sim/tenants/{tenant}/profile", json=fields)
+        r.raise_for_status()
+        return r.json()
+
+    def applied(self, tenant: str) -> dict:
+        r = self.http.get(f"/_sim/tenants/{tenant}/applied")
+        r.raise_for_status()
+        return r.json()
+
+    def applied_count(self, tenant: str, system: str, value: str) -> int:
+        r = self.http.get(f"/_sim/tenants/{tenant}/applied", params={"identifier": f"{system}|{value}"})
+        r.raise_for_status()
+        return r.json()["count"]
+
+    def requests(self, tenant: str) -> dict:
+        r = self.http.get(f"/_sim/tenants/{tenant}/requests")
+        r.raise_for_status()
+        return r.json()
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """RQ: the outbox relay and the worker loop (SPEC 2, 9.2).
 
 Jobs carry no RQ Retry (RQ would re-run an abandoned job that has retries left);
-a job id is the outbox row's job_id (`replay-<id>`, `deliver-<attempt id>`) and
+a job id is the queue name plus the outbox row's job_id (`recon-replay-<id>`,
+`recon-deliver-<attempt id>`) and
 jobs are enqueued with unique=True, so relaying twice enqueues once.
 """
 
@@ -11,6 +12,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 
 from rq import Queue, SimpleWorker
 from rq.exceptions import DuplicateJobError
@@ -35,7 +37,8 @@ def relay_outbox(rt: delivery.Runtime, queue: Queue) -> int:
             queue.enqueue_call(
                 JOB_FUNCTIONS[entry.kind],
                 args=(int(entry.ref_id),),
-                job_id=entry.job_id,
+                # Namespaced by queue so installations (and test runs) sharing one Redis never collide.
+                job_id=f"{queue.name}-{entry.job_id}",
                 unique=True,
                 timeout=JOB_TIMEOUT,
                 result_ttl=3600,
@@ -59,7 +62,8 @@ def run_worker(rt: delivery.Runtime, queue: Queue, *, burst: bool, poll_seconds:
     burst: repeat until a whole pass finds nothing to do, then return counts.
     """
     counts = {"relayed": 0, "retries": 0, "reaped": 0, "jobs": 0}
-    worker = SimpleWorker([queue], connection=queue.connection, name=rt.worker_name)
+    # A fresh RQ worker name per loop: RQ refuses to start a second live worker of the same name.
+    worker = SimpleWorker([queue], connection=queue.connection, name=f"{rt.worker_name}-{uuid.uuid4().hex[:6]}")
     while True:
         relayed = relay_outbox(rt, queue)
         retries = delivery.schedule_due_retries(rt)

@@ -1,0 +1,10 @@
+"""The admin pages of the console."""
+
+from flask import Blueprint
+
+from ..console import install
+
+bp = Blueprint("admin", __name__)
+install(bp)
+
+from . import routes  # noqa: E402,F401

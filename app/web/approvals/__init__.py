@@ -1,0 +1,10 @@
+"""The approvals pages of the console."""
+
+from flask import Blueprint
+
+from ..console import install
+
+bp = Blueprint("approvals", __name__)
+install(bp)
+
+from . import routes  # noqa: E402,F401

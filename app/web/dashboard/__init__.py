@@ -1,0 +1,10 @@
+"""The dashboard pages of the console."""
+
+from flask import Blueprint
+
+from ..console import install
+
+bp = Blueprint("dashboard", __name__)
+install(bp)
+
+from . import routes  # noqa: E402,F401

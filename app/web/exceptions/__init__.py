@@ -1,0 +1,10 @@
+"""The exceptions pages of the console."""
+
+from flask import Blueprint
+
+from ..console import install
+
+bp = Blueprint("exceptions", __name__)
+install(bp)
+
+from . import routes  # noqa: E402,F401
