@@ -336,3 +336,34 @@ def csrf_token(client, path: str) -> str:
     match = _CSRF.search(html)
     assert match, f"no csrf_token on {path}"
     return match.group(1)
+
+
+@pytest.fixture
+def live_server(app):
+    """The app on a real threaded HTTP server on an ephemeral port; yields its base URL."""
+    import threading
+
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(timeout=10)
+    server.server_close()
+
+
+@pytest.fixture
+def make_tokens(users, sessions):
+    """Bearer tokens for the named users (the service token is always there as 'svc')."""
+    from app.db.session import transaction
+    from app.services.users import create_token
+
+    def make(*names: str) -> dict:
+        with transaction(sessions) as s:
+            out = {name: create_token(s, users[name]) for name in names}
+        out["svc"] = users["svc_token"]
+        return out
+
+    return make

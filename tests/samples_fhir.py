@@ -40,7 +40,9 @@ MEDICATION_REQUEST: dict[str, Any] = {
     "subject": {"reference": "Patient/pat-1001", "display": "Test, Patient"},
     "authoredOn": "2024-05-01T10:15:00Z",
     "requester": {"reference": "Practitioner/prac-2001", "display": "Dr. Example"},
-    "reasonCode": [{"coding": [{"system": ICD10, "code": "I10", "display": "Essential (primary) hypertension"}]}],
+    "reasonCode": [
+        {"coding": [{"system": ICD10, "code": "I10", "display": "Essential (primary) hypertension"}]}
+    ],
     "dosageInstruction": [
         {
             "sequence": 1,
@@ -77,14 +79,22 @@ OBSERVATION: dict[str, Any] = {
     "category": [
         {
             "coding": [
-                {"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs"}
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                    "code": "vital-signs",
+                }
             ]
         }
     ],
     "code": {"coding": [{"system": LOINC, "code": "8867-4", "display": "Heart rate"}]},
     "subject": {"reference": "Patient/pat-1001"},
     "effectiveDateTime": "2024-05-01T10:00:00Z",
-    "valueQuantity": {"value": 72, "unit": "beats/minute", "system": "http://unitsofmeasure.org", "code": "/min"},
+    "valueQuantity": {
+        "value": 72,
+        "unit": "beats/minute",
+        "system": "http://unitsofmeasure.org",
+        "code": "/min",
+    },
 }
 
 # Medications cycled through by medication_request(n): (RxNorm code, display, dose text).

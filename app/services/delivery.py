@@ -37,10 +37,21 @@ log = logging.getLogger("recon.delivery")
 AdapterFactory = Callable[[Connection], object]
 
 
+_adapters: dict = {}
+
+
 def default_adapter_factory(conn: Connection):
+    """One adapter per connection settings per worker process: the HTTP connection pool, the
+    SMART token and the pinned-version check survive between jobs. Changed settings make a new one."""
     from app.adapters.ehr import adapter_for
 
-    return adapter_for(connections.settings_for(conn))
+    settings = connections.settings_for(conn)
+    adapter = _adapters.get(settings)
+    if adapter is None:
+        for stale in [k for k in _adapters if k.name == settings.name]:
+            _adapters.pop(stale).close()
+        adapter = _adapters[settings] = adapter_for(settings)
+    return adapter
 
 
 @dataclass

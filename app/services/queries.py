@@ -22,6 +22,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm as so
 
 from app.db.models import (
+    ApiToken,
     Attempt,
     AuditEvent,
     Connection,
@@ -392,10 +393,12 @@ def items_by_ids(session: so.Session, ids: Iterable[int]) -> list[ExceptionItem]
 
 
 def customer_names(session: so.Session) -> list[str]:
+    """Customer names for filter choices."""
     return list(session.scalars(sa.select(Customer.name).order_by(Customer.name)))
 
 
 def connection_names(session: so.Session) -> list[str]:
+    """Connection names for filter choices."""
     return list(session.scalars(sa.select(Connection.name).order_by(Connection.name)))
 
 
@@ -819,13 +822,13 @@ def _history(
 # --- admin listings -------------------------------------------------------------------------------
 
 
-def users_with_tokens(session: so.Session) -> list[User]:
+def all_users(session: so.Session) -> list[User]:
+    """Every user, by name (admin page)."""
     return list(session.scalars(sa.select(User).order_by(User.username)))
 
 
-def api_tokens(session: so.Session) -> list:
-    from app.db.models import ApiToken
-
+def api_tokens(session: so.Session) -> list[ApiToken]:
+    """API tokens newest first, with their users (only prefixes; tokens are stored hashed)."""
     return list(
         session.scalars(
             sa.select(ApiToken).options(so.joinedload(ApiToken.user)).order_by(ApiToken.id.desc())
@@ -834,6 +837,7 @@ def api_tokens(session: so.Session) -> list:
 
 
 def connections_overview(session: so.Session) -> list[Connection]:
+    """Connections with their customers, by name."""
     return list(
         session.scalars(
             sa.select(Connection).options(so.joinedload(Connection.customer)).order_by(Connection.name)
@@ -842,6 +846,7 @@ def connections_overview(session: so.Session) -> list[Connection]:
 
 
 def customers(session: so.Session) -> list[Customer]:
+    """Customers by name."""
     return list(session.scalars(sa.select(Customer).order_by(Customer.name)))
 
 

@@ -19,7 +19,6 @@ Design notes:
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import logging
@@ -780,7 +779,11 @@ class _Handler(BaseHTTPRequestHandler):
             total = 0
             while True:
                 line = self.rfile.readline(1024)
-                size = int(line.split(b";")[0].strip() or b"0", 16)
+                try:
+                    size = int(line.split(b";")[0].strip() or b"0", 16)
+                except ValueError:
+                    self._respond(_oo(400, "structure", "Bad chunked encoding"), close=True)
+                    return None
                 if size == 0:
                     while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                         pass
@@ -852,6 +855,8 @@ class _HttpServer(ThreadingHTTPServer):
         self.state = state
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
     def process_request(self, request, client_address):
@@ -935,6 +940,8 @@ class SimServer:
         """Bind and serve in background threads; returns self."""
         if self._started:
             return self
+        self._stop_event.clear()
+        self._stopped.clear()
         started = []
         try:
             for listener in self._listeners:
@@ -995,18 +1002,22 @@ class SimServer:
     # -- in-process inspection (same documents as the /_sim HTTP API)
 
     def set_profile(self, tenant: str, preset: str | None = None, **overrides: Any) -> FaultProfile:
+        """Like PUT /_sim/tenants/{t}/profile: `preset` (default: the server's) plus field overrides."""
         doc = dict(overrides)
         if preset:
             doc["preset"] = preset
         return self.state.set_profile(tenant, doc)
 
     def applied(self, tenant: str, identifier: str | None = None) -> dict[str, Any]:
+        """Like GET /_sim/tenants/{t}/applied[?identifier=system|value]."""
         return self.state.peek(tenant).applied(identifier)
 
     def requests(self, tenant: str) -> dict[str, Any]:
+        """Like GET /_sim/tenants/{t}/requests."""
         return self.state.peek(tenant).requests()
 
     def reset(self, tenant: str | None = None) -> None:
+        """Like POST /_sim/tenants/{t}/reset, or POST /_sim/reset without a tenant."""
         self.state.reset(tenant)
 
 
@@ -1038,18 +1049,3 @@ def run_sim(host: str = "127.0.0.1", fhir_port: int = 8090, profile: str = "defa
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         server.stop()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m app.simulator.fhir_server`` for use without the recon CLI."""
-    parser = argparse.ArgumentParser(description="Simulated FHIR R4 EHR")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--fhir-port", type=int, default=8090)
-    parser.add_argument("--profile", default="default", choices=sorted(PRESETS))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    run_sim(args.host, args.fhir_port, args.profile)
-
-
-if __name__ == "__main__":
-    main()

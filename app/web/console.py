@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from collections.abc import Iterable
+
 from flask import Blueprint, Flask, make_response, render_template, request, url_for
+from wtforms import SelectChoice
 
 from app.domain.audit_chain import format_timestamp
 from app.domain.roles import Role, mask_identifier, masks_patient_identifiers
@@ -117,6 +120,28 @@ def stop_polling(body: str):
     """Respond so that htmx swaps this last update in and stops polling (HTTP 286)."""
     response = make_response(body, HTMX_STOP_POLLING)
     return response
+
+
+def options(pairs: Iterable[tuple[str, str]]) -> list[SelectChoice]:
+    """(value, label) pairs as WTForms select choices."""
+    return [SelectChoice(str(value), label) for value, label in pairs]
+
+
+def labelled(values: Iterable[str], any_label: str | None = "any") -> list[SelectChoice]:
+    """Select choices for enum-like values ('ehr_rejected' shown as 'ehr rejected'), with an
+    empty 'any' option first unless any_label is None."""
+    head = [SelectChoice("", any_label)] if any_label is not None else []
+    return head + [SelectChoice(v, v.replace("_", " ")) for v in values]
+
+
+def first_error(form) -> str:
+    """The first validation message of a WTForms form, prefixed with its field label."""
+    for name, errors in form.errors.items():
+        if errors:
+            field = getattr(form, name, None)
+            label = field.label.text if field is not None and field.label.text else name
+            return f"{label}: {errors[0]}"
+    return "invalid input"
 
 
 def _install(app: Flask) -> None:

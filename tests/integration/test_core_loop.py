@@ -20,8 +20,9 @@ def tokens(users, sessions):
 
 
 def api(client, token, method, path, **kw):
-    return client.open(path, method=method, headers={"Authorization": f"Bearer {token}", **kw.pop("headers", {})},
-                       **kw)
+    return client.open(
+        path, method=method, headers={"Authorization": f"Bearer {token}", **kw.pop("headers", {})}, **kw
+    )
 
 
 def submit(client, tokens, body, key):
@@ -35,7 +36,9 @@ def test_rejected_order_is_corrected_approved_replayed_and_resolved(
     sim_control.set_profile(tenant, require_fields={"MedicationRequest": ["dosageInstruction"]})
 
     # 1-2. intake, outbox, worker, adapter
-    r = submit(client, tokens, message_body("mercy-epic", medication_request(1, with_dosage=False)), "order-0001")
+    r = submit(
+        client, tokens, message_body("mercy-epic", medication_request(1, with_dosage=False)), "order-0001"
+    )
     assert r.status_code == 202, r.json
     message_id = r.json["id"]
     assert r.json == {"id": message_id, "idempotency_key": "order-0001", "status": "queued"}
@@ -53,20 +56,44 @@ def test_rejected_order_is_corrected_approved_replayed_and_resolved(
     # 4. resubmit with a correction
     corrected = json.loads(e["payload"])
     corrected["dosageInstruction"] = [{"text": "5 mg by mouth once daily"}]
-    r = api(client, tokens["rita"], "POST", f"/api/v1/exceptions/{exc_id}/decisions",
-            json={"action": "resubmit_corrected", "reason": "added the missing dosage", "payload": json.dumps(corrected)})
+    r = api(
+        client,
+        tokens["rita"],
+        "POST",
+        f"/api/v1/exceptions/{exc_id}/decisions",
+        json={
+            "action": "resubmit_corrected",
+            "reason": "added the missing dosage",
+            "payload": json.dumps(corrected),
+        },
+    )
     assert r.status_code == 201, r.json
     assert r.json["state"] == "pending_approval"
 
     # 5. four-eyes: the reviewer cannot approve; a lead needs the password
-    r = api(client, tokens["rita"], "POST", f"/api/v1/exceptions/{exc_id}/decisions",
-            json={"action": "approve", "reason": "ok", "password": PASSWORD})
+    r = api(
+        client,
+        tokens["rita"],
+        "POST",
+        f"/api/v1/exceptions/{exc_id}/decisions",
+        json={"action": "approve", "reason": "ok", "password": PASSWORD},
+    )
     assert r.status_code == 403
-    r = api(client, tokens["lena"], "POST", f"/api/v1/exceptions/{exc_id}/decisions",
-            json={"action": "approve", "reason": "ok", "password": "wrong password"})
+    r = api(
+        client,
+        tokens["lena"],
+        "POST",
+        f"/api/v1/exceptions/{exc_id}/decisions",
+        json={"action": "approve", "reason": "ok", "password": "wrong password"},
+    )
     assert r.status_code == 403 and r.json["error"]["code"] == "password_required"
-    r = api(client, tokens["lena"], "POST", f"/api/v1/exceptions/{exc_id}/decisions",
-            json={"action": "approve", "reason": "dose verified", "password": PASSWORD})
+    r = api(
+        client,
+        tokens["lena"],
+        "POST",
+        f"/api/v1/exceptions/{exc_id}/decisions",
+        json={"action": "approve", "reason": "dose verified", "password": PASSWORD},
+    )
     assert r.status_code == 201 and r.json["state"] == "replaying"
 
     # 6. the replay goes through the outbox to the worker and resolves the exception
@@ -82,7 +109,9 @@ def test_rejected_order_is_corrected_approved_replayed_and_resolved(
         assert audit.verify(s).ok
     r = api(client, tokens["audrey"], "GET", "/api/v1/audit/export?format=jsonl")
     lines = [json.loads(x) for x in r.get_data(as_text=True).splitlines()]
-    decisions = [x for x in lines if x.get("subject_id") == str(exc_id) and x.get("action", "").startswith("decision.")]
+    decisions = [
+        x for x in lines if x.get("subject_id") == str(exc_id) and x.get("action", "").startswith("decision.")
+    ]
     assert [(d["actor"], d["action"], d["from_state"], d["to_state"]) for d in decisions] == [
         ("rita", "decision.resubmit_corrected", "open", "pending_approval"),
         ("lena", "decision.approve", "pending_approval", "replaying"),
@@ -98,14 +127,29 @@ def test_requester_cannot_approve_own_replay(client, tokens, fhir_connection, si
     m = api(client, tokens["svc"], "GET", f"/api/v1/messages/{r.json['id']}").json
     assert m["status"] == "exception", m
     exc_id = m["exception_id"]
-    r = api(client, tokens["lena"], "POST", f"/api/v1/exceptions/{exc_id}/decisions",
-            json={"action": "resubmit", "reason": "EHR was misconfigured, fixed now"})
+    r = api(
+        client,
+        tokens["lena"],
+        "POST",
+        f"/api/v1/exceptions/{exc_id}/decisions",
+        json={"action": "resubmit", "reason": "EHR was misconfigured, fixed now"},
+    )
     assert r.status_code == 201
-    r = api(client, tokens["lena"], "POST", f"/api/v1/exceptions/{exc_id}/decisions",
-            json={"action": "approve", "reason": "self", "password": PASSWORD})
+    r = api(
+        client,
+        tokens["lena"],
+        "POST",
+        f"/api/v1/exceptions/{exc_id}/decisions",
+        json={"action": "approve", "reason": "self", "password": PASSWORD},
+    )
     assert r.status_code == 403 and r.json["error"]["code"] == "self_approval"
-    r = api(client, tokens["leo"], "POST", f"/api/v1/exceptions/{exc_id}/decisions",
-            json={"action": "reject", "reason": "not convinced the EHR side is fixed"})
+    r = api(
+        client,
+        tokens["leo"],
+        "POST",
+        f"/api/v1/exceptions/{exc_id}/decisions",
+        json={"action": "reject", "reason": "not convinced the EHR side is fixed"},
+    )
     assert r.status_code == 201 and r.json["state"] == "open"
 
 
@@ -121,10 +165,20 @@ def test_unknown_outcome_replay_searches_first_and_does_not_resend(
     e = api(client, tokens["rita"], "GET", f"/api/v1/exceptions/{exc_id}").json
     assert e.get("category") == "unknown_outcome", e
     sim_control.set_profile(tenant, preset="default")
-    api(client, tokens["rita"], "POST", f"/api/v1/exceptions/{exc_id}/decisions",
-        json={"action": "resubmit", "reason": "connection dropped; reconcile"})
-    api(client, tokens["lena"], "POST", f"/api/v1/exceptions/{exc_id}/decisions",
-        json={"action": "approve", "reason": "reconcile by search", "password": PASSWORD})
+    api(
+        client,
+        tokens["rita"],
+        "POST",
+        f"/api/v1/exceptions/{exc_id}/decisions",
+        json={"action": "resubmit", "reason": "connection dropped; reconcile"},
+    )
+    api(
+        client,
+        tokens["lena"],
+        "POST",
+        f"/api/v1/exceptions/{exc_id}/decisions",
+        json={"action": "approve", "reason": "reconcile by search", "password": PASSWORD},
+    )
     run_worker()
     e = api(client, tokens["rita"], "GET", f"/api/v1/exceptions/{exc_id}").json
     assert e["state"] == "resolved"

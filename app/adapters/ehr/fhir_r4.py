@@ -253,6 +253,19 @@ def _json_or_none(content: bytes) -> Any:
         return None
 
 
+def _issues_of(content: bytes) -> list[dict]:
+    """OperationOutcome issues of a response body; [] when there are none or they cannot be read.
+
+    The domain parser trusts the body's shape; a hostile or buggy EHR body (an ``expression``
+    that is not a list, absurd nesting) must not turn a recorded attempt into an exception.
+    """
+    try:
+        return operation_outcome_issues(content) or []
+    except (TypeError, ValueError, AttributeError, RecursionError) as exc:
+        log.warning("unreadable OperationOutcome in an EHR response (%s); categorizing by status", exc)
+        return []
+
+
 def _describe_issues(issues: list[dict]) -> str:
     parts = []
     for issue in issues[:5]:
@@ -376,7 +389,7 @@ def classify(
                 None,
                 resource_ref=ref,
                 detail=f"HTTP {status} (location only)",
-                issues=operation_outcome_issues(response.content) or [],
+                issues=_issues_of(response.content),
                 **common,
             )
         what = "accepted for asynchronous processing" if status == 202 else "a body we cannot trust"
@@ -406,7 +419,7 @@ def classify(
             **common,
         )
 
-    issues = operation_outcome_issues(response.content) or []
+    issues = _issues_of(response.content)
     if phase == TOKEN and 400 <= status < 500 and status != 429:
         category = Category.AUTH  # the authorization server refused our client credentials
         oauth = _json_or_none(response.content)

@@ -1,0 +1,113 @@
+"""SPEC 3.4: one server-side access check; every console page for every role; CSRF on every change."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.domain.roles import Permission, has_permission
+
+ROLES = {"rita": "reviewer", "lena": "clinical_lead", "audrey": "auditor", "adam": "admin"}
+
+# page -> the permissions it needs ({id} is an exception id)
+PAGES = {
+    "/": {Permission.CONSOLE_LOGIN},
+    "/queues": {Permission.VIEW_QUEUES},
+    "/queues/all": {Permission.VIEW_QUEUES},
+    "/queues/ehr_rejected": {Permission.VIEW_QUEUES},
+    "/queues/escalated": {Permission.VIEW_QUEUES},
+    "/queues/awaiting_approval": {Permission.VIEW_QUEUES},
+    "/exceptions/{id}": {Permission.VIEW_QUEUES},
+    "/exceptions/{id}?payload=1": {Permission.VIEW_QUEUES, Permission.VIEW_PAYLOAD},
+    "/exceptions/{id}/correct": {Permission.DECIDE, Permission.VIEW_PAYLOAD},
+    "/approvals": {Permission.APPROVE},
+    "/replays": {Permission.VIEW_QUEUES},
+    "/audit": {Permission.VIEW_AUDIT},
+    "/audit/verify": {Permission.VIEW_AUDIT},
+    "/audit/export?format=csv": {Permission.EXPORT_AUDIT},
+    "/admin": {Permission.ADMIN},
+    "/admin/users": {Permission.ADMIN},
+    "/admin/tokens": {Permission.ADMIN},
+    "/admin/connections": {Permission.ADMIN},
+    "/admin/sla": {Permission.ADMIN},
+}
+
+
+@pytest.mark.parametrize("name", list(ROLES))
+def test_every_page_is_allowed_or_forbidden_by_role(name, login, make):
+    exc_id = make()
+    client = login(name)
+    for page, needed in PAGES.items():
+        allowed = all(has_permission(ROLES[name], p) for p in needed)
+        response = client.get(page.format(id=exc_id))
+        assert response.status_code == (200 if allowed else 403), (name, page, response.status_code)
+
+
+def test_anonymous_users_are_sent_to_login(client, make):
+    exc_id = make()
+    for page in PAGES:
+        response = client.get(page.format(id=exc_id))
+        assert response.status_code == 302, page
+        assert "/login" in response.headers["Location"]
+
+
+def test_service_user_cannot_log_in_to_the_console(auth, client, users):
+    response = auth.login("svc", "anything")
+    assert response.status_code == 401
+    assert client.get("/").status_code == 302
+
+
+def test_pages_link_only_to_what_the_role_may_open(login):
+    html = login("audrey").get("/").get_data(as_text=True)
+    assert 'href="/audit"' in html and 'href="/admin"' not in html and 'href="/approvals"' not in html
+
+
+STATE_CHANGING = [
+    ("lena", "/exceptions/{id}/decide", {"action": "comment", "reason": "x"}),
+    ("lena", "/exceptions/{id}/correct", {"payload": "{}", "reason": "x", "submit": "1"}),
+    ("lena", "/exceptions/{id}/diff", {"payload": "{}"}),
+    ("lena", "/queues/bulk", {"ids": "{id}", "action": "claim", "confirm": "1"}),
+    ("lena", "/approvals/{id}", {"action": "reject", "reason": "x"}),
+    ("adam", "/admin/users", {"username": "eve", "role": "reviewer", "password": "longenough1"}),
+    ("adam", "/admin/users/1/active", {"active": "0"}),
+    ("adam", "/admin/tokens", {"user_id": "1"}),
+    ("adam", "/admin/tokens/1/revoke", {}),
+    ("adam", "/admin/customers", {"name": "Acme"}),
+    ("adam", "/admin/connections", {"name": "x", "customer": "Mercy Health", "protocol": "fhir-r4", "endpoint": "http://x"}),
+    ("adam", "/admin/connections/1/enabled", {"active": "0"}),
+    ("adam", "/admin/connections/1/test", {}),
+    ("adam", "/admin/connections/1/circuit", {}),
+    ("adam", "/admin/connections/1/retry", {"max_auto_retries": "1"}),
+    ("adam", "/admin/sla", {"minutes": "10"}),
+    ("adam", "/admin/sla/1", {"minutes": "10"}),
+    ("adam", "/admin/sla/1/delete", {}),
+]
+
+
+def test_every_state_changing_console_route_refuses_a_missing_csrf_token(login, make, audit_events, app):
+    exc_id = make()
+    posted = set()
+    for name, url, data in STATE_CHANGING:
+        client = login(name)
+        before = len(audit_events())
+        data = {k: v.replace("{id}", str(exc_id)) for k, v in data.items()}
+        response = client.post(url.replace("{id}", str(exc_id)), data=data)
+        assert response.status_code == 400, (url, response.status_code)
+        assert "CSRF" in response.get_data(as_text=True)
+        assert len(audit_events()) == before, url
+        posted.add(url)
+    # The list above covers every POST route of the console blueprints.
+    console = {"dashboard", "queues", "exceptions", "approvals", "audit", "admin"}
+    routes = {
+        r.rule.replace("<int:exception_id>", "{id}").replace("<int:user_id>", "1").replace(
+            "<int:token_id>", "1").replace("<int:connection_id>", "1").replace("<int:rule_id>", "1")
+        for r in app.url_map.iter_rules()
+        if "POST" in r.methods and r.endpoint.split(".")[0] in console
+    }
+    assert routes <= posted, routes - posted
+
+
+def test_every_console_view_declares_its_access_rule(app):
+    console = {"dashboard", "queues", "exceptions", "approvals", "audit", "admin"}
+    for endpoint, view in app.view_functions.items():
+        if endpoint.split(".")[0] in console:
+            assert getattr(view, "required_permissions", None), endpoint
