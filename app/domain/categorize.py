@@ -18,7 +18,7 @@ def operation_outcome_issues(body: bytes | str | None) -> list[dict] | None:
         return None
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(doc, dict) or doc.get("resourceType") != "OperationOutcome":
         return None
@@ -27,19 +27,32 @@ def operation_outcome_issues(body: bytes | str | None) -> list[dict] | None:
         return []
     return [
         {
-            "severity": str(i.get("severity", "")),
-            "code": str(i.get("code", "")),
-            "diagnostics": str(i.get("diagnostics", "")),
-            "expression": [str(e) for e in i.get("expression", []) if isinstance(e, str)],
+            "severity": _text(i.get("severity")),
+            "code": _text(i.get("code")),
+            "diagnostics": _text(i.get("diagnostics")),
+            "expression": _expressions(i.get("expression")),
         }
         for i in issues
         if isinstance(i, dict)
     ]
 
 
+def _text(value) -> str:
+    """EHRs send odd shapes: only a plain string counts."""
+    return value if isinstance(value, str) else ""
+
+
+def _expressions(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [e for e in value if isinstance(e, str)]
+    return []
+
+
 def categorize_fhir_status(status: int, issues: list[dict] | None) -> Category:
     """Category for a non-success FHIR HTTP response."""
-    codes = {i.get("code") for i in (issues or [])}
+    codes = {i.get("code") for i in (issues or []) if isinstance(i.get("code"), str)}
     if status in (401, 403):
         return Category.AUTH
     if status == 429 or status >= 500:

@@ -1,24 +1,11 @@
-"""Shared fixtures for integration tests: a real simulated EHR on an ephemeral port."""
+"""Integration fixtures beside the root conftest (which runs the real simulator, `sim`)."""
 
 from __future__ import annotations
 
 import socket
 import uuid
-from collections.abc import Iterator
 
 import pytest
-
-from app.simulator import SimServer
-
-
-@pytest.fixture(scope="session")
-def sim() -> Iterator[SimServer]:
-    """One running simulator for the session; tests isolate themselves with a fresh tenant."""
-    server = SimServer(host="127.0.0.1", fhir_port=0).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

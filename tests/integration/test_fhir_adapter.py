@@ -631,5 +631,5 @@ def test_classify_survives_a_hostile_operation_outcome() -> None:
     body = json.dumps({"resourceType": "OperationOutcome", "issue": [{"code": "invalid", "expression": 5}]})
     outcome = _classify(422, body.encode())
     assert outcome.category is Category.EHR_REJECTED
-    assert outcome.issues == []
+    assert outcome.issues == [{"severity": "", "code": "invalid", "diagnostics": "", "expression": []}]
     assert outcome.status_code == 422

@@ -181,13 +181,12 @@ def test_parser_never_raises_on_arbitrary_json_that_is_not_an_operation_outcome(
     assert operation_outcome_issues(json.dumps(doc)) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="operation_outcome_issues iterates issue.expression without checking it is a list; "
-    "the FHIR adapter guards against it (fhir_r4._issues_of)",
-)
 def test_parser_tolerates_a_non_list_expression() -> None:
     assert operation_outcome_issues(oo(issue("invalid", expression=5))) == [
         {"severity": "error", "code": "invalid", "diagnostics": "", "expression": []}
     ]
+    assert operation_outcome_issues(oo(issue("invalid", expression="X.y")))[0]["expression"] == ["X.y"]
+
+
+def test_parser_survives_deep_nesting() -> None:
+    assert operation_outcome_issues("[" * 100_000 + "]" * 100_000) is None

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 from flask import abort, render_template, request
 from flask_wtf import FlaskForm
-from wtforms import HiddenField, SelectField, SelectMultipleField, StringField, TextAreaField
-from wtforms.validators import AnyOf, DataRequired, Length, Optional, ValidationError
+from wtforms import HiddenField, IntegerField, SelectField, SelectMultipleField, StringField, TextAreaField
+from wtforms.validators import AnyOf, Length, NumberRange, Optional, ValidationError
+from wtforms.widgets import HiddenInput
 
 from app.domain.errors import DomainError, Invalid, NotFound
 from app.domain.roles import Permission
@@ -38,6 +39,7 @@ class QueueFilterForm(FlaskForm):
     sla_status = SelectField("SLA", choices=labelled(queries.SLA_STATUSES), validators=[Optional()])
     assignee = SelectField("Assignee", validators=[Optional()])
     cursor = HiddenField(validators=[Optional(), Length(max=200)])
+    limit = IntegerField(widget=HiddenInput(), validators=[Optional(), NumberRange(1, queries.MAX_PAGE)])
 
     def filters(self) -> dict:
         names = ("q", "customer", "connection", "message_type", "state", "category", "sla_status", "assignee")
@@ -80,7 +82,13 @@ def _queue(queue: str):
         view = queries.QueueView(queue, [], None, 0)
         if form.validate():
             try:
-                view = queries.queue_page(s, queue, filters=form.filters(), cursor=form.cursor.data or None)
+                view = queries.queue_page(
+                    s,
+                    queue,
+                    filters=form.filters(),
+                    cursor=form.cursor.data or None,
+                    limit=form.limit.data or queries.DEFAULT_PAGE,
+                )
             except Invalid as exc:
                 status, error = 422, exc.message
         else:
