@@ -43,7 +43,9 @@ def make_engine(url: str) -> sa.Engine:
 
         @sa.event.listens_for(engine, "begin")
         def _on_begin(conn):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Writers take the lock up front (no deadlocking lock upgrades); readers do not block.
+            read_only = conn.get_execution_options().get("recon_read_only", False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
@@ -70,9 +72,15 @@ def session_factory(url: str) -> so.sessionmaker[so.Session]:
 
 
 @contextmanager
-def transaction(factory: so.sessionmaker[so.Session]) -> Iterator[so.Session]:
-    """One unit of work: commit on success, roll back on any error."""
-    session = factory()
+def transaction(factory: so.sessionmaker[so.Session], *, read_only: bool = False) -> Iterator[so.Session]:
+    """One unit of work: commit on success, roll back on any error.
+
+    read_only: a reader on SQLite does not take the write lock (it must not write).
+    """
+    if read_only:
+        session = factory(bind=factory.kw["bind"].execution_options(recon_read_only=True))
+    else:
+        session = factory()
     try:
         with session.begin():
             yield session

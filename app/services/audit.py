@@ -34,7 +34,11 @@ def record(
     details: dict[str, Any] | None = None,
 ) -> AuditEvent:
     """Append one event to the chain in the caller's transaction."""
-    head = session.execute(sa.select(AuditHead).where(AuditHead.id == 1).with_for_update()).scalar_one()
+    head = session.info.get("audit_head")
+    if head is None:
+        # Lock the head once per transaction; later events in it extend the chain in memory.
+        head = session.execute(sa.select(AuditHead).where(AuditHead.id == 1).with_for_update()).scalar_one()
+        session.info["audit_head"] = head
     event = AuditEvent(
         id=head.last_id + 1,
         occurred_at=utcnow(),
@@ -53,7 +57,6 @@ def record(
     session.add(event)
     head.last_id = event.id
     head.last_hash = event.hash
-    session.flush()
     return event
 
 
@@ -98,9 +101,24 @@ def iter_events(
         last = rows[-1].id
 
 
+def _chain_rows(session: so.Session, batch: int = 2000) -> Iterator[dict]:
+    """All events as plain dicts, oldest first, in keyset batches (no ORM objects: verify is hot)."""
+    table = AuditEvent.__table__
+    last = 0
+    while True:
+        rows = session.execute(sa.select(table).where(table.c.id > last).order_by(table.c.id).limit(batch)).mappings()
+        count = 0
+        for row in rows:
+            count += 1
+            last = row["id"]
+            yield dict(row)
+        if count < batch:
+            return
+
+
 def verify(session: so.Session) -> VerifyResult:
     """Recompute the whole chain and compare its end with the stored head."""
-    result = verify_chain(e.as_dict() for e in iter_events(session))
+    result = verify_chain(_chain_rows(session))
     if not result.ok:
         return result
     head = session.get(AuditHead, 1)

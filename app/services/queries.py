@@ -52,6 +52,7 @@ SLA_STATUSES = tuple(s.value for s in SlaStatus)
 DEFAULT_PAGE = 50
 MAX_PAGE = 200
 UNASSIGNED = "-"  # assignee filter value meaning "nobody"
+MIN_PREFIX = 4  # free-text prefix searches need at least this many characters
 
 # Replay states in which a worker still has (or is about to have) the replay.
 RUNNING_REPLAY_STATES = ("queued", "running")
@@ -181,18 +182,15 @@ def _filtered(
             == sa.select(User.id).where(User.username == assignee).scalar_subquery()
         )
     text = (q or "").strip()
-    if text:
-        prefix = _escape_like(text) + "%"
-        matches = sa.select(Message.id).where(
-            sa.or_(
-                Message.id.like(prefix, escape="\\"),
-                Message.control_id == text.upper(),
-                Message.control_id == text,
-                Message.idempotency_key == text,
-                Message.idempotency_key.like(prefix, escape="\\"),
-            )
-        )
-        conditions = [ExceptionItem.message_id.in_(matches)]
+    if text.startswith("#") and text[1:].isdigit():
+        stmt = stmt.where(ExceptionItem.id == int(text[1:]))
+    elif text:
+        exact = [Message.control_id == text, Message.control_id == text.upper(), Message.idempotency_key == text]
+        if len(text) >= MIN_PREFIX:
+            # Prefixes (of a UUID or a key) only from a few characters on: "1" is not a search.
+            prefix = _escape_like(text) + "%"
+            exact += [Message.id.like(prefix, escape="\\"), Message.idempotency_key.like(prefix, escape="\\")]
+        conditions = [ExceptionItem.message_id.in_(sa.select(Message.id).where(sa.or_(*exact)))]
         if text.isdigit():
             conditions.append(ExceptionItem.id == int(text))
         stmt = stmt.where(sa.or_(*conditions))

@@ -74,7 +74,7 @@ def _check_access():
             return None
         if not header.startswith("Bearer "):
             return _api_error(401, "unauthorized", "send Authorization: Bearer <token>")
-        with unit_of_work() as s:
+        with unit_of_work(read_only=True) as s:
             user = user_for_token(s, header[len("Bearer ") :].strip())
         if user is None:
             return _api_error(401, "unauthorized", "invalid or revoked token")

@@ -34,9 +34,10 @@ def sessions():
 
 
 @contextmanager
-def unit_of_work():
-    """One transaction for one request's work: the only way routes touch the database."""
-    with transaction(sessions()) as s:
+def unit_of_work(*, read_only: bool = False):
+    """One transaction for one request's work: the only way routes touch the database.
+    read_only=True for pure reads (no audit event): on SQLite they then do not queue behind writers."""
+    with transaction(sessions(), read_only=read_only) as s:
         yield s
 
 
@@ -56,6 +57,6 @@ def redis_client():
 def _load_user(user_id: str):
     from app.db.models import User
 
-    with unit_of_work() as s:
+    with unit_of_work(read_only=True) as s:
         user = s.get(User, int(user_id))
         return user if user is not None and user.active else None

@@ -123,6 +123,7 @@ def test_free_text_finds_by_control_id_and_exception_id(login, make, sessions):
     client = login("rita")
     assert row_ids(client.get(f"/queues/all?q={control_id}").get_data(as_text=True)) == [target]
     assert row_ids(client.get(f"/queues/all?q={target}").get_data(as_text=True)) == [target]
+    assert row_ids(client.get(f"/queues/all?q=%23{target}").get_data(as_text=True)) == [target]
     assert row_ids(client.get("/queues/all?q=find-me").get_data(as_text=True)) == [target]
 
 

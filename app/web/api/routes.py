@@ -97,7 +97,7 @@ def _attempt_json(a: Attempt) -> dict:
 @requires(Permission.READ_MESSAGES)
 def get_message(message_id: str):
     actor = current_actor()
-    with unit_of_work() as s:
+    with unit_of_work(read_only=True) as s:
         message = s.get(Message, message_id)
         # Service accounts see only their own messages.
         if message is None or (actor.role == Role.SERVICE and message.client_id != actor.id):
@@ -123,7 +123,7 @@ def list_exceptions():
         limit = min(max(int(args.get("limit", 50)), 1), 500)
     except ValueError:
         raise Invalid("limit must be an integer", code="invalid_parameter") from None
-    with unit_of_work() as s:
+    with unit_of_work(read_only=True) as s:
         items, next_cursor = queries.list_exceptions(
             s, state=args.get("state") or None, category=args.get("category") or None,
             connection=args.get("connection") or None, limit=limit, cursor=args.get("cursor") or None,
@@ -224,7 +224,7 @@ def audit_events():
         after = int(args.get("cursor") or 0)
     except ValueError:
         raise Invalid("limit and cursor must be integers", code="invalid_parameter") from None
-    with unit_of_work() as s:
+    with unit_of_work(read_only=True) as s:
         events = list(audit.iter_events(
             s, since=_parse_time("since"), until=_parse_time("until"), actor=args.get("actor") or None,
             action=args.get("action") or None, after_id=after, limit=limit + 1,
