@@ -307,6 +307,16 @@ def test_other_seed_and_size_still_cover_everything(sessions):
     assert all(e.startswith("http://sim.example:9000/fhir/") for e in endpoints)
 
 
+def test_a_worker_started_after_loading_sends_nothing(sessions, runtime, run_worker):
+    def no_network(conn):
+        raise AssertionError(f"the worker tried to reach {conn.name} at start-up")
+
+    load_demo(sessions, size=50, seed=3)  # now = the real current time, as `recon run` does
+    runtime.adapter_factory = no_network
+    counts = run_worker()
+    assert counts == {"relayed": 0, "retries": 0, "reaped": 0, "jobs": 0}
+
+
 # --------------------------------------------------------------------------- corpus
 
 

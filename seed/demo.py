@@ -1,0 +1,1480 @@
+"""Demo data: a believable console on first start, built through the real services.
+
+`load_demo` creates demo users, three customers, five FHIR R4 connections and a few hundred
+messages from `seed.corpus`, then plays a three-day history over them: deliveries, failures
+of every category, automatic retries, and a decision history (claims, comments,
+escalations, discards with every reason code, resubmits, four-eyes approvals, rejected and
+failed replays). Every row is written by the service that owns it, so every change has its
+audit event and the chain verifies.
+
+How the history is played:
+
+* Each message is a *story*: a list of steps (intake, the worker's delivery result, retries,
+  human decisions, the replay's result) with gaps between them. Stories are planned with
+  `random.Random(seed)`, placed on the timeline so that open items end up on track, at risk
+  or breached, and then all steps of all stories run in time order, in a handful of
+  transactions.
+* The services read the time from `app.services.clock.utcnow`; while loading, that clock is
+  replaced by one that returns each step's time (restored in `finally`), so created_at,
+  SLA timers and audit `occurred_at` are spread over the last three days in id order.
+* What the worker would do after a network call is done here directly, without a network:
+  the delivery outcome comes from the FHIR adapter's own `classify` (fed a synthetic HTTP
+  response or exception) or its own validation, and is recorded the way the worker records
+  it. Outbox rows of seeded messages and replays are marked relayed, so starting a worker
+  does not send the seeded history to the simulator. Items left in `retrying` are due a few
+  minutes after `now` and items left in `replaying` hold a lease that expires fifteen
+  minutes after their claim: a running demo worker then shows a retry and the lease reaper.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+import sqlalchemy.orm as so
+
+from app.adapters.ehr.errors import ValidationFailed
+from app.adapters.ehr.fhir_r4 import CREATE, classify, prepare_resource
+from app.db.models import (
+    Attempt,
+    AuditEvent,
+    Customer,
+    ExceptionItem,
+    Message,
+    OutboxEntry,
+    Replay,
+    User,
+)
+from app.db.session import transaction
+from app.domain.delivery import (
+    AttemptOutcome,
+    Category,
+    Envelope,
+    Outcome,
+    auto_retry_eligible,
+    clinical_risk,
+)
+from app.domain.sla import SlaPolicy, sla_status
+from app.domain.states import FINAL_STATES, ExceptionState
+from app.services import audit, clock, connections, exceptions, users
+from app.services.exceptions import DecisionInput, decide, open_exception, reopen
+from app.services.intake import DELIVERY_SYSTEM_PREFIX, submit_message
+
+from . import corpus
+
+DEMO_PASSWORD = "demo-password-2026"
+CONSOLE_USERS: tuple[tuple[str, str], ...] = (
+    ("rita", "reviewer"),
+    ("ravi", "reviewer"),
+    ("lena", "clinical_lead"),
+    ("leo", "clinical_lead"),
+    ("audrey", "auditor"),
+    ("adam", "admin"),
+)
+SERVICE_USERS = ("orders-service", "interface-engine")
+REVIEWERS = ("rita", "ravi")
+LEADS = ("lena", "leo")
+WORKER_NAME = "recon-demo-worker"
+REPLAY_LEASE = timedelta(minutes=15)
+HISTORY = timedelta(days=3)
+
+
+# --------------------------------------------------------------------------- the demo estate
+
+
+@dataclass(frozen=True)
+class DemoConnection:
+    """One demo EHR instance; `weight` is its share of the traffic."""
+
+    name: str
+    customer: str
+    vendor: str
+    environment: str
+    tenant: str
+    organization: str
+    mrn_system: str
+    weight: int
+    conditional_create: bool = True
+    identifier_search: bool = True
+    enabled_message_types: tuple[str, ...] = ()
+
+    def endpoint(self, base_url: str) -> str:
+        return f"{base_url.rstrip('/')}/fhir/{self.tenant}"
+
+
+CUSTOMERS = ("Mercy Health System", "Lakeside Family Practice Group", "St. Brendan's Regional")
+
+CONNECTIONS: tuple[DemoConnection, ...] = (
+    DemoConnection(
+        name="mercy-epic-prod",
+        customer="Mercy Health System",
+        vendor="epic",
+        environment="prod",
+        tenant="mercy-epic-prod",
+        organization="Mercy Health System",
+        mrn_system="https://fhir.mercy.example.org/sid/mrn",
+        weight=34,
+    ),
+    DemoConnection(
+        name="mercy-epic-tst",
+        customer="Mercy Health System",
+        vendor="epic",
+        environment="test",
+        tenant="mercy-epic-tst",
+        organization="Mercy Health System (TST)",
+        mrn_system="https://fhir.mercy.example.org/sid/mrn-tst",
+        weight=8,
+    ),
+    DemoConnection(
+        name="stbrendans-millennium-prod",
+        customer="St. Brendan's Regional",
+        vendor="oracle-health",
+        environment="prod",
+        tenant="stbrendans-millennium",
+        organization="St. Brendan's Regional Medical Center",
+        mrn_system="urn:oid:2.16.840.1.113883.3.9999.1.100",
+        weight=26,
+    ),
+    # athena-like: this practice's instance does not take lab reports over FHIR.
+    DemoConnection(
+        name="lakeside-athena-prod",
+        customer="Lakeside Family Practice Group",
+        vendor="athenahealth",
+        environment="prod",
+        tenant="lakeside-athena",
+        organization="Lakeside Family Practice - Main St",
+        mrn_system="https://lakeside.example.org/sid/enterprise-id",
+        weight=18,
+        enabled_message_types=("MedicationRequest", "ServiceRequest", "Observation", "Encounter", "Patient"),
+    ),
+    # An acquired clinic on an older ambulatory EHR: no conditional create, no identifier search,
+    # so an unknown outcome there needs a clinical lead's confirm_not_applied before a resubmit.
+    DemoConnection(
+        name="lakeside-ecw-prod",
+        customer="Lakeside Family Practice Group",
+        vendor="eclinicalworks",
+        environment="prod",
+        tenant="lakeside-ecw",
+        organization="Lakeside Family Practice - Riverside Clinic",
+        mrn_system="https://lakeside.example.org/sid/riverside-acct",
+        weight=14,
+        conditional_create=False,
+        identifier_search=False,
+    ),
+)
+_CONN = {c.name: c for c in CONNECTIONS}
+
+TYPE_WEIGHTS = {
+    "MedicationRequest": 30,
+    "ServiceRequest": 20,
+    "Observation": 26,
+    "DiagnosticReport": 10,
+    "Encounter": 8,
+    "Patient": 6,
+}
+ORDER_TYPES = ("MedicationRequest", "ServiceRequest")
+WITH_SUBJECT = ("MedicationRequest", "ServiceRequest", "Observation", "DiagnosticReport", "Encounter")
+
+
+# --------------------------------------------------------------------------- scenarios
+
+# Paths: what happens after the exception opens (or after automatic retries give up).
+RESUBMITTABLE = (
+    ("open", 22),
+    ("escalated", 8),
+    ("pending", 8),
+    ("replaying", 2),
+    ("resolved", 26),
+    ("replay_failed", 4),
+    ("rejected", 4),
+    ("discard", 18),
+    ("escalated_discard", 3),
+)
+NOT_RESUBMITTABLE = (("open", 40), ("escalated", 15), ("discard", 40), ("escalated_discard", 5))
+AUTO_RETRIED = (("retrying", 12), ("retry_recovered", 30), *RESUBMITTABLE)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One way a message goes: its first signal, the payload quirk, and what can follow."""
+
+    name: str
+    weight: int
+    signal: str | None  # the first delivery's signal; None: refused at intake
+    category: str  # of the exception it opens; "" when delivered
+    types: tuple[str, ...] = tuple(TYPE_WEIGHTS)
+    quirk: str | None = None  # a seed.corpus quirk
+    paths: tuple[tuple[str, int], ...] = RESUBMITTABLE
+    discard: tuple[str, ...] = ("superseded", "other")  # reason codes that fit
+    conns: tuple[str, ...] = ()  # connections it happens on; empty: any, by weight
+
+
+MR, SR, OBS = ("MedicationRequest",), ("ServiceRequest",), ("Observation",)
+MANUAL = ("applied_manually", "superseded")
+LANDED = ("applied_manually", "duplicate")
+DUPLICATE_PATHS = (("open", 30), ("escalated", 10), ("discard", 50), ("rejected", 5), ("resolved", 5))
+WITH_412 = ("mercy-epic-prod", "stbrendans-millennium-prod", "lakeside-athena-prod")  # conditional create
+
+# fmt: off
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario("delivered", 62, "created", "", paths=()),
+    Scenario("delivered_bom", 3, "created", "", quirk="bom", paths=()),
+    Scenario("transport_refused", 10, "refused", "transport", paths=AUTO_RETRIED, discard=MANUAL),
+    Scenario("transport_tls", 4, "tls", "transport", paths=AUTO_RETRIED, discard=("superseded",)),
+    Scenario("transport_dns", 3, "dns", "transport", paths=AUTO_RETRIED, discard=("superseded",)),
+    Scenario("unavailable_503", 8, "503", "ehr_unavailable", paths=AUTO_RETRIED, discard=MANUAL),
+    Scenario("throttled_429", 5, "429", "ehr_unavailable", paths=AUTO_RETRIED, discard=("superseded",)),
+    Scenario("error_500", 7, "500", "ehr_unavailable", paths=AUTO_RETRIED, discard=MANUAL),
+    Scenario("rejected_dosage", 7, "422_dosage", "ehr_rejected", MR, "no_dosage", discard=MANUAL),
+    Scenario("rejected_prescriber", 6, "422_prescriber", "ehr_rejected", MR, "prescriber", discard=MANUAL),
+    Scenario("rejected_merged", 5, "422_merged", "ehr_rejected", WITH_SUBJECT, "merged", discard=("patient_merged",)),
+    Scenario("code_set_icd9", 9, "422_icd9", "code_set", ("ServiceRequest", "Encounter"), "icd9", discard=("superseded",)),
+    Scenario("code_set_ndc", 5, "422_ndc", "code_set", MR, "ndc", discard=("superseded",)),
+    Scenario("code_set_local_lab", 5, "422_local", "code_set", OBS, "local_lab"),
+    Scenario("unknown_timeout", 10, "timeout", "unknown_outcome", discard=LANDED),
+    Scenario("unknown_dropped", 7, "dropped", "unknown_outcome", discard=LANDED),
+    Scenario("malformed_html", 5, "html", "malformed_response", discard=LANDED),
+    Scenario("malformed_202", 3, "202", "malformed_response", discard=("applied_manually",)),
+    Scenario("malformed_truncated", 3, "truncated201", "malformed_response", discard=LANDED),
+    Scenario("duplicate_409", 7, "409", "duplicate_suspected", paths=DUPLICATE_PATHS, discard=("duplicate",)),
+    Scenario("duplicate_412", 3, "412", "duplicate_suspected", paths=(("open", 40), ("discard", 60)),
+             discard=("duplicate",), conns=WITH_412),
+    Scenario("auth_expired", 7, "401", "auth", discard=("superseded",)),
+    Scenario("auth_scope", 4, "403", "auth", ORDER_TYPES),
+    Scenario("config_404", 3, "404", "config", paths=NOT_RESUBMITTABLE, discard=("other",)),
+    Scenario("config_type_disabled", 5, None, "config", ("DiagnosticReport",), paths=NOT_RESUBMITTABLE,
+             discard=("other",), conns=("lakeside-athena-prod",)),
+    Scenario("data_shape_truncated", 5, None, "data_shape", quirk="truncated"),
+    Scenario("data_shape_cp1252", 5, None, "data_shape", WITH_SUBJECT, "cp1252"),
+    Scenario("data_shape_mismatch", 3, None, "data_shape", MR, "mismatch", NOT_RESUBMITTABLE, discard=("other",)),
+    Scenario("data_shape_missing", 5, "validation", "data_shape", WITH_SUBJECT, "missing"),
+    Scenario("data_shape_bad_date", 3, "validation", "data_shape", MR, "bad_date", discard=("superseded",)),
+)}
+# fmt: on
+
+# (scenario, path, connection or None): each appears at least once, so every category, every
+# state, every discard reason code and every interesting flow is in the demo.
+# fmt: off
+REQUIRED: tuple[tuple[str, str, str | None], ...] = (
+    ("delivered", "delivered", None),
+    ("delivered", "delivered", "stbrendans-millennium-prod"),
+    ("delivered_bom", "delivered", None),
+    ("transport_refused", "retrying", "mercy-epic-prod"),
+    ("transport_refused", "retry_recovered", None),
+    ("unavailable_503", "retrying", "stbrendans-millennium-prod"),
+    ("throttled_429", "open", None),
+    ("transport_tls", "open", "lakeside-athena-prod"),
+    ("error_500", "open", "lakeside-ecw-prod"),
+    ("rejected_dosage", "resolved", "mercy-epic-prod"),
+    ("rejected_prescriber", "pending", None),
+    ("rejected_merged", "discard:patient_merged", None),
+    ("code_set_icd9", "resolved", "mercy-epic-prod"),
+    ("code_set_icd9", "open", None),
+    ("code_set_ndc", "rejected", None),
+    ("code_set_local_lab", "escalated", None),
+    ("unknown_timeout", "confirm_only", "lakeside-ecw-prod"),
+    ("unknown_timeout", "resolved", "lakeside-ecw-prod"),
+    ("unknown_timeout", "open", "lakeside-ecw-prod"),
+    ("unknown_dropped", "resolved", "mercy-epic-prod"),
+    ("unknown_timeout", "replaying", "stbrendans-millennium-prod"),
+    ("malformed_html", "open", None),
+    ("malformed_202", "discard:applied_manually", None),
+    ("duplicate_409", "discard:duplicate", None),
+    ("duplicate_412", "open", None),
+    ("auth_expired", "replay_failed", "stbrendans-millennium-prod"),
+    ("auth_scope", "escalated", None),
+    ("config_404", "open", None),
+    ("config_type_disabled", "discard:other", None),
+    ("data_shape_truncated", "resolved", None),
+    ("data_shape_cp1252", "pending", None),
+    ("data_shape_cp1252", "open", None),
+    ("data_shape_mismatch", "discard:other", None),
+    ("data_shape_missing", "open", None),
+    ("data_shape_bad_date", "escalated_discard", None),
+    ("error_500", "discard:superseded", None),
+    ("unavailable_503", "discard:test_message", "mercy-epic-tst"),
+)
+# fmt: on
+
+# Signals whose category the planner must know before the outcome exists.
+SIGNAL_CATEGORY = {
+    "created": None,
+    "created_200": None,
+    "found": None,
+    "refused": "transport",
+    "tls": "transport",
+    "dns": "transport",
+    "503": "ehr_unavailable",
+    "429": "ehr_unavailable",
+    "500": "ehr_unavailable",
+    "422_dosage": "ehr_rejected",
+    "422_prescriber": "ehr_rejected",
+    "422_merged": "ehr_rejected",
+    "422_icd9": "code_set",
+    "422_ndc": "code_set",
+    "422_local": "code_set",
+    "timeout": "unknown_outcome",
+    "dropped": "unknown_outcome",
+    "search_failed": "unknown_outcome",
+    "html": "malformed_response",
+    "202": "malformed_response",
+    "truncated201": "malformed_response",
+    "409": "duplicate_suspected",
+    "412": "duplicate_suspected",
+    "401": "auth",
+    "403": "auth",
+    "404": "config",
+    "validation": "data_shape",
+}
+RETRY_AFTER = {"503": 600.0, "429": 30.0}
+MAX_AUTO_RETRIES = 3  # the connection default
+RETRY_BACKOFF = 30.0  # the connection default
+
+# --------------------------------------------------------------------------- what people write
+
+COMMENTS = {
+    "transport": (
+        "Site-to-site VPN to the customer data center flapped overnight; network team ticket NET-2291.",
+        "Their load balancer certificate expired at 00:00 UTC; customer IT renewing.",
+        "DNS for the FHIR host changed during their cutover; waiting on the new CNAME.",
+    ),
+    "ehr_unavailable": (
+        "Customer confirmed a scheduled maintenance window; interfaces back at 04:00 local.",
+        "Vendor status page shows degraded FHIR services for this region.",
+        "Throttled during their morning batch; volume is back to normal now.",
+    ),
+    "ehr_rejected": (
+        "EHR refuses it on a site rule; checked the OperationOutcome, not a transient problem.",
+        "Called the pharmacy informatics desk: the prescriber's credentialing is pending at this site.",
+        "The subject points at a merged-away chart; HIM confirmed the surviving MRN.",
+    ),
+    "code_set": (
+        "ICD-9 code from the legacy problem list; this instance only accepts ICD-10-CM.",
+        "Order catalogue matches on RxNorm only; the NDC is the dispensed package.",
+        "Reference lab test not yet mapped to LOINC in their compendium.",
+    ),
+    "unknown_outcome": (
+        "Request timed out after it was sent; the order may be in the chart. Need to check before any replay.",
+        "Connection dropped mid-response. Asked the clinic to look for the order in the chart.",
+    ),
+    "malformed_response": (
+        "Got a remote-access login page instead of FHIR: their reverse proxy session expired.",
+        "202 with no Location: we cannot tell what was created.",
+        "Response body cut off; the resource may exist.",
+    ),
+    "data_shape": (
+        "Payload is not valid UTF-8; looks like Windows-1252 from the desktop export tool.",
+        "JSON is cut off mid-document; the interface engine truncated it.",
+        "Our validation refused it before sending; the product build dropped a required element.",
+    ),
+    "duplicate_suspected": (
+        "EHR says this identifier already exists; the first attempt probably landed.",
+        "If-None-Exist matched more than one resource; someone entered it twice by hand.",
+    ),
+    "auth": (
+        "Client secret was rotated by the customer's IAM team; new secret loaded into the vault.",
+        "Our client lacks the write scope at this site; access request filed with customer IT.",
+    ),
+    "config": (
+        "Message type is not enabled on this connection; asked the customer whether they want it.",
+        "Endpoint path 404s: the base URL changed in their last upgrade.",
+    ),
+}
+ESCALATIONS = {
+    "high": (
+        "Medication/order message stuck; needs a clinical decision on whether to replay.",
+        "Not sure this is safe to resend: the patient may already have the order. Escalating.",
+        "Customer asks for clinical sign-off before we touch this one.",
+    ),
+    "normal": (
+        "Result may belong to a different encounter; needs a clinician's look before we resend.",
+        "Customer asks for clinical sign-off before we touch this one.",
+    ),
+}
+LEAD_NOTES = (
+    "Looking at it with the charge nurse now.",
+    "Spoke with the ordering provider; holding until the clinic confirms.",
+    "Will decide after the customer's IT call at 15:00.",
+)
+RESUBMIT_REASONS = {
+    "transport": "Network path restored; the first attempt provably never reached the EHR.",
+    "ehr_unavailable": "EHR is back after the maintenance window; resend the original.",
+    "unknown_outcome": "Clinic checked the chart: the order is not there. Resend.",
+    "malformed_response": "Checked the chart with the clinic: not filed. Resend the original.",
+    "auth": "Credentials fixed; resend the original message.",
+    "duplicate_suspected": "Second look: the existing resource is a different order; resend.",
+}
+CORRECTION_REASONS = {
+    "icd9": "Mapped ICD-9-CM reason to its ICD-10-CM equivalent.",
+    "ndc": "Replaced the NDC package code with the RxNorm clinical drug.",
+    "local_lab": "Added the LOINC code for the lab's local test code.",
+    "no_dosage": "Added structured dosage instructions from the prescriber's note.",
+    "prescriber": "Resubmitted under the covering prescriber, per the clinic.",
+    "merged": "Pointed the subject at the surviving patient record after the merge.",
+    "truncated": "Recovered the complete message from the interface engine archive.",
+    "cp1252": "Re-encoded the Windows-1252 export as UTF-8; names checked against the chart.",
+    "missing": "Restored the required element the product build dropped.",
+    "bad_date": "Converted the US-style date to ISO 8601.",
+}
+REJECT_REASONS = (
+    "The EHR already holds an equivalent order; replaying would duplicate it.",
+    "Correction is incomplete: the dose unit still does not match the order catalogue.",
+    "Wait for the customer to confirm the code mapping before replaying.",
+)
+DISCARD_REASONS = {
+    "duplicate": "EHR already holds this order from the first attempt; nothing to replay.",
+    "superseded": "Prescriber placed a newer order that replaces this one.",
+    "applied_manually": "Clinic staff entered it by hand during the outage (confirmed by phone).",
+    "test_message": "Interface test message sent to the TST environment during go-live checks.",
+    "patient_merged": "Patient charts were merged; the clinic re-placed the order on the surviving chart.",
+    "other": "Customer asked us to drop this message; see the linked ticket.",
+}
+# Discards with reason code "other" need their own words, per scenario.
+OTHER_REASONS = {
+    "data_shape_mismatch": "Not an order: the product sent a home-medication statement down the order channel (ORD-4412).",
+    "config_type_disabled": "Practice does not take lab reports over FHIR; they get them by fax (LAK-118).",
+    "config_404": "Sent to the pre-upgrade base URL; the clinic re-entered it after the endpoint was fixed.",
+    "code_set_local_lab": "Reference lab retired this test code; the result was re-reported under the new test.",
+}
+CONFIRM_REASONS = (
+    "Called the Riverside clinic: the order is not in the chart. Safe to resend.",
+    "Clinic searched the patient's orders for the last 24h: not applied.",
+)
+
+
+# --------------------------------------------------------------------------- result
+
+
+@dataclass
+class DemoResult:
+    """What `load_demo` did (or found): logins, the service token and counts."""
+
+    created: bool
+    logins: list[tuple[str, str, str]]  # (username, role, password)
+    service_token: str | None  # bearer token of orders-service; None when the demo already existed
+    service_tokens: dict[str, str]
+    messages: int
+    delivered: int
+    by_category: dict[str, int]  # exceptions per category (all states)
+    by_state: dict[str, int]  # exceptions per state
+    by_sla: dict[str, int]  # non-final exceptions per SLA status at `now`
+    now: datetime
+
+
+# --------------------------------------------------------------------------- the story model
+
+
+@dataclass
+class _Step:
+    gap: float  # seconds after the previous step of the same story
+    kind: str
+    args: dict[str, Any] = field(default_factory=dict)
+    restarts_sla: bool = False
+    signal: str | None = None
+    outcome: Outcome | None = None
+    at: datetime | None = None
+
+
+@dataclass
+class _Story:
+    index: int
+    scenario: Scenario
+    path: str
+    conn: DemoConnection
+    client: str
+    message_type: str
+    key: str
+    risk: str
+    steps: list[_Step] = field(default_factory=list)
+    band: str | None = None  # on_track / at_risk / breached for items left open
+    category: str = ""  # the exception's category as the story stands
+    body: dict | None = None
+    corrected: str | None = None
+    ctx: corpus.Context | None = None
+    # filled in while running
+    message_id: str | None = None
+    exception_id: int | None = None
+    attempt_id: int | None = None
+    replay_id: int | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.path in ("delivered", "resolved", "retry_recovered") or "discard" in self.path
+
+
+class _Planner:
+    """Turns (seed, size) into stories with timed steps. No database access."""
+
+    def __init__(self, rng: random.Random, now: datetime, floor: datetime, policy: SlaPolicy, base_url: str):
+        self.rng = rng
+        self.now = now
+        self.floor = floor
+        self.policy = policy
+        self.base_url = base_url
+
+    # -- choosing
+
+    def _weighted(self, pairs):
+        items = list(pairs)
+        return self.rng.choices([i for i, _ in items], weights=[w for _, w in items])[0]
+
+    def recipes(self, size: int) -> list[tuple[str, str, str | None]]:
+        out = list(REQUIRED)
+        names = list(SCENARIOS)
+        while len(out) < size:
+            scenario = SCENARIOS[self.rng.choices(names, weights=[SCENARIOS[n].weight for n in names])[0]]
+            path = self._weighted(scenario.paths) if scenario.paths else "delivered"
+            out.append((scenario.name, path, None))
+        self.rng.shuffle(out)
+        return out
+
+    def plan(self, size: int) -> list[_Story]:
+        stories = [self._story(i, *recipe) for i, recipe in enumerate(self.recipes(size))]
+        forced = ["breached", "at_risk", "on_track"]  # at least one of each
+        for story in stories:
+            if story.final:
+                continue
+            if story.path in ("retrying", "replaying"):  # both are minutes old by nature
+                story.band = "on_track"
+            elif forced:
+                story.band = forced.pop(0)
+            else:
+                story.band = self._weighted((("on_track", 70), ("at_risk", 12), ("breached", 18)))
+        for story in stories:
+            self._schedule(story)
+            self._materialize(story)
+        return stories
+
+    def _story(self, index: int, scenario_name: str, path: str, conn_name: str | None) -> _Story:
+        scenario = SCENARIOS[scenario_name]
+        rng = self.rng
+        if conn_name is None:
+            pool = [c for c in CONNECTIONS if not scenario.conns or c.name in scenario.conns]
+            if scenario.category == "unknown_outcome":  # enough of them on the no-search connection
+                weights = [c.weight * (3 if not c.identifier_search else 1) for c in pool]
+            else:
+                weights = [c.weight for c in pool]
+            conn = rng.choices(pool, weights=weights)[0]
+        else:
+            conn = _CONN[conn_name]
+        types = [t for t in scenario.types if t in TYPE_WEIGHTS]
+        if conn.enabled_message_types and scenario.name != "config_type_disabled":
+            types = [t for t in types if t in conn.enabled_message_types] or ["MedicationRequest"]
+        message_type = rng.choices(types, weights=[TYPE_WEIGHTS[t] for t in types])[0]
+        client = "orders-service" if message_type in ORDER_TYPES else "interface-engine"
+        if client == "orders-service":
+            key = f"ord-{conn.tenant}-{index:05d}-{rng.getrandbits(32):08x}"
+        else:
+            key = f"ie-{conn.tenant}-{rng.randint(100000, 999999)}-{index:05d}"
+        story = _Story(
+            index,
+            scenario,
+            path,
+            conn,
+            client,
+            message_type,
+            key,
+            clinical_risk(message_type),
+            category=scenario.category,
+        )
+        self._steps(story)
+        return story
+
+    # -- steps
+
+    def _add(self, story: _Story, gap: float, kind: str, **kw) -> _Step:
+        step = _Step(gap, kind, **kw)
+        story.steps.append(step)
+        return step
+
+    def _latency(self, signal: str) -> float:
+        if signal == "timeout":
+            return 30.0
+        if signal in ("refused", "dns", "validation"):  # refused locally or at once
+            return self.rng.uniform(0.002, 0.05)
+        return self.rng.uniform(0.08, 2.5)
+
+    def _auto_retried(self, story: _Story, signal: str) -> bool:
+        category = SIGNAL_CATEGORY[signal]
+        if category == "transport":
+            return True
+        if category == "ehr_unavailable":
+            return signal in RETRY_AFTER or story.conn.conditional_create
+        return False
+
+    def _steps(self, story: _Story) -> None:
+        rng, scenario = self.rng, story.scenario
+        if scenario.signal is None:  # refused at intake: the exception opens with the message
+            self._add(story, 0, "intake", restarts_sla=True)
+        else:
+            self._add(story, 0, "intake")
+            signal = scenario.signal
+            retried = signal != "created" and self._auto_retried(story, signal)
+            self._add(
+                story,
+                rng.uniform(0.2, 1.5) + self._latency(signal),
+                "deliver",
+                signal=signal,
+                restarts_sla=signal != "created",
+                args={"retried": retried},
+            )
+            if signal == "created":
+                return
+            if retried:
+                if story.path == "retrying":
+                    self._retries(story, signal, failures=rng.randint(0, 2), then=None)
+                    return
+                if story.path == "retry_recovered":
+                    self._retries(story, signal, failures=rng.randint(0, 2), then="created")
+                    return
+                self._retries(story, signal, failures=MAX_AUTO_RETRIES, then=None)
+        self._human(story)
+
+    def _retries(self, story: _Story, signal: str, *, failures: int, then: str | None) -> None:
+        """Automatic retries as the worker runs them: backoff 30 s * 2^n, Retry-After honoured."""
+        signals = [signal] * failures + ([then] if then else [])
+        for n, sig in enumerate(signals):
+            delay = max(RETRY_BACKOFF * (2**n), RETRY_AFTER.get(signals[n - 1] if n else signal, 0.0))
+            exhausted = sig != "created" and n + 1 >= MAX_AUTO_RETRIES
+            step = self._add(story, delay + self._latency(sig), "retry", signal=sig, restarts_sla=exhausted)
+            step.args["exhausted"] = exhausted
+        if not then and failures < MAX_AUTO_RETRIES:
+            story.steps[-1].args["pending_retry"] = True  # stays retrying; next retry after `now`
+
+    def _human(self, story: _Story) -> None:
+        rng, path = self.rng, story.path
+        minutes = lambda lo, hi: rng.uniform(lo, hi) * 60  # noqa: E731
+        category = story.category
+        notes = COMMENTS.get(category, ("Looking into it.",))
+
+        def decision(actor: str, gap: float, action: str, **kw) -> _Step:
+            return self._add(story, gap, "decide", args={"actor": actor, "input": {"action": action, **kw}})
+
+        if path == "open":
+            roll = rng.random()
+            if roll < 0.35:
+                who = rng.choice(REVIEWERS)
+                decision(who, minutes(3, 40), "claim")
+                if rng.random() < 0.5:
+                    decision(who, minutes(1, 10), "comment", reason=rng.choice(notes))
+            elif roll < 0.55:
+                who = rng.choice(REVIEWERS)
+                decision(rng.choice(LEADS), minutes(5, 45), "assign", assignee=who)
+                if rng.random() < 0.3:
+                    decision(who, minutes(2, 20), "comment", reason=rng.choice(notes))
+            elif roll < 0.65:
+                decision(rng.choice(REVIEWERS + LEADS), minutes(5, 60), "comment", reason=rng.choice(notes))
+            return
+        if path == "escalated":
+            who = rng.choice(REVIEWERS)
+            decision(who, minutes(3, 30), "claim")
+            if rng.random() < 0.5:
+                decision(who, minutes(1, 10), "comment", reason=rng.choice(notes))
+            decision(who, minutes(2, 20), "escalate", reason=rng.choice(ESCALATIONS[story.risk]))
+            if rng.random() < 0.3:  # the auditor samples escalations; reading a payload is audited
+                self._add(story, minutes(10, 120), "view_payload", args={"actor": "audrey"})
+            if rng.random() < 0.4:
+                decision(rng.choice(LEADS), minutes(5, 40), "comment", reason=rng.choice(LEAD_NOTES))
+            return
+        if path == "confirm_only":
+            decision(
+                rng.choice(LEADS), minutes(5, 40), "confirm_not_applied", reason=rng.choice(CONFIRM_REASONS)
+            )
+            return
+        if path.startswith("discard") or path == "escalated_discard":
+            code = path.split(":", 1)[1] if ":" in path else self._discard_code(story)
+            text = DISCARD_REASONS[code]
+            if code == "other":
+                text = OTHER_REASONS.get(story.scenario.name, text)
+            if path == "escalated_discard":
+                decision(
+                    rng.choice(REVIEWERS),
+                    minutes(5, 30),
+                    "escalate",
+                    reason=rng.choice(ESCALATIONS[story.risk]),
+                )
+                decision(rng.choice(LEADS), minutes(10, 90), "discard", reason_code=code, reason=text)
+                return
+            who = rng.choice(REVIEWERS + LEADS)
+            if rng.random() < 0.6:
+                decision(who, minutes(3, 30), "claim")
+            decision(who, minutes(2, 25), "discard", reason_code=code, reason=text)
+            return
+        # resubmit paths: pending, replaying, resolved, replay_failed, rejected
+        requester = rng.choice(REVIEWERS + REVIEWERS + LEADS)
+        approver = rng.choice([lead for lead in LEADS if lead != requester])
+        if rng.random() < 0.6:
+            decision(requester, minutes(3, 30), "claim")
+        if category == "unknown_outcome" and not story.conn.identifier_search:
+            confirmer = rng.choice(LEADS)
+            decision(confirmer, minutes(5, 40), "confirm_not_applied", reason=rng.choice(CONFIRM_REASONS))
+        if story.scenario.quirk in CORRECTION_REASONS:
+            self._add(story, minutes(1, 8), "view_payload", args={"actor": requester})
+            decision(
+                requester,
+                minutes(2, 15),
+                "resubmit_corrected",
+                reason=CORRECTION_REASONS[story.scenario.quirk],
+            )
+        else:
+            reason = RESUBMIT_REASONS.get(category, "Cause fixed; resend the original.")
+            decision(requester, minutes(2, 20), "resubmit", reason=reason)
+        if path == "pending":
+            return
+        if path == "rejected":
+            decision(approver, minutes(5, 60), "reject", reason=rng.choice(REJECT_REASONS))
+            if rng.random() < 0.4:
+                decision(
+                    requester, minutes(3, 30), "comment", reason="Understood; following up with the customer."
+                )
+            return
+        decision(approver, minutes(5, 90), "approve", reason="Reviewed the payload and the attempt history.")
+        if path == "replaying":
+            self._add(story, rng.uniform(0.5, 4), "replay_claim")
+            return
+        if path == "resolved":
+            found = (
+                story.conn.identifier_search
+                and category in ("unknown_outcome", "malformed_response", "duplicate_suspected")
+                and rng.random() < 0.7
+            )
+            signal = "found" if found else self._created(story)
+            self._add(story, rng.uniform(0.5, 4) + self._latency(signal), "replay_finish", signal=signal)
+            return
+        # replay_failed: the replay itself fails and the item reopens under the new category
+        choices = ["401", "500", "timeout"]
+        if story.conn.identifier_search:
+            choices.append("search_failed")
+        if story.message_type == "MedicationRequest" and story.scenario.quirk is None:
+            choices.append("422_prescriber")
+        signal = rng.choice(choices)
+        self._add(
+            story,
+            rng.uniform(0.5, 4) + self._latency(signal),
+            "replay_finish",
+            signal=signal,
+            restarts_sla=True,
+        )
+
+    def _created(self, story: _Story) -> str:
+        return "created_200" if story.conn.vendor == "oracle-health" else "created"
+
+    def _discard_code(self, story: _Story) -> str:
+        if story.conn.environment == "test":
+            return "test_message"
+        return self.rng.choice(story.scenario.discard)
+
+    # -- time
+
+    def _restart_category(self, story: _Story, step: _Step) -> str:
+        if step.kind == "intake":
+            return story.scenario.category
+        return SIGNAL_CATEGORY[step.signal] or story.scenario.category
+
+    def _schedule(self, story: _Story) -> None:
+        """Give every step a time: the last SLA (re)start lands where the story's band needs it."""
+        rng, now, steps = self.rng, self.now, story.steps
+        anchor = max((i for i, s in enumerate(steps) if s.restarts_sla), default=0)
+        if steps[anchor].restarts_sla:
+            story.category = self._restart_category(story, steps[anchor])
+        margin = timedelta(seconds=rng.uniform(15, 120))
+        if story.band is None:  # final: anywhere in the last three days
+            anchor_at = now - timedelta(hours=rng.uniform(0.5, HISTORY.total_seconds() / 3600 - 1))
+        else:
+            window = self.policy.window(story.category, story.risk, None)
+            if story.band == "breached":  # mostly recently overdue, a few stragglers from days ago
+                overdue = timedelta(minutes=5) + timedelta(hours=60) * rng.random() ** 2
+                anchor_at = now - window - overdue
+            else:
+                fraction = rng.uniform(0.05, 0.55) if story.band == "on_track" else rng.uniform(0.8, 0.88)
+                anchor_at = now - window * fraction
+        times: list[datetime | None] = [None] * len(steps)
+        times[anchor] = anchor_at
+        for i in range(anchor - 1, -1, -1):
+            times[i] = times[i + 1] - timedelta(seconds=steps[i + 1].gap)
+        forward = sum(s.gap for s in steps[anchor + 1 :])
+        room = (now - margin - anchor_at).total_seconds()
+        scale = 1.0
+        if forward > 0 and forward > room:
+            if story.band is None:  # a finished story: move the whole story earlier
+                shift = timedelta(seconds=forward - room)
+                times = [t - shift if t else None for t in times]
+            else:  # an open story: squeeze what happened since the SLA started
+                scale = max(room, 1.0) / forward
+        for i in range(anchor + 1, len(steps)):
+            times[i] = times[i - 1] + timedelta(seconds=steps[i].gap * scale)
+        for step, at in zip(steps, times, strict=True):
+            step.at = max(at, self.floor)
+
+    # -- payloads and outcomes
+
+    def _materialize(self, story: _Story) -> None:
+        rng, scenario = self.rng, story.scenario
+        story.ctx = ctx = self._context(story)
+        mt, quirk = story.message_type, scenario.quirk
+        text = raw = None
+        corrected = None
+        if quirk == "icd9":
+            bad, fixed = corpus.icd9_reason(ctx, rng, mt)
+        elif quirk == "ndc":
+            bad, fixed = corpus.ndc_instead_of_rxnorm(ctx, rng)
+        elif quirk == "local_lab":
+            bad, fixed = corpus.local_lab_code(ctx, rng)
+        elif quirk == "no_dosage":
+            bad, fixed = corpus.no_dosage_instruction(ctx, rng)
+        elif quirk == "prescriber":
+            bad, fixed = corpus.prescriber_not_active(ctx, rng)
+        elif quirk == "merged":
+            bad, fixed = corpus.merged_patient(ctx, rng, mt)
+        elif quirk == "missing":
+            bad, fixed = corpus.missing_required_field(ctx, rng, mt)
+        elif quirk == "bad_date":
+            bad, fixed = corpus.unusual_date_format(ctx, rng)
+        elif quirk == "mismatch":
+            bad, fixed = corpus.mismatched_resource_type(ctx, rng), None
+        else:
+            bad = fixed = corpus.well_formed(mt, ctx, rng)
+        if quirk == "truncated":
+            raw = corpus.truncated_json(bad, rng)
+        elif quirk == "cp1252":
+            raw = corpus.windows_1252_bytes(bad)
+        elif quirk == "bom":
+            text = corpus.with_bom(bad)
+        else:
+            text = corpus.to_text(bad)
+        if quirk in CORRECTION_REASONS and fixed is not None:
+            corrected = json.dumps(fixed, ensure_ascii=False, indent=2)
+        story.body = corpus.submit_body(story.conn.name, mt, text=text, raw=raw)
+        story.corrected = corrected
+        for step in story.steps:
+            if step.signal:
+                step.outcome = self._outcome(story, step.signal, text or "", step.at)
+            if step.kind == "decide" and step.args["input"]["action"] == "resubmit_corrected":
+                step.args["input"]["payload"] = corrected
+            if step.kind == "decide" and step.args["input"]["action"] == "approve":
+                step.args["input"]["password"] = DEMO_PASSWORD
+
+    def _context(self, story: _Story) -> corpus.Context:
+        rng = self.rng
+        pool = corpus.PATIENTS
+        if story.scenario.quirk == "cp1252":  # the export tool can only write what the code page holds
+            pool = tuple(p for p in pool if not p.display.isascii() and corpus.encodes_in_cp1252(p.display))
+        person = rng.choice(pool)
+        intake_at = story.steps[0].at
+        return corpus.Context(
+            patient=person,
+            patient_id=_patient_id(story.conn, person.key),
+            mrn_system=story.conn.mrn_system,
+            mrn=_mrn(story.conn, person.key),
+            practitioner=rng.choice(corpus.PRACTITIONERS),
+            encounter_id=f"enc-{rng.getrandbits(40):010x}",
+            organization=story.conn.organization,
+            when=intake_at - timedelta(minutes=rng.uniform(1, 25)),
+            extra={"surviving_patient_id": _patient_id(story.conn, person.key + "-surviving")},
+        )
+
+    def _outcome(self, story: _Story, signal: str, payload_text: str, at: datetime) -> Outcome:
+        """The Outcome the FHIR adapter would produce for this signal, from its own classify()."""
+        rng, conn, rtype = self.rng, story.conn, story.message_type
+        url = f"{conn.endpoint(self.base_url)}/{rtype}"
+        summary = f"POST {url} {rtype}"
+        latency = int(self._latency(signal) * 1000)
+        system = DELIVERY_SYSTEM_PREFIX + story.client
+        rid = _resource_id(conn, rng)
+
+        if signal == "found":
+            return Outcome(
+                AttemptOutcome.DELIVERED,
+                summary="search by identifier",
+                detail="found already applied by identifier search; not re-sent",
+                latency_ms=latency,
+            )
+        if signal == "search_failed":
+            return Outcome(
+                AttemptOutcome.UNKNOWN,
+                Category.UNKNOWN_OUTCOME,
+                detail="identifier search failed: cannot tell whether the EHR applied it; not re-sent",
+                latency_ms=latency,
+            )
+        if signal == "validation":
+            envelope = Envelope(
+                message_id="seed",
+                message_type=rtype,
+                content_type=corpus.FHIR_JSON,
+                payload=payload_text,
+                delivery_system=system,
+                delivery_value=story.key,
+                control_id="R0",
+            )
+            try:
+                prepare_resource(envelope)
+            except ValidationFailed as exc:
+                return exc.to_outcome(summary, latency)
+            raise RuntimeError(f"story {story.index}: the {story.scenario.quirk} payload passed validation")
+
+        if signal in corpus.TRANSPORT_ERRORS:
+            error_type, text = corpus.TRANSPORT_ERRORS[signal]
+            error = getattr(httpx, error_type)(text)
+            outcome = classify(phase=CREATE, summary=summary, started=time.monotonic(), error=error)
+        else:
+            answer = corpus.ehr_answer(
+                signal,
+                story.ctx,
+                resource_type=rtype,
+                resource_id=rid,
+                location=f"{url}/{rid}/_history/1",
+                identifier=f"{system}|{story.key}",
+                reason_code=self._first_reason_code(payload_text),
+                at=at,
+                rng=rng,
+            )
+            response = httpx.Response(
+                answer.status, content=answer.body, headers=answer.headers, request=httpx.Request("POST", url)
+            )
+            outcome = classify(
+                phase=CREATE,
+                summary=summary,
+                started=time.monotonic(),
+                response=response,
+                resource_type=rtype,
+            )
+        outcome.latency_ms = latency
+        return outcome
+
+    @staticmethod
+    def _first_reason_code(text: str) -> str | None:
+        try:
+            return json.loads(text)["reasonCode"][0]["coding"][0]["code"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return None
+
+
+def _patient_id(conn: DemoConnection, key: str) -> str:
+    """A stable EHR-style logical id per customer and patient."""
+    digest = hashlib.sha256(f"{conn.customer}|{key}".encode()).hexdigest()
+    if conn.vendor == "oracle-health":
+        return str(int(digest[:8], 16) % 10**8)
+    return "e" + digest[:20]
+
+
+def _mrn(conn: DemoConnection, key: str) -> str:
+    """A stable eight-digit medical record number per customer and patient."""
+    digest = hashlib.sha256(f"{conn.customer}|mrn|{key}".encode()).hexdigest()
+    return f"{int(digest[:12], 16) % 10**8:08d}"
+
+
+def _resource_id(conn: DemoConnection, rng: random.Random) -> str:
+    if conn.vendor == "oracle-health":
+        return str(rng.randint(10**8, 10**9))
+    return f"{rng.getrandbits(64):016x}"
+
+
+# --------------------------------------------------------------------------- running the stories
+
+
+class _Runner:
+    """Runs steps inside one transaction, with the clock already set to the step's time."""
+
+    def __init__(self, session: so.Session):
+        self.s = session
+        self._users: dict[str, User] = {}
+
+    def user(self, name: str) -> User:
+        if name not in self._users:
+            self._users[name] = users.by_username(self.s, name)
+        return self._users[name]
+
+    def run(self, step: _Step, story: _Story) -> None:
+        getattr(self, f"_{step.kind}")(step, story)
+
+    # -- helpers
+
+    def _relayed(self, kind: str, ref_id: int, at: datetime) -> None:
+        self.s.execute(
+            sa.update(OutboxEntry)
+            .where(
+                OutboxEntry.kind == kind, OutboxEntry.ref_id == str(ref_id), OutboxEntry.relayed_at.is_(None)
+            )
+            .values(relayed_at=at)
+        )
+
+    @staticmethod
+    def _record(attempt: Attempt, outcome: Outcome, at: datetime) -> None:
+        """Record an attempt's result the way the worker does."""
+        attempt.started_at = at - timedelta(milliseconds=outcome.latency_ms)
+        attempt.outcome = outcome.outcome.value
+        attempt.category = outcome.category.value if outcome.category else None
+        attempt.status_code = outcome.status_code
+        attempt.request_summary = outcome.summary[:1000]
+        attempt.response_excerpt = outcome.response_excerpt[:2000]
+        attempt.detail = outcome.detail[:2000]
+        attempt.issues = list(outcome.issues or [])
+        attempt.latency_ms = outcome.latency_ms
+        attempt.finished_at = at
+        attempt.lease_expires_at = None
+
+    def _delivered(self, message: Message, attempt: Attempt, outcome: Outcome, at: datetime) -> None:
+        message.status = "delivered"
+        message.updated_at = at
+        audit.record(
+            self.s,
+            actor="system:worker",
+            action="message.deliver",
+            subject_type="message",
+            subject_id=message.id,
+            details={"attempt_id": attempt.id, "resource": outcome.resource_ref, "trigger": attempt.trigger},
+        )
+
+    def _exception_cas(self, item: ExceptionItem, from_state: str, **values) -> None:
+        result = self.s.execute(
+            sa.update(ExceptionItem)
+            .where(ExceptionItem.id == item.id, ExceptionItem.state == from_state)
+            .values(version=ExceptionItem.version + 1, **values)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:
+            raise RuntimeError(f"exception {item.id} is not {from_state}")
+        self.s.refresh(item)
+
+    # -- steps
+
+    def _intake(self, step: _Step, story: _Story) -> None:
+        result = submit_message(self.s, self.user(story.client), story.key, story.body)
+        story.message_id = result.body["id"]
+        if result.body.get("category", "") != (
+            story.scenario.category if story.scenario.signal is None else ""
+        ):
+            raise RuntimeError(f"story {story.index} ({story.scenario.name}): intake answered {result.body}")
+        if "exception_id" in result.body:
+            story.exception_id = result.body["exception_id"]
+            return
+        attempt = self.s.scalar(sa.select(Attempt).where(Attempt.message_id == story.message_id))
+        story.attempt_id = attempt.id
+        self._relayed("deliver", attempt.id, step.at + timedelta(milliseconds=200))
+
+    def _deliver(self, step: _Step, story: _Story) -> None:
+        attempt = self.s.get(Attempt, story.attempt_id)
+        message = self.s.get(Message, story.message_id)
+        outcome = step.outcome
+        self._record(attempt, outcome, step.at)
+        if outcome.delivered:
+            self._delivered(message, attempt, outcome, step.at)
+            return
+        message.status = "exception"
+        message.updated_at = step.at
+        conn = message.connection
+        retried = auto_retry_eligible(outcome, connections.settings_for(conn)) and conn.max_auto_retries > 0
+        if retried != step.args["retried"]:
+            raise RuntimeError(
+                f"story {story.index}: the worker would {'' if retried else 'not '}retry {outcome}"
+            )
+        item = open_exception(
+            self.s,
+            message,
+            outcome.category,
+            outcome.detail or f"{outcome.category} ({outcome.status_code})",
+            payload_version_id=attempt.payload_version_id,
+            state=ExceptionState.RETRYING if retried else ExceptionState.OPEN,
+            next_retry_at=step.args.get("next_retry_at"),
+            actor="system:worker",
+        )
+        story.exception_id = item.id
+
+    def _retry(self, step: _Step, story: _Story) -> None:
+        """One automatic retry: the scheduler queues it, the worker runs it and settles it."""
+        s, at, outcome = self.s, step.at, step.outcome
+        item = s.get(ExceptionItem, story.exception_id)
+        message = item.message
+        queued_at = at - timedelta(milliseconds=outcome.latency_ms)
+        self._exception_cas(
+            item, "retrying", next_retry_at=None, retry_count=item.retry_count + 1, updated_at=queued_at
+        )
+        attempt = Attempt(
+            message_id=message.id,
+            payload_version_id=message.current_payload_id,
+            trigger=f"auto_retry:{item.retry_count}",
+            started_at=queued_at,
+            outcome="queued",
+        )
+        s.add(attempt)
+        s.flush()
+        s.add(
+            OutboxEntry(
+                kind="deliver",
+                ref_id=str(attempt.id),
+                job_id=f"deliver-{attempt.id}",
+                created_at=queued_at,
+                relayed_at=queued_at,
+            )
+        )
+        self._record(attempt, outcome, at)
+        if outcome.delivered:
+            self._delivered(message, attempt, outcome, at)
+            self._exception_cas(item, "retrying", state="resolved", resolved_at=at, updated_at=at)
+            audit.record(
+                s,
+                actor="system:retry",
+                action="exception.resolve",
+                subject_type="exception",
+                subject_id=item.id,
+                from_state="retrying",
+                to_state="resolved",
+                reason="automatic retry delivered",
+                details={"attempt_id": attempt.id},
+            )
+            return
+        message.updated_at = at
+        detail = outcome.detail or f"{outcome.category} ({outcome.status_code})"
+        conn = message.connection
+        worker_stops = not (
+            auto_retry_eligible(outcome, connections.settings_for(conn))
+            and item.retry_count < conn.max_auto_retries
+        )
+        if worker_stops != bool(step.args.get("exhausted")):
+            raise RuntimeError(
+                f"story {story.index}: the plan and the worker disagree on retry {item.retry_count}"
+            )
+        if step.args.get("exhausted"):
+            reopen(
+                s,
+                item,
+                outcome.category,
+                f"automatic retries stopped: {detail}",
+                from_state="retrying",
+                actor="system:retry",
+            )
+            return
+        next_at = step.args["next_retry_at"]
+        self._exception_cas(
+            item,
+            "retrying",
+            next_retry_at=next_at,
+            category=outcome.category.value,
+            detail=detail[:4000],
+            updated_at=at,
+        )
+        audit.record(
+            s,
+            actor="system:retry",
+            action="exception.retry_scheduled",
+            subject_type="exception",
+            subject_id=item.id,
+            from_state="retrying",
+            to_state="retrying",
+            reason=detail[:500],
+            details={"next_retry_at": next_at.isoformat() + "Z", "retry_count": item.retry_count},
+        )
+
+    def _decide(self, step: _Step, story: _Story) -> None:
+        data = DecisionInput(**step.args["input"])
+        decision = decide(self.s, story.exception_id, self.user(step.args["actor"]), data)
+        if "replay_id" in decision.details:
+            story.replay_id = decision.details["replay_id"]
+        if data.action == "approve":
+            self._relayed("replay", story.replay_id, step.at + timedelta(milliseconds=300))
+
+    def _view_payload(self, step: _Step, story: _Story) -> None:
+        item = exceptions.get(self.s, story.exception_id)
+        exceptions.view_payload(self.s, item, self.user(step.args["actor"]), channel="console")
+
+    def _claim_replay(
+        self, story: _Story, started: datetime, lease: datetime | None
+    ) -> tuple[Replay, Attempt]:
+        replay = self.s.get(Replay, story.replay_id)
+        claimed = self.s.execute(
+            sa.update(Replay)
+            .where(Replay.id == replay.id, Replay.state == "queued")
+            .values(state="running", started_at=started, worker=WORKER_NAME, lease_expires_at=lease)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if claimed != 1:
+            raise RuntimeError(f"story {story.index}: replay {replay.id} is not queued")
+        self.s.refresh(replay)
+        attempt = Attempt(
+            message_id=replay.message_id,
+            replay_id=replay.id,
+            payload_version_id=replay.payload_version_id,
+            trigger=f"replay:{replay.id}",
+            started_at=started,
+            outcome="in_flight",
+            lease_expires_at=lease,
+        )
+        self.s.add(attempt)
+        self.s.flush()
+        return replay, attempt
+
+    def _replay_claim(self, step: _Step, story: _Story) -> None:
+        """A worker holds the replay right now (state running, lease ticking)."""
+        self._claim_replay(story, step.at, step.at + REPLAY_LEASE)
+
+    def _replay_finish(self, step: _Step, story: _Story) -> None:
+        """The worker's replay, claim to settlement, as `run_replay` does it."""
+        s, at, outcome = self.s, step.at, step.outcome
+        started = at - timedelta(milliseconds=outcome.latency_ms)
+        replay, attempt = self._claim_replay(story, started, started + timedelta(seconds=90))
+        self._record(attempt, outcome, at)
+        item = s.get(ExceptionItem, replay.exception_id)
+        message = s.get(Message, replay.message_id)
+        replay.finished_at = at
+        replay.lease_expires_at = None
+        if outcome.delivered:
+            replay.state = "succeeded"
+            replay.result = outcome.detail or f"delivered {outcome.resource_ref or ''}".strip()
+            message.status = "delivered"
+            message.current_payload_id = replay.payload_version_id
+            message.updated_at = at
+            self._exception_cas(item, "replaying", state="resolved", resolved_at=at, updated_at=at)
+            audit.record(
+                s,
+                actor="system:worker",
+                action="replay.succeed",
+                subject_type="exception",
+                subject_id=item.id,
+                from_state="replaying",
+                to_state="resolved",
+                reason=replay.result,
+                details={
+                    "replay_id": replay.id,
+                    "attempt_id": attempt.id,
+                    "found_applied": step.signal == "found",
+                    "resource": outcome.resource_ref,
+                },
+            )
+            return
+        replay.state = "failed"
+        replay.result = outcome.detail or str(outcome.category)
+        if not reopen(
+            s,
+            item,
+            outcome.category or Category.UNKNOWN_OUTCOME,
+            f"replay {replay.id} failed: {replay.result}",
+            from_state="replaying",
+            actor="system:worker",
+        ):
+            raise RuntimeError(f"story {story.index}: exception {item.id} is not replaying")
+
+
+# --------------------------------------------------------------------------- the clock and password hashing
+
+
+class _SeedClock:
+    def __init__(self, at: datetime):
+        self.at = at
+
+    def __call__(self) -> datetime:
+        return self.at
+
+
+def _app_modules() -> list[object]:
+    return [m for n, m in list(sys.modules.items()) if n == "app" or n.startswith(("app.", "jobs."))]
+
+
+@contextmanager
+def _seed_runtime(start: datetime) -> Iterator[_SeedClock]:
+    """Point every `utcnow` the app imported at a settable clock; memoize argon2 for one password.
+
+    The services import `utcnow` by name, so each importing module is patched, not just
+    `app.services.clock`. argon2 costs ~0.25 s per hash or verify on a small machine; the demo
+    users share one password, so hashing it once and verifying each (hash, password) pair once
+    keeps loading to a few seconds. Everything is restored on the way out, whatever happens,
+    including in modules first imported while loading. Not for concurrent use: call it before
+    serving requests.
+    """
+    seed_clock = _SeedClock(start)
+    hashes: dict[str, str] = {}
+    verified: dict[tuple[str | None, str], bool] = {}
+    real_hash, real_check = users.hash_password, exceptions.check_password
+
+    def hash_once(password: str) -> str:
+        if password not in hashes:
+            hashes[password] = real_hash(password)
+        return hashes[password]
+
+    def check_once(user: User, password: str) -> bool:
+        key = (user.password_hash, password)
+        if key not in verified:
+            verified[key] = real_check(user, password)
+        return verified[key]
+
+    real_utcnow = clock.utcnow
+    replacements = {"utcnow": (real_utcnow, seed_clock)}
+    try:
+        for module in _app_modules():
+            if getattr(module, "utcnow", None) is real_utcnow:
+                module.utcnow = seed_clock
+        users.hash_password = hash_once
+        exceptions.check_password = check_once
+        replacements.update(hash_password=(real_hash, hash_once), check_password=(real_check, check_once))
+        yield seed_clock
+    finally:
+        for module in _app_modules():
+            for name, (real, fake) in replacements.items():
+                if getattr(module, name, None) is fake:
+                    setattr(module, name, real)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_demo(
+    sessions: so.sessionmaker,
+    *,
+    sim_base_url: str = "http://127.0.0.1:8090",
+    now: datetime | None = None,
+    size: int = 300,
+    seed: int = 7,
+) -> DemoResult:
+    """Load the demo data set once; when the demo users already exist, change nothing.
+
+    `size` is the number of messages (at least `len(REQUIRED)`, the coverage list); `now` (naive
+    UTC, default the current time) is the end of the three-day history: not in the future, and
+    events older than the newest existing audit event are moved up to it. Deterministic for a
+    given seed, apart from ids and tokens.
+    """
+    real_now = clock.utcnow()
+    now = now or real_now
+    if now > real_now + timedelta(minutes=1):  # later events would then predate the seeded ones
+        raise ValueError(
+            f"now ({now:%Y-%m-%d %H:%M}) is in the future; the audit log must stay in time order"
+        )
+    with transaction(sessions) as s:
+        if _already_loaded(s):
+            return _summary(s, now, created=False)
+        newest = s.scalar(sa.select(sa.func.max(AuditEvent.occurred_at)))
+        policy = connections.sla_policy(s)
+    floor = now - HISTORY - timedelta(hours=2)
+    if newest is not None and newest >= floor:
+        floor = newest + timedelta(microseconds=1)
+
+    stories = _Planner(random.Random(seed), now, floor, policy, sim_base_url).plan(size)
+    _plan_retry_times(stories, now, random.Random(seed + 1))
+    steps = sorted(
+        ((step, story) for story in stories for step in story.steps),
+        key=lambda pair: (pair[0].at, pair[1].index),
+    )
+    setup_at = max(floor, min(steps[0][0].at, now - HISTORY) - timedelta(hours=1))
+
+    # The estate commits with the first batch of stories, after a second look inside that
+    # transaction (another process may have loaded the demo meanwhile); a bug in a story then
+    # leaves nothing half-loaded behind.
+    batch = max(200, len(steps) // 5 + 1)
+    with _seed_runtime(setup_at) as seed_clock:
+        for start in range(0, len(steps), batch):
+            with transaction(sessions) as s:
+                if start == 0:
+                    if _already_loaded(s):
+                        return _summary(s, now, created=False)
+                    tokens = _create_estate(s, sim_base_url)
+                runner = _Runner(s)
+                for step, story in steps[start : start + batch]:
+                    seed_clock.at = step.at
+                    runner.run(step, story)
+
+    with transaction(sessions) as s:
+        result = _summary(s, now, created=True)
+    result.service_tokens = tokens
+    result.service_token = tokens["orders-service"]
+    return result
+
+
+def _plan_retry_times(stories: list[_Story], now: datetime, rng: random.Random) -> None:
+    """next_retry_at for each scheduled retry: the next retry's start, or a few minutes after `now`."""
+    for story in stories:
+        timed = [s for s in story.steps if s.kind in ("deliver", "retry")]
+        if not timed:
+            continue
+        for current, following in zip(timed, [*timed[1:], None], strict=True):
+            if current.outcome is None or current.outcome.delivered:
+                continue
+            if following is not None:
+                due = following.at - timedelta(milliseconds=following.outcome.latency_ms)
+            elif current.args.get("retried") or current.args.get("pending_retry"):
+                due = now + timedelta(minutes=rng.uniform(3, 12))
+            else:
+                continue
+            current.args["next_retry_at"] = due
+
+
+def _already_loaded(s: so.Session) -> bool:
+    names = [name for name, _ in CONSOLE_USERS] + list(SERVICE_USERS)
+    if s.scalar(sa.select(sa.func.count()).select_from(User).where(User.username.in_(names))):
+        return True
+    return bool(
+        s.scalar(sa.select(sa.func.count()).select_from(Customer).where(Customer.name.in_(CUSTOMERS)))
+    )
+
+
+def _create_estate(s: so.Session, base_url: str) -> dict[str, str]:
+    """Users, API tokens, customers and connections; returns the service users' tokens."""
+    users.create_user(s, "adam", "admin", DEMO_PASSWORD, actor="system:seed")
+    for name, role in CONSOLE_USERS:
+        if name != "adam":
+            users.create_user(s, name, role, DEMO_PASSWORD, actor="adam")
+    tokens = {}
+    for name in SERVICE_USERS:
+        service = users.create_user(s, name, "service", None, actor="adam")
+        tokens[name] = users.create_token(s, service, actor="adam")
+    for customer in CUSTOMERS:
+        connections.add_customer(s, customer, actor="adam")
+    for conn in CONNECTIONS:
+        connections.add_connection(
+            s,
+            conn.name,
+            customer=conn.customer,
+            protocol="fhir-r4",
+            endpoint=conn.endpoint(base_url),
+            environment=conn.environment,
+            conditional_create=conn.conditional_create,
+            identifier_search=conn.identifier_search,
+            vendor=conn.vendor,
+            enabled_message_types=list(conn.enabled_message_types),
+            actor="adam",
+        )
+    return tokens
+
+
+def _summary(s: so.Session, now: datetime, *, created: bool) -> DemoResult:
+    by_category = {c.value: 0 for c in Category}
+    by_state = {st.value: 0 for st in ExceptionState}
+    for category, n in s.execute(
+        sa.select(ExceptionItem.category, sa.func.count()).group_by(ExceptionItem.category)
+    ):
+        by_category[category] = n
+    for state, n in s.execute(sa.select(ExceptionItem.state, sa.func.count()).group_by(ExceptionItem.state)):
+        by_state[state] = n
+    by_sla = {"on_track": 0, "at_risk": 0, "breached": 0}
+    final = [st.value for st in FINAL_STATES]
+    for started, due in s.execute(
+        sa.select(ExceptionItem.sla_started_at, ExceptionItem.sla_due_at).where(
+            ExceptionItem.state.not_in(final)
+        )
+    ):
+        by_sla[sla_status(now, started, due).value] += 1
+    existing = set(
+        s.scalars(sa.select(User.username).where(User.username.in_([n for n, _ in CONSOLE_USERS])))
+    )
+    return DemoResult(
+        created=created,
+        logins=[(name, role, DEMO_PASSWORD) for name, role in CONSOLE_USERS if name in existing],
+        service_token=None,
+        service_tokens={},
+        messages=s.scalar(sa.select(sa.func.count()).select_from(Message)) or 0,
+        delivered=s.scalar(
+            sa.select(sa.func.count()).select_from(Message).where(Message.status == "delivered")
+        )
+        or 0,
+        by_category=by_category,
+        by_state=by_state,
+        by_sla=by_sla,
+        now=now,
+    )
