@@ -74,8 +74,9 @@ def users() -> None:
 
 @users.command("create")
 @click.argument("username")
-@click.option("--role", required=True,
-              type=click.Choice(["reviewer", "clinical_lead", "auditor", "admin", "service"]))
+@click.option(
+    "--role", required=True, type=click.Choice(["reviewer", "clinical_lead", "auditor", "admin", "service"])
+)
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
 def users_create(username: str, role: str, password_stdin: bool) -> None:
     """Create a user. Console roles need a password (prompted, or --password-stdin)."""
@@ -149,8 +150,15 @@ def connections_add(name, customer, protocol, endpoint, environment, conditional
 
     with transaction(_sessions(_settings())) as s:
         conn = add_connection(
-            s, name, customer=customer, protocol=protocol, endpoint=endpoint, environment=environment,
-            conditional_create=conditional_create, identifier_search=identifier_search, actor="system:cli",
+            s,
+            name,
+            customer=customer,
+            protocol=protocol,
+            endpoint=endpoint,
+            environment=environment,
+            conditional_create=conditional_create,
+            identifier_search=identifier_search,
+            actor="system:cli",
         )
     click.echo(f"added connection {conn.name} (id {conn.id})")
 
@@ -166,10 +174,14 @@ def connections_list() -> None:
 
     with transaction(_sessions(_settings())) as s:
         rows = s.scalars(sa.select(Connection).order_by(Connection.name)).all()
-        click.echo(f"{'NAME':<28} {'CUSTOMER':<32} {'PROTOCOL':<11} {'ENV':<5} {'ENABLED':<7} {'CIRCUIT':<9} ENDPOINT")
+        click.echo(
+            f"{'NAME':<28} {'CUSTOMER':<32} {'PROTOCOL':<11} {'ENV':<5} {'ENABLED':<7} {'CIRCUIT':<9} ENDPOINT"
+        )
         for c in rows:
-            click.echo(f"{c.name:<28} {c.customer.name:<32} {c.protocol:<11} {c.environment:<5} "
-                       f"{'yes' if c.enabled else 'no':<7} {circuit_state(c):<9} {c.endpoint}")
+            click.echo(
+                f"{c.name:<28} {c.customer.name:<32} {c.protocol:<11} {c.environment:<5} "
+                f"{'yes' if c.enabled else 'no':<7} {circuit_state(c):<9} {c.endpoint}"
+            )
 
 
 # --- seed ---------------------------------------------------------------------------------------
@@ -229,8 +241,11 @@ def worker(burst: bool) -> None:
     settings = _settings()
     connection = connect(redis_url(settings))
     queue = Queue(settings.queue_name, connection=connection)
-    rt = Runtime(sessions=session_factory(settings.database_url), lease_seconds=settings.lease_seconds,
-                 worker_name=worker_name())
+    rt = Runtime(
+        sessions=session_factory(settings.database_url),
+        lease_seconds=settings.lease_seconds,
+        worker_name=worker_name(),
+    )
     install_runtime(rt)
     if not burst:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -244,8 +259,13 @@ def worker(burst: bool) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--fhir-port", default=8090, show_default=True, type=int)
-@click.option("--mllp-port", default=2575, show_default=True, type=int,
-              help="Reserved for the HL7 v2 listener (a later release).")
+@click.option(
+    "--mllp-port",
+    default=2575,
+    show_default=True,
+    type=int,
+    help="Reserved for the HL7 v2 listener (a later release).",
+)
 @click.option("--profile", default="default", show_default=True)
 def sim(host: str, fhir_port: int, mllp_port: int, profile: str) -> None:
     """Run the simulated EHR."""
@@ -267,8 +287,12 @@ def run(host: str, port: int, sim_port: int) -> None:
     settings = _settings()
     upgrade(settings.database_url)
     result = load_demo(_sessions(settings), sim_base_url=f"http://127.0.0.1:{sim_port}")
-    env = dict(os.environ, REDIS_URL=redis_url(settings), DATABASE_URL=settings.database_url,
-               RECON_INSTANCE=str(settings.instance_path))
+    env = dict(
+        os.environ,
+        REDIS_URL=redis_url(settings),
+        DATABASE_URL=settings.database_url,
+        RECON_INSTANCE=str(settings.instance_path),
+    )
     exe = [sys.executable, "-m", "app.cli"]
     children = [
         subprocess.Popen([*exe, "sim", "--fhir-port", str(sim_port)], env=env),
@@ -276,7 +300,9 @@ def run(host: str, port: int, sim_port: int) -> None:
         subprocess.Popen([*exe, "web", "--host", host, "--port", str(port)], env=env),
     ]
     _print_logins(result)
-    click.echo(f"\nConsole: http://{host}:{port}   simulated EHR: http://127.0.0.1:{sim_port}   Ctrl-C stops all")
+    click.echo(
+        f"\nConsole: http://{host}:{port}   simulated EHR: http://127.0.0.1:{sim_port}   Ctrl-C stops all"
+    )
     stopping = False
 
     def stop(*_):
@@ -330,8 +356,9 @@ def audit_export(fmt: str, since: str | None, until: str | None, out: Path | Non
     """Stream an export (audited; ends with the chain head it covers)."""
     from app.services.audit_export import stream_export
 
-    lines = stream_export(_sessions(_settings()), fmt, actor="system:cli", since=_parse_iso(since),
-                          until=_parse_iso(until))
+    lines = stream_export(
+        _sessions(_settings()), fmt, actor="system:cli", since=_parse_iso(since), until=_parse_iso(until)
+    )
     if out is None:
         for line in lines:
             sys.stdout.write(line)
@@ -353,7 +380,9 @@ def audit_verify() -> None:
     if result.ok:
         click.echo(f"OK {result.count} events head {result.head}")
         return
-    click.echo(f"BROKEN at event {result.broken_id}: {result.problem} ({result.count} events verified before it)")
+    click.echo(
+        f"BROKEN at event {result.broken_id}: {result.problem} ({result.count} events verified before it)"
+    )
     sys.exit(1)
 
 

@@ -187,11 +187,26 @@ def client(app):
     return app.test_client()
 
 
+@pytest.fixture(scope="session")
+def password_hash():
+    """PASSWORD hashed once per run with the production argon2id parameters: hashing six
+    users per test would dominate the suite's time on two cores."""
+    from app.services.users import hash_password
+
+    return hash_password(PASSWORD)
+
+
 @pytest.fixture
-def users(sessions):
-    """One user per role; console users share PASSWORD. Returns {name: (id, role)} plus the service token."""
+def users(sessions, password_hash, monkeypatch):
+    """One user per role; console users share PASSWORD. Returns {name: User} plus "svc_token"."""
     from app.db.session import transaction
+    from app.services import users as users_service
     from app.services.users import create_token, create_user
+
+    real_hash = users_service.hash_password
+    monkeypatch.setattr(
+        users_service, "hash_password", lambda pw: password_hash if pw == PASSWORD else real_hash(pw)
+    )
 
     spec = {
         "rita": "reviewer",

@@ -46,7 +46,12 @@ def medication_request(patient: str = "Patient/123456", code: str = "313782") ->
 
 
 def setup_connection(
-    sessions, customer: str = "Mercy Health", name: str = "mercy-epic", *, protocol: str = "fhir-r4", **options
+    sessions,
+    customer: str = "Mercy Health",
+    name: str = "mercy-epic",
+    *,
+    protocol: str = "fhir-r4",
+    **options,
 ):
     """A customer (created if missing) and a connection; returns the connection row."""
     with transaction(sessions) as s:
@@ -57,7 +62,9 @@ def setup_connection(
         if s.scalar(sa.select(Customer).where(Customer.name == customer)) is None:
             connections.add_customer(s, customer)
         endpoint = "http://ehr.invalid/fhir" if protocol == "fhir-r4" else "ehr.invalid:2575"
-        return connections.add_connection(s, name, customer=customer, protocol=protocol, endpoint=endpoint, **options)
+        return connections.add_connection(
+            s, name, customer=customer, protocol=protocol, endpoint=endpoint, **options
+        )
 
 
 def make_exception(
@@ -86,7 +93,12 @@ def make_exception(
     if payload is None:
         payload = medication_request(patient) if content_type == FHIR_JSON else HL7_ORU
     key = key or f"key-{uuid.uuid4().hex[:12]}"
-    body = {"connection": connection, "message_type": message_type, "payload": payload, "content_type": content_type}
+    body = {
+        "connection": connection,
+        "message_type": message_type,
+        "payload": payload,
+        "content_type": content_type,
+    }
     with transaction(sessions) as s:
         result = intake.submit_message(s, client, key, body)
         message = s.get(Message, result.body["id"])

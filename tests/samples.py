@@ -8,8 +8,13 @@ MEDICATION_REQUEST = {
     "status": "active",
     "intent": "order",
     "medicationCodeableConcept": {
-        "coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "197361",
-                    "display": "Amlodipine 5 MG Oral Tablet"}]
+        "coding": [
+            {
+                "system": "http://www.nlm.nih.gov/research/umls/rxnorm",
+                "code": "197361",
+                "display": "Amlodipine 5 MG Oral Tablet",
+            }
+        ]
     },
     "subject": {"reference": "Patient/pat-1001", "display": "José Núñez"},
     "authoredOn": "2026-11-30T08:00:00Z",
@@ -27,5 +32,9 @@ def medication_request(n: int = 0, *, with_dosage: bool = True) -> dict:
 
 
 def message_body(connection: str, resource: dict) -> dict:
-    return {"connection": connection, "message_type": resource["resourceType"],
-            "content_type": "application/fhir+json", "payload": json.dumps(resource)}
+    return {
+        "connection": connection,
+        "message_type": resource["resourceType"],
+        "content_type": "application/fhir+json",
+        "payload": json.dumps(resource),
+    }

@@ -63,7 +63,9 @@ def run_worker(rt: delivery.Runtime, queue: Queue, *, burst: bool, poll_seconds:
     """
     counts = {"relayed": 0, "retries": 0, "reaped": 0, "jobs": 0}
     # A fresh RQ worker name per loop: RQ refuses to start a second live worker of the same name.
-    worker = SimpleWorker([queue], connection=queue.connection, name=f"{rt.worker_name}-{uuid.uuid4().hex[:6]}")
+    worker = SimpleWorker(
+        [queue], connection=queue.connection, name=f"{rt.worker_name}-{uuid.uuid4().hex[:6]}"
+    )
     while True:
         relayed = relay_outbox(rt, queue)
         retries = delivery.schedule_due_retries(rt)

@@ -27,7 +27,9 @@ def _connection(session: so.Session, connection_id: int) -> Connection:
     return conn
 
 
-def set_connection_enabled(session: so.Session, connection_id: int, enabled: bool, *, actor: str) -> Connection:
+def set_connection_enabled(
+    session: so.Session, connection_id: int, enabled: bool, *, actor: str
+) -> Connection:
     """Enable or disable a connection. A disabled connection's new messages become `config` exceptions."""
     conn = _connection(session, connection_id)
     if conn.enabled == enabled:
@@ -50,7 +52,10 @@ def set_connection_enabled(session: so.Session, connection_id: int, enabled: boo
 def reset_circuit(session: so.Session, connection_id: int, *, actor: str) -> Connection:
     """Close a connection's circuit breaker by hand (after the EHR team says it is back)."""
     conn = _connection(session, connection_id)
-    before = {"consecutive_failures": conn.consecutive_failures, "circuit_open_until": conn.circuit_open_until}
+    before = {
+        "consecutive_failures": conn.consecutive_failures,
+        "circuit_open_until": conn.circuit_open_until,
+    }
     conn.consecutive_failures = 0
     conn.circuit_open_until = None
     session.flush()
@@ -118,7 +123,11 @@ def record_connection_test(session: so.Session, connection_id: int, result: dict
         action="connection.test",
         subject_type="connection",
         subject_id=conn.id,
-        details={"name": conn.name, "ok": bool(result.get("ok")), "detail": str(result.get("detail", ""))[:500]},
+        details={
+            "name": conn.name,
+            "ok": bool(result.get("ok")),
+            "detail": str(result.get("detail", ""))[:500],
+        },
     )
 
 
@@ -194,8 +203,12 @@ def update_sla_rule(session: so.Session, rule_id: int, minutes: int, *, actor: s
         action="sla_rule.update",
         subject_type="sla_rule",
         subject_id=rule.id,
-        details={"category": rule.category, "risk": rule.risk, "customer_id": rule.customer_id,
-                 "minutes": {"from": before, "to": minutes}},
+        details={
+            "category": rule.category,
+            "risk": rule.risk,
+            "customer_id": rule.customer_id,
+            "minutes": {"from": before, "to": minutes},
+        },
     )
     return rule
 
@@ -203,11 +216,21 @@ def update_sla_rule(session: so.Session, rule_id: int, minutes: int, *, actor: s
 def delete_sla_rule(session: so.Session, rule_id: int, *, actor: str) -> None:
     """Remove one SLA rule; lookups fall back to less specific rules or the built-in defaults."""
     rule = _rule(session, rule_id)
-    details = {"category": rule.category, "risk": rule.risk, "customer_id": rule.customer_id, "minutes": rule.minutes}
+    details = {
+        "category": rule.category,
+        "risk": rule.risk,
+        "customer_id": rule.customer_id,
+        "minutes": rule.minutes,
+    }
     session.delete(rule)
     session.flush()
     audit.record(
-        session, actor=actor, action="sla_rule.delete", subject_type="sla_rule", subject_id=rule_id, details=details
+        session,
+        actor=actor,
+        action="sla_rule.delete",
+        subject_type="sla_rule",
+        subject_id=rule_id,
+        details=details,
     )
 
 

@@ -106,7 +106,9 @@ def _chain_rows(session: so.Session, batch: int = 2000) -> Iterator[dict]:
     table = AuditEvent.__table__
     last = 0
     while True:
-        rows = session.execute(sa.select(table).where(table.c.id > last).order_by(table.c.id).limit(batch)).mappings()
+        rows = session.execute(
+            sa.select(table).where(table.c.id > last).order_by(table.c.id).limit(batch)
+        ).mappings()
         count = 0
         for row in rows:
             count += 1

@@ -32,20 +32,25 @@ def render_metrics(session: so.Session) -> str:
     family("recon_queue_depth", "gauge", "Exceptions not yet resolved or discarded, by category and state.")
     for category, state, n in session.execute(
         sa.select(ExceptionItem.category, ExceptionItem.state, sa.func.count())
-        .where(active).group_by(ExceptionItem.category, ExceptionItem.state)
+        .where(active)
+        .group_by(ExceptionItem.category, ExceptionItem.state)
     ):
         lines.append(f'recon_queue_depth{{category="{_label(category)}",state="{_label(state)}"}} {n}')
 
     family("recon_sla_breached", "gauge", "Open exceptions past their SLA due time, by category.")
     for category, n in session.execute(
         sa.select(ExceptionItem.category, sa.func.count())
-        .where(active, ExceptionItem.sla_due_at <= now).group_by(ExceptionItem.category)
+        .where(active, ExceptionItem.sla_due_at <= now)
+        .group_by(ExceptionItem.category)
     ):
         lines.append(f'recon_sla_breached{{category="{_label(category)}"}} {n}')
 
     family("recon_attempts_total", "counter", "Delivery attempts by trigger kind and outcome.")
-    kind = sa.case((Attempt.trigger.like("replay:%"), "replay"), (Attempt.trigger.like("auto_retry:%"), "retry"),
-                   else_="intake")
+    kind = sa.case(
+        (Attempt.trigger.like("replay:%"), "replay"),
+        (Attempt.trigger.like("auto_retry:%"), "retry"),
+        else_="intake",
+    )
     for trig, outcome, n in session.execute(
         sa.select(kind, Attempt.outcome, sa.func.count()).group_by(kind, Attempt.outcome)
     ):
@@ -58,8 +63,9 @@ def render_metrics(session: so.Session) -> str:
     family("recon_attempt_latency_ms", "histogram", "Latency of finished delivery attempts in milliseconds.")
     cases = [sa.func.sum(sa.case((Attempt.latency_ms <= b, 1), else_=0)) for b in LATENCY_BUCKETS_MS]
     row = session.execute(
-        sa.select(*cases, sa.func.count(), sa.func.coalesce(sa.func.sum(Attempt.latency_ms), 0))
-        .where(Attempt.finished_at.is_not(None))
+        sa.select(*cases, sa.func.count(), sa.func.coalesce(sa.func.sum(Attempt.latency_ms), 0)).where(
+            Attempt.finished_at.is_not(None)
+        )
     ).one()
     for bound, value in zip(LATENCY_BUCKETS_MS, row[: len(LATENCY_BUCKETS_MS)], strict=True):
         lines.append(f'recon_attempt_latency_ms_bucket{{le="{bound}"}} {value or 0}')

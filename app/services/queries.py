@@ -4,8 +4,11 @@ Nothing here writes. Every listing is ordered by an indexed key and paginated by
 (never OFFSET), and related rows are loaded with joinedload/selectinload so a page costs a
 fixed number of queries however many rows it shows.
 
-The queue order is (sla_due_at, id), which `ix_exceptions_queue (state, category,
-sla_due_at, id)` and `ix_exceptions_sla (sla_due_at, id)` serve directly.
+The queue order is (sla_due_at, id). A category queue (state = open AND category = X) and a
+cursor position within it are one range of `ix_exceptions_queue (state, category, sla_due_at,
+id)`, read in order; listings over several states use the same index to narrow to active rows
+(a small set next to the resolved history) and sort those. `ix_exceptions_sla (sla_due_at, id)`
+serves unfiltered scans.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ ALL_STATES = tuple(s.value for s in ExceptionState)
 CATEGORIES = tuple(c.value for c in Category)
 SLA_STATUSES = tuple(s.value for s in SlaStatus)
 DEFAULT_PAGE = 50
-MAX_PAGE = 200
+MAX_PAGE = 500  # the API allows up to 500 per page
 UNASSIGNED = "-"  # assignee filter value meaning "nobody"
 MIN_PREFIX = 4  # free-text prefix searches need at least this many characters
 
@@ -178,14 +181,17 @@ def _filtered(
         stmt = stmt.where(ExceptionItem.assignee_id.is_(None))
     elif assignee:
         stmt = stmt.where(
-            ExceptionItem.assignee_id
-            == sa.select(User.id).where(User.username == assignee).scalar_subquery()
+            ExceptionItem.assignee_id == sa.select(User.id).where(User.username == assignee).scalar_subquery()
         )
     text = (q or "").strip()
     if text.startswith("#") and text[1:].isdigit():
         stmt = stmt.where(ExceptionItem.id == int(text[1:]))
     elif text:
-        exact = [Message.control_id == text, Message.control_id == text.upper(), Message.idempotency_key == text]
+        exact = [
+            Message.control_id == text,
+            Message.control_id == text.upper(),
+            Message.idempotency_key == text,
+        ]
         if len(text) >= MIN_PREFIX:
             # Prefixes (of a UUID or a key) only from a few characters on: "1" is not a search.
             prefix = _escape_like(text) + "%"
@@ -321,8 +327,10 @@ def queue_states(queue: str, state: str | None) -> str | tuple[str, ...]:
         return ExceptionState.PENDING_APPROVAL.value
     if queue == "all":
         return ACTIVE_STATES
-    # A category queue is the human work list for that category.
-    return (ExceptionState.OPEN.value, ExceptionState.ESCALATED.value)
+    # A category queue is the open work of that category (SPEC 3.1: open = "in a human queue");
+    # escalated items have their own queue. state = open AND category = X is one in-order range
+    # of ix_exceptions_queue, so a page is read straight off the index without sorting.
+    return ExceptionState.OPEN.value
 
 
 def queue_page(
@@ -364,7 +372,7 @@ def queue_counts(session: so.Session, now: datetime | None = None) -> dict[str, 
             targets.append("escalated")
         if state == ExceptionState.PENDING_APPROVAL:
             targets.append("awaiting_approval")
-        if state in (ExceptionState.OPEN, ExceptionState.ESCALATED) and category in counts:
+        if state == ExceptionState.OPEN and category in counts:
             targets.append(category)
         for target in targets:
             counts[target]["total"] += total
@@ -471,9 +479,7 @@ def exception_detail(session: so.Session, exception_id: int, *, audit_limit: int
         )
     )
     decisions = list(
-        session.scalars(
-            sa.select(Decision).where(Decision.exception_id == item.id).order_by(Decision.id)
-        )
+        session.scalars(sa.select(Decision).where(Decision.exception_id == item.id).order_by(Decision.id))
     )
     replays = list(
         session.scalars(
@@ -493,10 +499,14 @@ def exception_detail(session: so.Session, exception_id: int, *, audit_limit: int
     ]
     if replays:
         subjects.append(
-            sa.and_(AuditEvent.subject_type == "replay", AuditEvent.subject_id.in_([str(r.id) for r in replays]))
+            sa.and_(
+                AuditEvent.subject_type == "replay", AuditEvent.subject_id.in_([str(r.id) for r in replays])
+            )
         )
     events = list(
-        session.scalars(sa.select(AuditEvent).where(sa.or_(*subjects)).order_by(AuditEvent.id).limit(audit_limit))
+        session.scalars(
+            sa.select(AuditEvent).where(sa.or_(*subjects)).order_by(AuditEvent.id).limit(audit_limit)
+        )
     )
     pending = next((r for r in replays if r.state == "pending_approval"), None)
     return ExceptionDetail(item, versions, attempts, decisions, replays, events, pending)
@@ -702,13 +712,18 @@ def dashboard(session: so.Session, now: datetime | None = None, *, buckets: int 
     """All dashboard aggregates: a handful of GROUP BY queries, no per-row work."""
     now = now or utcnow()
     active = ExceptionItem.state.in_(ACTIVE_STATES)
-    status = _sla_case(session, now).label("sla")
+    # Group over a subquery: grouping by a CASE with bound parameters is fragile on PostgreSQL.
+    per_item = (
+        sa.select(ExceptionItem.category.label("category"), _sla_case(session, now).label("sla"))
+        .where(active)
+        .subquery()
+    )
 
     matrix = {c: {s: 0 for s in SLA_STATUSES} for c in CATEGORIES}
     for category, sla, n in session.execute(
-        sa.select(ExceptionItem.category, status, sa.func.count())
-        .where(active)
-        .group_by(ExceptionItem.category, status)
+        sa.select(per_item.c.category, per_item.c.sla, sa.func.count()).group_by(
+            per_item.c.category, per_item.c.sla
+        )
     ):
         matrix.setdefault(category, {s: 0 for s in SLA_STATUSES})[sla] = int(n)
     status_totals = {s: sum(row[s] for row in matrix.values()) for s in SLA_STATUSES}

@@ -68,7 +68,12 @@
     var form = e.target;
     if (form.id === "bulk-form") {
       var n = document.querySelectorAll('input[type=checkbox][name=ids][form="bulk-form"]:checked').length;
-      if (n === 0) { e.preventDefault(); alert("Select at least one exception."); }
+      if (n === 0) {
+        e.preventDefault();
+        form.querySelectorAll("[data-bulk-count]").forEach(function (el) {
+          el.textContent = "0 selected — select at least one exception";
+        });
+      }
     }
   });
 

@@ -6,10 +6,9 @@ once, whichever blueprint comes first.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-
-from collections.abc import Iterable
 
 from flask import Blueprint, Flask, make_response, render_template, request, url_for
 from wtforms import SelectChoice
@@ -35,6 +34,7 @@ class SlaView:
     due_iso: str
     start_iso: str
     due_text: str
+    due_short: str  # 'MM-DD HH:MM' for dense tables; due_text in the tooltip
 
 
 def sla_view(item, now: datetime | None = None) -> SlaView:
@@ -46,6 +46,7 @@ def sla_view(item, now: datetime | None = None) -> SlaView:
         due_iso=iso(item.sla_due_at),
         start_iso=iso(item.sla_started_at),
         due_text=timestamp(item.sla_due_at),
+        due_short=item.sla_due_at.strftime("%m-%d %H:%M"),
     )
 
 

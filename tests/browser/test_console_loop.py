@@ -33,9 +33,14 @@ def logout(page):
 def test_reviewer_corrects_lead_approves_replay_resolves(
     page, live_server, client, users, fhir_connection, sim_control, run_worker, sessions
 ):
-    sim_control.set_profile(fhir_connection.tenant, require_fields={"MedicationRequest": ["dosageInstruction"]})
-    r = client.post("/api/v1/messages", json=message_body("mercy-epic", medication_request(5, with_dosage=False)),
-                    headers={"Authorization": f"Bearer {users['svc_token']}", "Idempotency-Key": "browser-1"})
+    sim_control.set_profile(
+        fhir_connection.tenant, require_fields={"MedicationRequest": ["dosageInstruction"]}
+    )
+    r = client.post(
+        "/api/v1/messages",
+        json=message_body("mercy-epic", medication_request(5, with_dosage=False)),
+        headers={"Authorization": f"Bearer {users['svc_token']}", "Idempotency-Key": "browser-1"},
+    )
     assert r.status_code == 202
     run_worker()
     with transaction(sessions) as s:

@@ -27,10 +27,13 @@ def cli_env(monkeypatch, database_url):
     return CliRunner()
 
 
-@pytest.mark.parametrize("statement", [
-    "UPDATE audit_events SET reason = 'edited' WHERE id = 2",
-    "DELETE FROM audit_events WHERE id = 2",
-])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit_events SET reason = 'edited' WHERE id = 2",
+        "DELETE FROM audit_events WHERE id = 2",
+    ],
+)
 def test_update_and_delete_fail_at_the_database_level(events, database_url, statement):
     engine = get_engine(database_url)
     with pytest.raises(sa.exc.DatabaseError, match="append-only"), engine.begin() as conn:
@@ -55,13 +58,18 @@ def _tamper(database_url: str, event_id: int) -> None:
     with engine.begin() as conn:
         if engine.dialect.name == "sqlite":
             conn.exec_driver_sql("DROP TRIGGER audit_events_no_update")
-            conn.exec_driver_sql(f"UPDATE audit_events SET reason = 'rewritten history' WHERE id = {event_id}")
+            conn.exec_driver_sql(
+                f"UPDATE audit_events SET reason = 'rewritten history' WHERE id = {event_id}"
+            )
             conn.exec_driver_sql(
                 "CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON audit_events "
-                "BEGIN SELECT RAISE(ABORT, 'audit_events is append-only: UPDATE rejected'); END")
+                "BEGIN SELECT RAISE(ABORT, 'audit_events is append-only: UPDATE rejected'); END"
+            )
         else:
             conn.exec_driver_sql("ALTER TABLE audit_events DISABLE TRIGGER audit_events_no_update_delete")
-            conn.exec_driver_sql(f"UPDATE audit_events SET reason = 'rewritten history' WHERE id = {event_id}")
+            conn.exec_driver_sql(
+                f"UPDATE audit_events SET reason = 'rewritten history' WHERE id = {event_id}"
+            )
             conn.exec_driver_sql("ALTER TABLE audit_events ENABLE TRIGGER audit_events_no_update_delete")
 
 

@@ -41,8 +41,15 @@ def test_random_decision_sequences_keep_the_invariants(sessions, users):
         def request_replay(self, exc, actor, corrected):
             exc = self.ids[exc]
             if corrected:
-                self._decide(exc, actor, DecisionInput("resubmit_corrected", reason="fixed the dose",
-                                                       payload='{"resourceType": "MedicationRequest"}'))
+                self._decide(
+                    exc,
+                    actor,
+                    DecisionInput(
+                        "resubmit_corrected",
+                        reason="fixed the dose",
+                        payload='{"resourceType": "MedicationRequest"}',
+                    ),
+                )
             else:
                 self._decide(exc, actor, DecisionInput("resubmit", reason="EHR fixed"))
 
@@ -50,11 +57,15 @@ def test_random_decision_sequences_keep_the_invariants(sessions, users):
         def approve(self, exc, actor, good_password):
             exc = self.ids[exc]
             with transaction(sessions) as s:
-                pending = s.scalar(sa.select(Replay).where(Replay.exception_id == exc,
-                                                           Replay.state == "pending_approval"))
+                pending = s.scalar(
+                    sa.select(Replay).where(Replay.exception_id == exc, Replay.state == "pending_approval")
+                )
                 requester = pending.requested_by_id if pending else None
-            result = self._decide(exc, actor, DecisionInput(
-                "approve", reason="ok", password=PASSWORD if good_password else "nope"))
+            result = self._decide(
+                exc,
+                actor,
+                DecisionInput("approve", reason="ok", password=PASSWORD if good_password else "nope"),
+            )
             if result is True:
                 assert requester is not None and requester != users[actor].id and good_password
             elif requester == users[actor].id and users[actor].role == "clinical_lead":
@@ -65,8 +76,11 @@ def test_random_decision_sequences_keep_the_invariants(sessions, users):
             exc = self.ids[exc]
             self._decide(exc, actor, DecisionInput("reject", reason="not yet"))
 
-        @rule(exc=pick, actor=st.sampled_from(ACTORS),
-              code=st.sampled_from(["duplicate", "test_message", "other", "bogus", None]))
+        @rule(
+            exc=pick,
+            actor=st.sampled_from(ACTORS),
+            code=st.sampled_from(["duplicate", "test_message", "other", "bogus", None]),
+        )
         def discard(self, exc, actor, code):
             exc = self.ids[exc]
             self._decide(exc, actor, DecisionInput("discard", reason="cleanup", reason_code=code))
@@ -83,12 +97,19 @@ def test_random_decision_sequences_keep_the_invariants(sessions, users):
                     if replay.state not in ("pending_approval", "rejected"):
                         assert replay.approved_by_id is not None
                         assert replay.approved_by_id != replay.requested_by_id
-                queued = {int(e.ref_id) for e in s.scalars(sa.select(OutboxEntry).where(OutboxEntry.kind == "replay"))}
+                queued = {
+                    int(e.ref_id)
+                    for e in s.scalars(sa.select(OutboxEntry).where(OutboxEntry.kind == "replay"))
+                }
                 approved = set(s.scalars(sa.select(Replay.id).where(Replay.approved_by_id.is_not(None))))
                 assert queued == approved
                 for item in s.scalars(sa.select(ExceptionItem).where(ExceptionItem.state == "replaying")):
-                    assert s.scalar(sa.select(Replay).where(Replay.exception_id == item.id,
-                                                            Replay.state == "queued")) is not None
+                    assert (
+                        s.scalar(
+                            sa.select(Replay).where(Replay.exception_id == item.id, Replay.state == "queued")
+                        )
+                        is not None
+                    )
 
         @invariant()
         def every_decision_has_exactly_one_audit_event(self):
@@ -106,6 +127,11 @@ def test_random_decision_sequences_keep_the_invariants(sessions, users):
 
     run_state_machine_as_test(
         Decisions,
-        settings=settings(max_examples=20, stateful_step_count=12, deadline=None, database=None,
-                          suppress_health_check=list(HealthCheck)),
+        settings=settings(
+            max_examples=20,
+            stateful_step_count=12,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        ),
     )

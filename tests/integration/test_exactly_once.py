@@ -19,11 +19,19 @@ def review_and_approve_everything_open(sessions, users) -> int:
         open_ids = s.scalars(sa.select(ExceptionItem.id).where(ExceptionItem.state == "open")).all()
     for exc_id in open_ids:
         with transaction(sessions) as s:
-            decide(s, exc_id, s.get(User, users["rita"].id),
-                   DecisionInput("resubmit", reason="EHR dropped the connection; reconcile and resend"))
+            decide(
+                s,
+                exc_id,
+                s.get(User, users["rita"].id),
+                DecisionInput("resubmit", reason="EHR dropped the connection; reconcile and resend"),
+            )
         with transaction(sessions) as s:
-            decide(s, exc_id, s.get(User, users["lena"].id),
-                   DecisionInput("approve", reason="reviewed", password=PASSWORD))
+            decide(
+                s,
+                exc_id,
+                s.get(User, users["lena"].id),
+                DecisionInput("approve", reason="reviewed", password=PASSWORD),
+            )
     return len(open_ids)
 
 
@@ -33,18 +41,30 @@ def test_two_hundred_orders_applied_exactly_once_despite_dropped_responses(
     tenant = fhir_connection.tenant
     # 30% of creates are committed and then the connection drops; the EHR ignores If-None-Exist,
     # and 10% get 503 (retried automatically: provably not applied).
-    sim_control.set_profile(tenant, rate_commit_then_drop=0.3, ignore_if_none_exist=True, rate_503=0.1, retry_after_seconds=0,
-                            seed="exactly-once")
+    sim_control.set_profile(
+        tenant,
+        rate_commit_then_drop=0.3,
+        ignore_if_none_exist=True,
+        rate_503=0.1,
+        retry_after_seconds=0,
+        seed="exactly-once",
+    )
     auth = {"Authorization": f"Bearer {users['svc_token']}"}
     for n in range(ORDERS):
-        r = client.post("/api/v1/messages", json=message_body("mercy-epic", medication_request(n)),
-                        headers={**auth, "Idempotency-Key": f"order-{n:04d}"})
+        r = client.post(
+            "/api/v1/messages",
+            json=message_body("mercy-epic", medication_request(n)),
+            headers={**auth, "Idempotency-Key": f"order-{n:04d}"},
+        )
         assert r.status_code == 202
     run_worker()
 
     with transaction(sessions) as s:
-        unknown = s.scalar(sa.select(sa.func.count()).select_from(ExceptionItem)
-                           .where(ExceptionItem.category == "unknown_outcome", ExceptionItem.state == "open"))
+        unknown = s.scalar(
+            sa.select(sa.func.count())
+            .select_from(ExceptionItem)
+            .where(ExceptionItem.category == "unknown_outcome", ExceptionItem.state == "open")
+        )
     assert 30 <= unknown <= 90, unknown  # the fault rate really bit
 
     rounds = 0
@@ -54,8 +74,12 @@ def test_two_hundred_orders_applied_exactly_once_despite_dropped_responses(
         assert rounds < 5
 
     with transaction(sessions) as s:
-        states = dict(s.execute(sa.select(ExceptionItem.state, sa.func.count()).group_by(ExceptionItem.state)).all())
-        delivered = s.scalar(sa.select(sa.func.count()).select_from(Message).where(Message.status == "delivered"))
+        states = dict(
+            s.execute(sa.select(ExceptionItem.state, sa.func.count()).group_by(ExceptionItem.state)).all()
+        )
+        delivered = s.scalar(
+            sa.select(sa.func.count()).select_from(Message).where(Message.status == "delivered")
+        )
     assert set(states) <= {"resolved"}, states
     assert delivered == ORDERS
 

@@ -17,7 +17,7 @@ def test_two_users_deciding_at_once_one_wins_the_other_gets_409(live_server, use
         barrier = threading.Barrier(2)
         results = {}
 
-        def act(name, body):
+        def act(name, body, barrier=barrier, results=results, exc_id=exc_id):
             barrier.wait()
             results[name] = httpx.post(
                 f"{live_server}/api/v1/exceptions/{exc_id}/decisions",

@@ -19,10 +19,19 @@ LEASE = 2
 
 
 def start_worker(database_url, redis_url, queue_name, *extra):
-    env = dict(os.environ, DATABASE_URL=database_url, REDIS_URL=redis_url, RECON_QUEUE=queue_name,
-               RECON_LEASE_SECONDS=str(LEASE))
-    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = dict(
+        os.environ,
+        DATABASE_URL=database_url,
+        REDIS_URL=redis_url,
+        RECON_QUEUE=queue_name,
+        RECON_LEASE_SECONDS=str(LEASE),
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker", *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def wait_for(predicate, timeout=30.0):
@@ -36,7 +45,10 @@ def wait_for(predicate, timeout=30.0):
 
 def in_flight(sessions, **where) -> bool:
     with transaction(sessions) as s:
-        return s.scalar(sa.select(sa.func.count()).select_from(Attempt).filter_by(outcome="in_flight", **where)) > 0
+        return (
+            s.scalar(sa.select(sa.func.count()).select_from(Attempt).filter_by(outcome="in_flight", **where))
+            > 0
+        )
 
 
 def run_burst(database_url, redis_url, queue_name):
@@ -50,12 +62,17 @@ def test_worker_killed_mid_delivery_leaves_unknown_outcome_and_sends_nothing_mor
 ):
     tenant = fhir_connection.tenant
     sim_control.set_profile(tenant, latency_ms=4000)
-    r = client.post("/api/v1/messages", json=message_body("mercy-epic", medication_request(21)),
-                    headers={"Authorization": f"Bearer {users['svc_token']}", "Idempotency-Key": "kill-1"})
+    r = client.post(
+        "/api/v1/messages",
+        json=message_body("mercy-epic", medication_request(21)),
+        headers={"Authorization": f"Bearer {users['svc_token']}", "Idempotency-Key": "kill-1"},
+    )
     worker = start_worker(database_url, redis_url, queue_name)
     try:
         assert wait_for(lambda: in_flight(sessions)), "the worker never started the call"
-        assert wait_for(lambda: sim_control.requests(tenant)["by_identifier"]), "the create never reached the EHR"
+        assert wait_for(lambda: sim_control.requests(tenant)["by_identifier"]), (
+            "the create never reached the EHR"
+        )
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=10)
     finally:
@@ -79,20 +96,27 @@ def test_worker_killed_mid_replay_reopens_as_unknown_outcome(
 ):
     tenant = fhir_connection.tenant
     sim_control.set_profile(tenant, rate_reject=1.0)
-    r = client.post("/api/v1/messages", json=message_body("mercy-epic", medication_request(22)),
-                    headers={"Authorization": f"Bearer {users['svc_token']}", "Idempotency-Key": "kill-2"})
+    r = client.post(
+        "/api/v1/messages",
+        json=message_body("mercy-epic", medication_request(22)),
+        headers={"Authorization": f"Bearer {users['svc_token']}", "Idempotency-Key": "kill-2"},
+    )
     run_worker()
     with transaction(sessions) as s:
         exc_id = s.scalar(sa.select(ExceptionItem.id).where(ExceptionItem.message_id == r.json["id"]))
         decide(s, exc_id, s.get(User, users["rita"].id), DecisionInput("resubmit", reason="EHR fixed"))
     with transaction(sessions) as s:
-        decide(s, exc_id, s.get(User, users["lena"].id), DecisionInput("approve", reason="ok", password=PASSWORD))
+        decide(
+            s, exc_id, s.get(User, users["lena"].id), DecisionInput("approve", reason="ok", password=PASSWORD)
+        )
     sim_control.set_profile(tenant, latency_ms=4000)
     worker = start_worker(database_url, redis_url, queue_name)
     try:
         before = sim_control.requests(tenant)["all_requests"]
         assert wait_for(lambda: in_flight(sessions, trigger="replay:1")), "the replay never started"
-        assert wait_for(lambda: sim_control.requests(tenant)["all_requests"] > before), "no request reached the EHR"
+        assert wait_for(lambda: sim_control.requests(tenant)["all_requests"] > before), (
+            "no request reached the EHR"
+        )
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=10)
     finally:

@@ -18,15 +18,20 @@ def test_bench_intake_and_delivery(live_server, users, fhir_connection, run_work
     numbers = iter(range(MESSAGES))
 
     def client_loop():
-        with httpx.Client(base_url=live_server, headers={"Authorization": f"Bearer {users['svc_token']}"}) as http:
+        with httpx.Client(
+            base_url=live_server, headers={"Authorization": f"Bearer {users['svc_token']}"}
+        ) as http:
             while True:
                 with lock:
                     n = next(numbers, None)
                 if n is None:
                     return
                 t0 = time.perf_counter()
-                r = http.post("/api/v1/messages", json=message_body("mercy-epic", medication_request(n)),
-                              headers={"Idempotency-Key": f"bench-{n}"})
+                r = http.post(
+                    "/api/v1/messages",
+                    json=message_body("mercy-epic", medication_request(n)),
+                    headers={"Idempotency-Key": f"bench-{n}"},
+                )
                 assert r.status_code == 202
                 with lock:
                     latencies.append((time.perf_counter() - t0) * 1000)
@@ -39,13 +44,25 @@ def test_bench_intake_and_delivery(live_server, users, fhir_connection, run_work
             t.join()
     rate = MESSAGES / intake.seconds
     p95 = percentile(latencies, 95)
-    report("intake", {"messages": MESSAGES, "msg_per_s": f"{rate:.0f}", "p50_ms": f"{percentile(latencies, 50):.1f}",
-                      "p95_ms": f"{p95:.1f}"}, "≥ 100 msg/s and p95 ≤ 250 ms on the embedded defaults",
-           rate >= 100 and p95 <= 250)
+    report(
+        "intake",
+        {
+            "messages": MESSAGES,
+            "msg_per_s": f"{rate:.0f}",
+            "p50_ms": f"{percentile(latencies, 50):.1f}",
+            "p95_ms": f"{p95:.1f}",
+        },
+        "≥ 100 msg/s and p95 ≤ 250 ms on the embedded defaults",
+        rate >= 100 and p95 <= 250,
+    )
 
     with Timer() as delivery:
         counts = run_worker()
     assert sim_control.applied(fhir_connection.tenant)["total"] == MESSAGES
     drate = MESSAGES / delivery.seconds
-    report("delivery", {"messages": MESSAGES, "deliveries_per_s": f"{drate:.0f}", "jobs": counts["jobs"]},
-           "≥ 40 deliveries/s for one worker process", drate >= 40)
+    report(
+        "delivery",
+        {"messages": MESSAGES, "deliveries_per_s": f"{drate:.0f}", "jobs": counts["jobs"]},
+        "≥ 40 deliveries/s for one worker process",
+        drate >= 40,
+    )

@@ -11,9 +11,20 @@ from app.domain.audit_chain import GENESIS_HASH, canonical_json, chain_hash, ver
 def make_chain(n: int) -> list[dict]:
     events, prev = [], GENESIS_HASH
     for i in range(1, n + 1):
-        e = {"id": i, "occurred_at": datetime(2026, 1, 1, 0, 0, i % 60), "actor": "rita", "action": "decision.comment",
-             "subject_type": "exception", "subject_id": str(i), "from_state": "open", "to_state": "open",
-             "reason": f"note {i} — café", "reason_code": None, "details": {"b": 1, "a": [1, 2]}, "prev_hash": prev}
+        e = {
+            "id": i,
+            "occurred_at": datetime(2026, 1, 1, 0, 0, i % 60),
+            "actor": "rita",
+            "action": "decision.comment",
+            "subject_type": "exception",
+            "subject_id": str(i),
+            "from_state": "open",
+            "to_state": "open",
+            "reason": f"note {i} — café",
+            "reason_code": None,
+            "details": {"b": 1, "a": [1, 2]},
+            "prev_hash": prev,
+        }
         e["hash"] = chain_hash(prev, e)
         prev = e["hash"]
         events.append(e)

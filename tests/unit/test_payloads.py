@@ -17,14 +17,18 @@ def test_decode_never_raises_and_keeps_the_exact_bytes(raw, content_type):
 
 
 def test_cp1252_fhir_is_flagged_not_lost():
-    raw = json.dumps({"resourceType": "Patient", "name": [{"family": "Nuñez"}]}, ensure_ascii=False).encode("cp1252")
+    raw = json.dumps({"resourceType": "Patient", "name": [{"family": "Nuñez"}]}, ensure_ascii=False).encode(
+        "cp1252"
+    )
     decoded = decode_payload(raw, FHIR_JSON, "Patient")
     assert decoded.problem and decoded.problem_kind == "decode"
     assert decoded.raw == raw
 
 
 def test_truncated_json_is_a_parse_problem():
-    decoded = decode_payload(b'{"resourceType": "MedicationRequest", "status": "act', FHIR_JSON, "MedicationRequest")
+    decoded = decode_payload(
+        b'{"resourceType": "MedicationRequest", "status": "act', FHIR_JSON, "MedicationRequest"
+    )
     assert decoded.problem_kind == "parse"
 
 

@@ -19,7 +19,9 @@ def test_defaults():
 
 
 def test_per_customer_override_beats_global_rule():
-    policy = SlaPolicy([SlaRule(60, category="ehr_rejected"), SlaRule(10, category="ehr_rejected", customer_id=3)])
+    policy = SlaPolicy(
+        [SlaRule(60, category="ehr_rejected"), SlaRule(10, category="ehr_rejected", customer_id=3)]
+    )
     assert policy.window("ehr_rejected", "normal", customer_id=3) == timedelta(minutes=10)
     assert policy.window("ehr_rejected", "normal", customer_id=4) == timedelta(minutes=60)
     assert policy.window("code_set", "normal", customer_id=3) == timedelta(hours=4)

@@ -144,8 +144,10 @@ def test_actions_that_need_a_reason(action):
 
 def test_resubmit_corrected_needs_a_payload():
     with pytest.raises(Invalid):
-        plan_transition(facts(S.OPEN, A.RESUBMIT_CORRECTED),
-                        request(A.RESUBMIT_CORRECTED, Role.REVIEWER, corrected_payload=""))
+        plan_transition(
+            facts(S.OPEN, A.RESUBMIT_CORRECTED),
+            request(A.RESUBMIT_CORRECTED, Role.REVIEWER, corrected_payload=""),
+        )
 
 
 def test_unknown_outcome_without_search_needs_confirm_not_applied_before_resubmit():
@@ -158,7 +160,9 @@ def test_unknown_outcome_without_search_needs_confirm_not_applied_before_resubmi
 
 def test_confirm_not_applied_only_when_awaited():
     with pytest.raises(Conflict):
-        plan_transition(ExceptionFacts(S.OPEN, "ehr_rejected"), request(A.CONFIRM_NOT_APPLIED, Role.CLINICAL_LEAD))
+        plan_transition(
+            ExceptionFacts(S.OPEN, "ehr_rejected"), request(A.CONFIRM_NOT_APPLIED, Role.CLINICAL_LEAD)
+        )
 
 
 def test_system_transitions():

@@ -42,9 +42,14 @@ def make(sessions, users, connection):
 def post(client):
     """post(url, data) with this session's CSRF token added."""
 
+    token = {}
+
     def _post(url: str, data: dict | None = None, **kwargs):
+        # The token belongs to the session cookie, which survives logging in as someone else.
+        if "value" not in token:
+            token["value"] = csrf_token(client, "/login")
         data = dict(data or {})
-        data.setdefault("csrf_token", csrf_token(client, "/"))
+        data.setdefault("csrf_token", token["value"])
         return client.post(url, data=data, **kwargs)
 
     return _post
@@ -58,7 +63,9 @@ def audit_events(sessions):
         with transaction(sessions) as s:
             stmt = sa.select(AuditEvent).order_by(AuditEvent.id)
             for name, value in where.items():
-                stmt = stmt.where(getattr(AuditEvent, name) == (str(value) if name == "subject_id" else value))
+                stmt = stmt.where(
+                    getattr(AuditEvent, name) == (str(value) if name == "subject_id" else value)
+                )
             return list(s.scalars(stmt))
 
     return _events

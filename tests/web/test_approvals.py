@@ -25,14 +25,19 @@ def request_replay(login, post, make, *, who="lena", corrected=False) -> int:
         data = {"payload": medication_request(code="999999"), "reason": "wrong code", "submit": "1"}
         assert post(f"/exceptions/{exc_id}/correct", data).status_code == 303
     else:
-        assert post(f"/exceptions/{exc_id}/decide", {"action": "resubmit", "reason": "EHR fixed"}).status_code == 303
+        assert (
+            post(f"/exceptions/{exc_id}/decide", {"action": "resubmit", "reason": "EHR fixed"}).status_code
+            == 303
+        )
     return exc_id
 
 
 def test_approvals_page_lists_pending_replays_with_requester_reason_and_diff(login, post, make, client):
     exc_id = request_replay(login, post, make, who="rita", corrected=True)
     html = html_lib.unescape(login("lena").get("/approvals").get_data(as_text=True))
-    card = re.search(rf'<article class="panel approval" id="approval-{exc_id}">.*?</article>', html, re.S).group(0)
+    card = re.search(
+        rf'<article class="panel approval" id="approval-{exc_id}">.*?</article>', html, re.S
+    ).group(0)
     assert "<dd data-requester>rita" in card and "wrong code" in card
     assert re.search(r'<span class="d-add">\+\s+"code": "999999"</span>', card)
     assert 'name="password"' in card
@@ -46,7 +51,9 @@ def test_self_approval_is_refused_403_through_the_console(login, post, make, ses
     exc_id = request_replay(login, post, make, who="lena")
     html = login("lena").get("/approvals").get_data(as_text=True)
     assert "another clinical lead must approve it" in html  # no approve button for your own request
-    response = post(f"/approvals/{exc_id}", {"action": "approve", "password": PASSWORD, "expected_version": "2"})
+    response = post(
+        f"/approvals/{exc_id}", {"action": "approve", "password": PASSWORD, "expected_version": "2"}
+    )
     assert response.status_code == 403
     assert "four-eyes: you cannot approve your own replay request" in response.get_data(as_text=True)
     assert state_of(sessions, exc_id) == "pending_approval"
@@ -64,7 +71,9 @@ def test_approve_with_a_wrong_password_is_refused(login, post, make, sessions):
 def test_approve_with_password_queues_the_replay(login, post, make, sessions, audit_events):
     exc_id = request_replay(login, post, make, who="rita")
     login("lena")
-    response = post(f"/approvals/{exc_id}", {"action": "approve", "password": PASSWORD, "expected_version": "2"})
+    response = post(
+        f"/approvals/{exc_id}", {"action": "approve", "password": PASSWORD, "expected_version": "2"}
+    )
     assert response.status_code == 303
     assert state_of(sessions, exc_id) == "replaying"
     with transaction(sessions) as s:
@@ -86,7 +95,9 @@ def test_reject_needs_a_reason_and_returns_the_item_to_its_queue(login, post, ma
 def test_approving_a_changed_item_is_a_409(login, post, make, sessions):
     exc_id = request_replay(login, post, make, who="rita")
     login("lena")
-    response = post(f"/approvals/{exc_id}", {"action": "approve", "password": PASSWORD, "expected_version": "1"})
+    response = post(
+        f"/approvals/{exc_id}", {"action": "approve", "password": PASSWORD, "expected_version": "1"}
+    )
     assert response.status_code == 409 and "changed since you loaded it" in response.get_data(as_text=True)
 
 
@@ -120,6 +131,10 @@ def test_replays_page_shows_progress_and_polls_only_while_running(login, post, m
     assert polling.status_code == 200 and "<html" not in polling.get_data(as_text=True)
 
     with transaction(sessions) as s:  # the worker finishes it
-        s.execute(sa.update(Replay).where(Replay.exception_id == exc_id).values(state="succeeded", result="delivered"))
+        s.execute(
+            sa.update(Replay)
+            .where(Replay.exception_id == exc_id)
+            .values(state="succeeded", result="delivered")
+        )
     done = client.get("/replays", headers={"HX-Request": "true"})
     assert done.status_code == 286 and "delivered" in done.get_data(as_text=True)

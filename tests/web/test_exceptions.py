@@ -46,7 +46,9 @@ def test_viewing_the_full_payload_writes_an_audit_event(login, make, audit_event
 def test_htmx_payload_fragment_is_audited_too(login, make, audit_events):
     exc_id = make()
     client = login("lena")
-    fragment = client.get(f"/exceptions/{exc_id}/payload", headers={"HX-Request": "true"}).get_data(as_text=True)
+    fragment = client.get(f"/exceptions/{exc_id}/payload", headers={"HX-Request": "true"}).get_data(
+        as_text=True
+    )
     assert fragment.lstrip().startswith('<section id="payload"') and "rxnorm" in fragment
     assert [e.actor for e in audit_events(action="phi.view")] == ["lena"]
     # Without htmx the same URL sends the browser to the page that shows it.
@@ -58,9 +60,16 @@ def test_fhir_payload_highlights_the_lines_the_operation_outcome_points_at(login
     exc_id = make(issues=REJECTION_ISSUES)
     html = html_lib.unescape(login("rita").get(f"/exceptions/{exc_id}?payload=1").get_data(as_text=True))
     highlighted = re.findall(r'<span class="ln hl" data-issues="1"[^>]*>([^<]*)<mark', html)
-    assert len(highlighted) == 1 and '"system": "http://www.nlm.nih.gov/research/umls/rxnorm"' in highlighted[0]
+    assert (
+        len(highlighted) == 1 and '"system": "http://www.nlm.nih.gov/research/umls/rxnorm"' in highlighted[0]
+    )
     issue_row = re.search(r'<tr class="issue sev-error">.*?</tr>', html, re.S).group(0)
-    for text in ("error", "code-invalid", "Unknown code system", "MedicationRequest.medicationCodeableConcept"):
+    for text in (
+        "error",
+        "code-invalid",
+        "Unknown code system",
+        "MedicationRequest.medicationCodeableConcept",
+    ):
         assert text in issue_row
 
 
@@ -74,12 +83,18 @@ def test_hl7_payload_is_a_segment_and_field_table_with_field_names(login, sessio
         connection="mercy-mllp",
         message_type="ORU^R01",
         content_type=HL7_CONTENT_TYPE,
-        issues=[{"severity": "error", "code": "207", "diagnostics": "bad patient id", "expression": ["PID-3"]}],
+        issues=[
+            {"severity": "error", "code": "207", "diagnostics": "bad patient id", "expression": ["PID-3"]}
+        ],
     )
     html = login("rita").get(f"/exceptions/{exc_id}?payload=1").get_data(as_text=True)
     assert '<table class="hl7">' in html
-    for field, name in (("MSH-9", "Message Type"), ("MSH-10", "Message Control ID"), ("PID-5", "Patient Name"),
-                        ("OBX-5", "Observation Value")):
+    for field, name in (
+        ("MSH-9", "Message Type"),
+        ("MSH-10", "Message Control ID"),
+        ("PID-5", "Patient Name"),
+        ("OBX-5", "Observation Value"),
+    ):
         assert re.search(rf'<td class="mono">{field}</td>\s*<td>{name}</td>', html), field
     flagged = re.search(r'<tr class="hl"[^>]*>.*?</tr>', html, re.S).group(0)
     assert "PID-3" in flagged and "123456" in flagged
@@ -105,13 +120,19 @@ def test_every_action_form_posts_with_and_without_htmx(login, make):
     forms = re.findall(r'<form class="action[^"]*" method="post"[^>]*>', html)
     assert forms
     for form in forms:
-        assert f'action="/exceptions/{exc_id}/decide"' in form and f'hx-post="/exceptions/{exc_id}/decide"' in form
+        assert (
+            f'action="/exceptions/{exc_id}/decide"' in form
+            and f'hx-post="/exceptions/{exc_id}/decide"' in form
+        )
 
 
 def test_escalate_through_the_console(login, make, post, sessions, audit_events):
     exc_id = make()
     client = login("rita")
-    response = post(f"/exceptions/{exc_id}/decide", {"action": "escalate", "reason": "dose looks wrong", "expected_version": "1"})
+    response = post(
+        f"/exceptions/{exc_id}/decide",
+        {"action": "escalate", "reason": "dose looks wrong", "expected_version": "1"},
+    )
     assert response.status_code == 303
     assert state_of(sessions, exc_id) == "escalated"
     page = client.get(response.headers["Location"]).get_data(as_text=True)
@@ -123,8 +144,15 @@ def test_escalate_through_the_console(login, make, post, sessions, audit_events)
 def test_stale_expected_version_renders_a_409_conflict_page(login, make, post, sessions):
     exc_id = make()
     login("rita")
-    assert post(f"/exceptions/{exc_id}/decide", {"action": "comment", "reason": "first", "expected_version": "1"}).status_code == 303
-    response = post(f"/exceptions/{exc_id}/decide", {"action": "escalate", "reason": "second", "expected_version": "1"})
+    assert (
+        post(
+            f"/exceptions/{exc_id}/decide", {"action": "comment", "reason": "first", "expected_version": "1"}
+        ).status_code
+        == 303
+    )
+    response = post(
+        f"/exceptions/{exc_id}/decide", {"action": "escalate", "reason": "second", "expected_version": "1"}
+    )
     html = response.get_data(as_text=True)
     assert response.status_code == 409
     assert "changed since you loaded it" in html and f"Exception #{exc_id}" in html
@@ -146,7 +174,9 @@ def test_htmx_decision_conflict_returns_the_page_with_409(login, make, post):
 def test_discard_without_a_reason_code_is_a_422_form_message(login, make, post, sessions):
     exc_id = make()
     login("rita")
-    response = post(f"/exceptions/{exc_id}/decide", {"action": "discard", "reason": "dup", "expected_version": "1"})
+    response = post(
+        f"/exceptions/{exc_id}/decide", {"action": "discard", "reason": "dup", "expected_version": "1"}
+    )
     html = response.get_data(as_text=True)
     assert response.status_code == 422
     assert re.search(r'<p class="form-error" role="alert">discard needs a reason code</p>', html)
@@ -158,7 +188,9 @@ def test_discard_other_needs_free_text(login, make, post, sessions):
     login("rita")
     response = post(f"/exceptions/{exc_id}/decide", {"action": "discard", "reason_code": "other"})
     assert response.status_code == 422 and "needs a free-text reason" in response.get_data(as_text=True)
-    response = post(f"/exceptions/{exc_id}/decide", {"action": "discard", "reason_code": "other", "reason": "test feed"})
+    response = post(
+        f"/exceptions/{exc_id}/decide", {"action": "discard", "reason_code": "other", "reason": "test feed"}
+    )
     assert response.status_code == 303 and state_of(sessions, exc_id) == "discarded"
 
 
@@ -166,7 +198,9 @@ def test_unknown_action_and_unknown_reason_code_are_422(login, make, post):
     exc_id = make()
     login("rita")
     assert post(f"/exceptions/{exc_id}/decide", {"action": "explode"}).status_code == 422
-    assert post(f"/exceptions/{exc_id}/decide", {"action": "discard", "reason_code": "nope"}).status_code == 422
+    assert (
+        post(f"/exceptions/{exc_id}/decide", {"action": "discard", "reason_code": "nope"}).status_code == 422
+    )
 
 
 def test_a_reviewer_cannot_approve_403(login, make, post):
@@ -203,10 +237,17 @@ def test_unknown_outcome_without_identifier_search_needs_confirm_not_applied(log
     assert "must check the EHR" in html and "resubmit" not in action_forms(html)
     response = post(f"/exceptions/{exc_id}/decide", {"action": "resubmit", "reason": "try again"})
     assert response.status_code == 409 and "confirm_not_applied" in response.get_data(as_text=True)
-    client.post("/logout", data={"csrf_token": re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)})
+    client.post(
+        "/logout", data={"csrf_token": re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)}
+    )
     html = login("lena").get(f"/exceptions/{exc_id}").get_data(as_text=True)
     assert "confirm_not_applied" in action_forms(html)
-    assert post(f"/exceptions/{exc_id}/decide", {"action": "confirm_not_applied", "reason": "checked chart"}).status_code == 303
+    assert (
+        post(
+            f"/exceptions/{exc_id}/decide", {"action": "confirm_not_applied", "reason": "checked chart"}
+        ).status_code
+        == 303
+    )
     assert "resubmit" in action_forms(client.get(f"/exceptions/{exc_id}").get_data(as_text=True))
 
 
@@ -225,7 +266,9 @@ def test_preview_shows_a_unified_diff_against_the_original(login, make, post):
     login("rita")
     edited = medication_request(code="999999")
     html = html_lib.unescape(
-        post(f"/exceptions/{exc_id}/correct", {"payload": edited, "reason": "", "preview": "Preview diff"}).get_data(as_text=True)
+        post(
+            f"/exceptions/{exc_id}/correct", {"payload": edited, "reason": "", "preview": "Preview diff"}
+        ).get_data(as_text=True)
     )
     assert '<span class="d-file">--- version 1 (original)</span>' in html
     assert re.search(r'<span class="d-del">-\s+"code": "313782"</span>', html)
@@ -235,19 +278,31 @@ def test_preview_shows_a_unified_diff_against_the_original(login, make, post):
 def test_diff_endpoint_returns_only_the_fragment(login, make, post):
     exc_id = make()
     login("rita")
-    response = post(f"/exceptions/{exc_id}/diff", {"payload": medication_request(code="111")}, headers={"HX-Request": "true"})
+    response = post(
+        f"/exceptions/{exc_id}/diff",
+        {"payload": medication_request(code="111")},
+        headers={"HX-Request": "true"},
+    )
     html = html_lib.unescape(response.get_data(as_text=True))
     assert response.status_code == 200 and html.lstrip().startswith('<div id="diff"')
     assert '"code": "111"' in html and "<html" not in html
 
 
-def test_submitting_a_correction_needs_a_reason_and_creates_a_pending_corrected_replay(login, make, post, sessions):
+def test_submitting_a_correction_needs_a_reason_and_creates_a_pending_corrected_replay(
+    login, make, post, sessions
+):
     exc_id = make()
     login("rita")
     edited = medication_request(code="999999")
-    response = post(f"/exceptions/{exc_id}/correct", {"payload": edited, "reason": "", "submit": "1", "expected_version": "1"})
+    response = post(
+        f"/exceptions/{exc_id}/correct",
+        {"payload": edited, "reason": "", "submit": "1", "expected_version": "1"},
+    )
     assert response.status_code == 422 and "a reason is required" in response.get_data(as_text=True)
-    response = post(f"/exceptions/{exc_id}/correct", {"payload": edited, "reason": "wrong RxNorm code", "submit": "1", "expected_version": "1"})
+    response = post(
+        f"/exceptions/{exc_id}/correct",
+        {"payload": edited, "reason": "wrong RxNorm code", "submit": "1", "expected_version": "1"},
+    )
     assert response.status_code == 303
     with transaction(sessions) as s:
         item = s.get(ExceptionItem, exc_id)
@@ -259,7 +314,9 @@ def test_submitting_a_correction_needs_a_reason_and_creates_a_pending_corrected_
 def test_a_correction_that_is_not_valid_json_is_refused_422(login, make, post, sessions):
     exc_id = make()
     login("rita")
-    response = post(f"/exceptions/{exc_id}/correct", {"payload": "{not json", "reason": "oops", "submit": "1"})
+    response = post(
+        f"/exceptions/{exc_id}/correct", {"payload": "{not json", "reason": "oops", "submit": "1"}
+    )
     assert response.status_code == 422 and "cannot be used" in response.get_data(as_text=True)
     assert state_of(sessions, exc_id) == "open"
 
@@ -268,5 +325,8 @@ def test_a_stale_correction_is_a_409(login, make, post):
     exc_id = make()
     login("rita")
     post(f"/exceptions/{exc_id}/decide", {"action": "comment", "reason": "x"})
-    response = post(f"/exceptions/{exc_id}/correct", {"payload": medication_request(code="1"), "reason": "r", "submit": "1", "expected_version": "1"})
+    response = post(
+        f"/exceptions/{exc_id}/correct",
+        {"payload": medication_request(code="1"), "reason": "r", "submit": "1", "expected_version": "1"},
+    )
     assert response.status_code == 409 and "changed since you loaded it" in response.get_data(as_text=True)

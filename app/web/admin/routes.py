@@ -47,7 +47,11 @@ class ConfirmForm(FlaskForm):
 class UserForm(FlaskForm):
     username = StringField(
         "Username",
-        validators=[DataRequired(), Length(max=80), Regexp(r"^[A-Za-z0-9_.@-]+$", message="letters, digits, _ . @ - only")],
+        validators=[
+            DataRequired(),
+            Length(max=80),
+            Regexp(r"^[A-Za-z0-9_.@-]+$", message="letters, digits, _ . @ - only"),
+        ],
     )
     role = SelectField("Role", choices=labelled([r.value for r in Role], None))
     password = PasswordField("Password", validators=[Optional(), Length(min=8, max=200)])
@@ -79,14 +83,24 @@ class ConnectionForm(FlaskForm):
     fhir_version = StringField("FHIR version", default="4.0.1", validators=[Optional(), Length(max=10)])
     conditional_create = BooleanField("Supports conditional create", default=True)
     identifier_search = BooleanField("Supports identifier search", default=True)
-    message_types = StringField("Enabled message types (comma-separated; empty = all)", validators=[Optional(), Length(max=1000)])
+    message_types = StringField(
+        "Enabled message types (comma-separated; empty = all)", validators=[Optional(), Length(max=1000)]
+    )
 
 
 class RetryPolicyForm(FlaskForm):
-    max_auto_retries = IntegerField("Max auto retries", validators=[InputRequired(message="required"), NumberRange(0, 20)])
-    retry_backoff_seconds = FloatField("Backoff (s)", validators=[InputRequired(message="required"), NumberRange(0, 3600)])
-    circuit_failure_threshold = IntegerField("Circuit threshold", validators=[InputRequired(message="required"), NumberRange(1, 1000)])
-    circuit_cooldown_seconds = FloatField("Cooldown (s)", validators=[InputRequired(message="required"), NumberRange(1, 86400)])
+    max_auto_retries = IntegerField(
+        "Max auto retries", validators=[InputRequired(message="required"), NumberRange(0, 20)]
+    )
+    retry_backoff_seconds = FloatField(
+        "Backoff (s)", validators=[InputRequired(message="required"), NumberRange(0, 3600)]
+    )
+    circuit_failure_threshold = IntegerField(
+        "Circuit threshold", validators=[InputRequired(message="required"), NumberRange(1, 1000)]
+    )
+    circuit_cooldown_seconds = FloatField(
+        "Cooldown (s)", validators=[InputRequired(message="required"), NumberRange(1, 86400)]
+    )
 
 
 class SlaRuleForm(FlaskForm):
@@ -111,7 +125,7 @@ def _actor_name() -> str:
 @requires(Permission.ADMIN)
 def index():
     """Admin landing page with the state of each area."""
-    with unit_of_work() as s:
+    with unit_of_work(read_only=True) as s:
         user_list = queries.all_users(s)
         conns = queries.connections_overview(s)
         rules = queries.sla_rules(s)
@@ -131,7 +145,7 @@ def index():
 
 
 def _users_page(*, form: UserForm | None = None, status: int = 200, error: str | None = None):
-    with unit_of_work() as s:
+    with unit_of_work(read_only=True) as s:
         user_list = queries.all_users(s)
     return (
         render_template(
@@ -161,7 +175,9 @@ def create_user():
         return _users_page(form=form, status=422, error=first_error(form))
     try:
         with unit_of_work() as s:
-            users.create_user(s, form.username.data, form.role.data, form.password.data or None, actor=_actor_name())
+            users.create_user(
+                s, form.username.data, form.role.data, form.password.data or None, actor=_actor_name()
+            )
     except DomainError as exc:
         return _users_page(form=form, status=exc.http_status, error=exc.message)
     flash(f"User {form.username.data} ({form.role.data}) created.", "success")
@@ -188,15 +204,22 @@ def set_user_active(user_id: int):
 # --- API tokens -----------------------------------------------------------------------------------
 
 
-def _tokens_page(*, form: TokenForm | None = None, status: int = 200, error: str | None = None, new_token=None):
-    with unit_of_work() as s:
+def _tokens_page(
+    *, form: TokenForm | None = None, status: int = 200, error: str | None = None, new_token=None
+):
+    with unit_of_work(read_only=True) as s:
         tokens = queries.api_tokens(s)
         candidates = [u for u in queries.all_users(s) if u.active]
     form = form or TokenForm(formdata=None)
     form.user_id.choices = options((u.id, f"{u.username} ({u.role})") for u in candidates)
     response = make_response(
         render_template(
-            "admin/tokens.html", tokens=tokens, form=form, confirm=ConfirmForm(formdata=None), error=error, new_token=new_token
+            "admin/tokens.html",
+            tokens=tokens,
+            form=form,
+            confirm=ConfirmForm(formdata=None),
+            error=error,
+            new_token=new_token,
         ),
         status,
     )
@@ -217,7 +240,7 @@ def tokens_page():
 def create_token():
     """Create a token and show it once (rendered, not flashed: the session cookie is not secret)."""
     form = TokenForm()
-    with unit_of_work() as s:
+    with unit_of_work(read_only=True) as s:
         form.user_id.choices = options((u.id, u.username) for u in queries.all_users(s) if u.active)
     if not form.validate():
         return _tokens_page(form=form, status=422, error=first_error(form))
@@ -260,7 +283,7 @@ def _connections_page(
     error: str | None = None,
     error_for: int | None = None,
 ):
-    with unit_of_work() as s:
+    with unit_of_work(read_only=True) as s:
         conns = queries.connections_overview(s)
         customer_list = queries.customers(s)
         circuits = {c.id: connections.circuit_state(c) for c in conns}
@@ -310,7 +333,7 @@ def add_customer():
 def add_connection():
     """Add a connection (audited by connections.add_connection)."""
     form = ConnectionForm()
-    with unit_of_work() as s:
+    with unit_of_work(read_only=True) as s:
         form.customer.choices = options((c.name, c.name) for c in queries.customers(s))
     if not form.validate():
         return _connections_page(connection_form=form, status=422, error=first_error(form))
@@ -346,7 +369,9 @@ def set_connection_enabled(connection_id: int):
         return _connections_page(status=422, error=first_error(form), error_for=connection_id)
     try:
         with unit_of_work() as s:
-            conn = admin.set_connection_enabled(s, connection_id, form.active.data == "1", actor=_actor_name())
+            conn = admin.set_connection_enabled(
+                s, connection_id, form.active.data == "1", actor=_actor_name()
+            )
             name, enabled = conn.name, conn.enabled
     except DomainError as exc:
         return _connections_page(status=exc.http_status, error=exc.message, error_for=connection_id)
@@ -361,7 +386,7 @@ def test_connection(connection_id: int):
     form = ConfirmForm()
     if not form.validate():
         return _connections_page(status=422, error=first_error(form), error_for=connection_id)
-    with unit_of_work() as s:
+    with unit_of_work(read_only=True) as s:
         conn = s.get(Connection, connection_id)
         if conn is None:
             raise NotFound(f"connection {connection_id} not found")
@@ -433,8 +458,10 @@ DEFAULT_WINDOWS = (
 )
 
 
-def _sla_page(*, form: SlaRuleForm | None = None, status: int = 200, error: str | None = None, error_for=None):
-    with unit_of_work() as s:
+def _sla_page(
+    *, form: SlaRuleForm | None = None, status: int = 200, error: str | None = None, error_for=None
+):
+    with unit_of_work(read_only=True) as s:
         rules = queries.sla_rules(s)
         customer_list = queries.customers(s)
     form = form or SlaRuleForm(formdata=None)
@@ -466,8 +493,10 @@ def sla_page():
 def add_sla_rule():
     """Add an SLA rule."""
     form = SlaRuleForm()
-    with unit_of_work() as s:
-        form.customer_id.choices = options([("", "every customer")] + [(c.id, c.name) for c in queries.customers(s)])
+    with unit_of_work(read_only=True) as s:
+        form.customer_id.choices = options(
+            [("", "every customer")] + [(c.id, c.name) for c in queries.customers(s)]
+        )
     if not form.validate():
         return _sla_page(form=form, status=422, error=first_error(form))
     try:

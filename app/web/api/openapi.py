@@ -30,95 +30,246 @@ _TIME = {"type": "string", "format": "date-time"}
 
 OPENAPI = {
     "openapi": "3.1.0",
-    "info": {"title": "Reconciliation Console API", "version": "1.0.0",
-             "description": "Outbound EHR messages with idempotency keys, exception queues, decisions, audit."},
+    "info": {
+        "title": "Reconciliation Console API",
+        "version": "1.0.0",
+        "description": "Outbound EHR messages with idempotency keys, exception queues, decisions, audit.",
+    },
     "servers": [{"url": "/api/v1"}],
     "security": [{"bearer": []}],
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         "schemas": {
-            "Error": {"type": "object", "required": ["error"], "properties": {"error": {
-                "type": "object", "required": ["code", "message"],
-                "properties": {"code": _STR, "message": _STR}}}},
-            "MessageRequest": {
-                "type": "object", "required": ["connection", "message_type", "content_type"],
+            "Error": {
+                "type": "object",
+                "required": ["error"],
                 "properties": {
-                    "connection": _STR, "message_type": _STR, "payload": _STR,
+                    "error": {
+                        "type": "object",
+                        "required": ["code", "message"],
+                        "properties": {"code": _STR, "message": _STR},
+                    }
+                },
+            },
+            "MessageRequest": {
+                "type": "object",
+                "required": ["connection", "message_type", "content_type"],
+                "properties": {
+                    "connection": _STR,
+                    "message_type": _STR,
+                    "payload": _STR,
                     "payload_base64": {"type": "string", "contentEncoding": "base64"},
                     "content_type": {"enum": ["application/fhir+json", "x-application/hl7-v2+er7"]},
                 },
             },
-            "MessageAccepted": {"type": "object", "required": ["id", "idempotency_key", "status"],
-                                "properties": {"id": _STR, "idempotency_key": _STR, "status": _STR,
-                                               "exception_id": {"type": "integer"}, "category": _STR}},
-            "ExceptionSummary": {"type": "object", "required": [
-                "id", "state", "category", "connection", "message_type", "idempotency_key", "sla_due_at",
-                "created_at"], "properties": {
-                "id": {"type": "integer"}, "state": _STR, "category": _STR, "connection": _STR,
-                "message_type": _STR, "idempotency_key": _STR, "sla_due_at": _TIME, "created_at": _TIME}},
-            "DecisionRequest": {"type": "object", "required": ["action"], "properties": {
-                "action": {"enum": ["resubmit", "resubmit_corrected", "approve", "reject", "discard", "escalate",
-                                    "confirm_not_applied", "comment", "assign", "claim"]},
-                "reason": _STR, "reason_code": _NSTR, "payload": _NSTR, "password": _NSTR, "assignee": _NSTR,
-                "expected_version": {"type": "integer"}}},
-            "AuditEvent": {"type": "object", "properties": {
-                "id": {"type": "integer"}, "occurred_at": _TIME, "actor": _STR, "action": _STR,
-                "subject_type": _STR, "subject_id": _STR, "from_state": _NSTR, "to_state": _NSTR,
-                "reason": _NSTR, "reason_code": _NSTR, "details": {"type": "object"}, "prev_hash": _STR,
-                "hash": _STR}},
+            "MessageAccepted": {
+                "type": "object",
+                "required": ["id", "idempotency_key", "status"],
+                "properties": {
+                    "id": _STR,
+                    "idempotency_key": _STR,
+                    "status": _STR,
+                    "exception_id": {"type": "integer"},
+                    "category": _STR,
+                },
+            },
+            "ExceptionSummary": {
+                "type": "object",
+                "required": [
+                    "id",
+                    "state",
+                    "category",
+                    "connection",
+                    "message_type",
+                    "idempotency_key",
+                    "sla_due_at",
+                    "created_at",
+                ],
+                "properties": {
+                    "id": {"type": "integer"},
+                    "state": _STR,
+                    "category": _STR,
+                    "connection": _STR,
+                    "message_type": _STR,
+                    "idempotency_key": _STR,
+                    "sla_due_at": _TIME,
+                    "created_at": _TIME,
+                },
+            },
+            "DecisionRequest": {
+                "type": "object",
+                "required": ["action"],
+                "properties": {
+                    "action": {
+                        "enum": [
+                            "resubmit",
+                            "resubmit_corrected",
+                            "approve",
+                            "reject",
+                            "discard",
+                            "escalate",
+                            "confirm_not_applied",
+                            "comment",
+                            "assign",
+                            "claim",
+                        ]
+                    },
+                    "reason": _STR,
+                    "reason_code": _NSTR,
+                    "payload": _NSTR,
+                    "password": _NSTR,
+                    "assignee": _NSTR,
+                    "expected_version": {"type": "integer"},
+                },
+            },
+            "AuditEvent": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer"},
+                    "occurred_at": _TIME,
+                    "actor": _STR,
+                    "action": _STR,
+                    "subject_type": _STR,
+                    "subject_id": _STR,
+                    "from_state": _NSTR,
+                    "to_state": _NSTR,
+                    "reason": _NSTR,
+                    "reason_code": _NSTR,
+                    "details": {"type": "object"},
+                    "prev_hash": _STR,
+                    "hash": _STR,
+                },
+            },
         },
     },
     "paths": {
-        "/messages": {"post": {
-            "summary": "Submit an outbound message",
-            "parameters": [{"name": "Idempotency-Key", "in": "header", "required": True, "schema": _STR}],
-            "requestBody": {"required": True, "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/MessageRequest"}}}},
-            "responses": {"202": _resp("Accepted (or the original response for a repeated key)",
-                                       {"$ref": "#/components/schemas/MessageAccepted"}),
-                          **_errors("400", "401", "403", "404", "409", "422")}}},
-        "/messages/{id}": {"get": {
-            "summary": "Message status, attempts and exception",
-            "parameters": [{"name": "id", "in": "path", "required": True, "schema": _STR}],
-            "responses": {"200": _resp("The message"), **_errors("401", "403", "404")}}},
-        "/exceptions": {"get": {
-            "summary": "List exceptions (keyset pagination, sorted by SLA due time)",
-            "parameters": [{"name": n, "in": "query", "schema": _STR}
-                           for n in ("state", "category", "connection", "cursor")]
-            + [{"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 500}}],
-            "responses": {"200": _resp("A page", {"type": "object", "properties": {
-                "items": {"type": "array", "items": {"$ref": "#/components/schemas/ExceptionSummary"}},
-                "next_cursor": _NSTR}}), **_errors("401", "403", "422")}}},
-        "/exceptions/{id}": {"get": {
-            "summary": "One exception with attempts, decisions, replays and its payload (audited PHI view)",
-            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}],
-            "responses": {"200": _resp("The exception"), **_errors("401", "403", "404")}}},
-        "/exceptions/{id}/decisions": {"post": {
-            "summary": "Record a decision (four-eyes enforced on approve)",
-            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}],
-            "requestBody": {"required": True, "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/DecisionRequest"}}}},
-            "responses": {"201": _resp("Recorded", {"type": "object", "properties": {
-                "decision": {"type": "object"}, "state": _STR}}),
-                **_errors("400", "401", "403", "404", "409", "422")}}},
-        "/audit": {"get": {
-            "summary": "Audit events, oldest first",
-            "parameters": [{"name": n, "in": "query", "schema": _STR}
-                           for n in ("since", "until", "actor", "action", "cursor")]
-            + [{"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 1000}}],
-            "responses": {"200": _resp("A page", {"type": "object", "properties": {
-                "items": {"type": "array", "items": {"$ref": "#/components/schemas/AuditEvent"}},
-                "next_cursor": _NSTR}}), **_errors("401", "403", "422")}}},
-        "/audit/export": {"get": {
-            "summary": "Streamed export ending with the chain head it covers",
-            "parameters": [{"name": "format", "in": "query",
-                            "schema": {"enum": ["csv", "jsonl", "fhir-ndjson"]}},
-                           {"name": "since", "in": "query", "schema": _STR},
-                           {"name": "until", "in": "query", "schema": _STR}],
-            "responses": {"200": {"description": "The export", "content": {
-                "text/csv": {}, "application/x-ndjson": {}, "application/fhir+ndjson": {}}},
-                **_errors("401", "403", "422")}}},
-        "/openapi.json": {"get": {"summary": "This document", "security": [],
-                                  "responses": {"200": _resp("OpenAPI 3.1")}}},
+        "/messages": {
+            "post": {
+                "summary": "Submit an outbound message",
+                "parameters": [{"name": "Idempotency-Key", "in": "header", "required": True, "schema": _STR}],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/MessageRequest"}}
+                    },
+                },
+                "responses": {
+                    "202": _resp(
+                        "Accepted (or the original response for a repeated key)",
+                        {"$ref": "#/components/schemas/MessageAccepted"},
+                    ),
+                    **_errors("400", "401", "403", "404", "409", "422"),
+                },
+            }
+        },
+        "/messages/{id}": {
+            "get": {
+                "summary": "Message status, attempts and exception",
+                "parameters": [{"name": "id", "in": "path", "required": True, "schema": _STR}],
+                "responses": {"200": _resp("The message"), **_errors("401", "403", "404")},
+            }
+        },
+        "/exceptions": {
+            "get": {
+                "summary": "List exceptions (keyset pagination, sorted by SLA due time)",
+                "parameters": [
+                    {"name": n, "in": "query", "schema": _STR}
+                    for n in ("state", "category", "connection", "cursor")
+                ]
+                + [{"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 500}}],
+                "responses": {
+                    "200": _resp(
+                        "A page",
+                        {
+                            "type": "object",
+                            "properties": {
+                                "items": {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/ExceptionSummary"},
+                                },
+                                "next_cursor": _NSTR,
+                            },
+                        },
+                    ),
+                    **_errors("401", "403", "422"),
+                },
+            }
+        },
+        "/exceptions/{id}": {
+            "get": {
+                "summary": "One exception with attempts, decisions, replays and its payload (audited PHI view)",
+                "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}],
+                "responses": {"200": _resp("The exception"), **_errors("401", "403", "404")},
+            }
+        },
+        "/exceptions/{id}/decisions": {
+            "post": {
+                "summary": "Record a decision (four-eyes enforced on approve)",
+                "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/DecisionRequest"}}
+                    },
+                },
+                "responses": {
+                    "201": _resp(
+                        "Recorded",
+                        {"type": "object", "properties": {"decision": {"type": "object"}, "state": _STR}},
+                    ),
+                    **_errors("400", "401", "403", "404", "409", "422"),
+                },
+            }
+        },
+        "/audit": {
+            "get": {
+                "summary": "Audit events, oldest first",
+                "parameters": [
+                    {"name": n, "in": "query", "schema": _STR}
+                    for n in ("since", "until", "actor", "action", "cursor")
+                ]
+                + [{"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 1000}}],
+                "responses": {
+                    "200": _resp(
+                        "A page",
+                        {
+                            "type": "object",
+                            "properties": {
+                                "items": {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/AuditEvent"},
+                                },
+                                "next_cursor": _NSTR,
+                            },
+                        },
+                    ),
+                    **_errors("401", "403", "422"),
+                },
+            }
+        },
+        "/audit/export": {
+            "get": {
+                "summary": "Streamed export ending with the chain head it covers",
+                "parameters": [
+                    {"name": "format", "in": "query", "schema": {"enum": ["csv", "jsonl", "fhir-ndjson"]}},
+                    {"name": "since", "in": "query", "schema": _STR},
+                    {"name": "until", "in": "query", "schema": _STR},
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The export",
+                        "content": {
+                            "text/csv": {},
+                            "application/x-ndjson": {},
+                            "application/fhir+ndjson": {},
+                        },
+                    },
+                    **_errors("401", "403", "422"),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {"summary": "This document", "security": [], "responses": {"200": _resp("OpenAPI 3.1")}}
+        },
     },
 }

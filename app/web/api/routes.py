@@ -53,7 +53,9 @@ def submit():
     if not key:
         return error_response(400, "idempotency_key_required", "the Idempotency-Key header is required")
     if not valid_key(key):
-        return error_response(400, "invalid_idempotency_key", "Idempotency-Key must be 1-200 printable characters")
+        return error_response(
+            400, "invalid_idempotency_key", "Idempotency-Key must be 1-200 printable characters"
+        )
     body = _json_body()
     actor = current_actor()
     try:
@@ -67,13 +69,15 @@ def submit():
         with unit_of_work() as s:
             existing = find_existing(s, s.get(User, actor.id), key)
             if existing is None:
-                raise Conflict("a request with this Idempotency-Key is still in progress",
-                               code="idempotency_in_progress") from None
+                raise Conflict(
+                    "a request with this Idempotency-Key is still in progress", code="idempotency_in_progress"
+                ) from None
             result = replay_response(existing, request_fingerprint(body))
     except DBAPIError as exc:
         if "lock" in str(exc.orig).lower():
-            raise Conflict("a request with this Idempotency-Key is still in progress",
-                           code="idempotency_in_progress") from None
+            raise Conflict(
+                "a request with this Idempotency-Key is still in progress", code="idempotency_in_progress"
+            ) from None
         raise
     response = jsonify(result.body)
     response.status_code = result.status_code
@@ -86,10 +90,18 @@ def submit():
 
 def _attempt_json(a: Attempt) -> dict:
     return {
-        "id": a.id, "trigger": a.trigger, "started_at": _iso(a.started_at), "finished_at": _iso(a.finished_at),
-        "outcome": a.outcome, "category": a.category, "status_code": a.status_code,
-        "request_summary": a.request_summary, "response_excerpt": a.response_excerpt, "detail": a.detail,
-        "latency_ms": a.latency_ms, "issues": a.issues or [],
+        "id": a.id,
+        "trigger": a.trigger,
+        "started_at": _iso(a.started_at),
+        "finished_at": _iso(a.finished_at),
+        "outcome": a.outcome,
+        "category": a.category,
+        "status_code": a.status_code,
+        "request_summary": a.request_summary,
+        "response_excerpt": a.response_excerpt,
+        "detail": a.detail,
+        "latency_ms": a.latency_ms,
+        "issues": a.issues or [],
     }
 
 
@@ -102,17 +114,28 @@ def get_message(message_id: str):
         # Service accounts see only their own messages.
         if message is None or (actor.role == Role.SERVICE and message.client_id != actor.id):
             raise NotFound("message not found")
-        attempts = s.scalars(sa.select(Attempt).where(Attempt.message_id == message.id).order_by(Attempt.id)).all()
-        exception = s.scalar(sa.select(ExceptionItem).where(ExceptionItem.message_id == message.id)
-                             .order_by(ExceptionItem.id.desc()))
-        return jsonify({
-            "id": message.id, "idempotency_key": message.idempotency_key, "status": message.status,
-            "connection": message.connection.name, "message_type": message.message_type,
-            "control_id": message.control_id, "created_at": _iso(message.created_at),
-            "attempts": [_attempt_json(a) for a in attempts],
-            "exception_id": exception.id if exception else None,
-            "exception_state": exception.state if exception else None,
-        })
+        attempts = s.scalars(
+            sa.select(Attempt).where(Attempt.message_id == message.id).order_by(Attempt.id)
+        ).all()
+        exception = s.scalar(
+            sa.select(ExceptionItem)
+            .where(ExceptionItem.message_id == message.id)
+            .order_by(ExceptionItem.id.desc())
+        )
+        return jsonify(
+            {
+                "id": message.id,
+                "idempotency_key": message.idempotency_key,
+                "status": message.status,
+                "connection": message.connection.name,
+                "message_type": message.message_type,
+                "control_id": message.control_id,
+                "created_at": _iso(message.created_at),
+                "attempts": [_attempt_json(a) for a in attempts],
+                "exception_id": exception.id if exception else None,
+                "exception_state": exception.state if exception else None,
+            }
+        )
 
 
 @bp.get("/exceptions")
@@ -125,25 +148,43 @@ def list_exceptions():
         raise Invalid("limit must be an integer", code="invalid_parameter") from None
     with unit_of_work(read_only=True) as s:
         items, next_cursor = queries.list_exceptions(
-            s, state=args.get("state") or None, category=args.get("category") or None,
-            connection=args.get("connection") or None, limit=limit, cursor=args.get("cursor") or None,
+            s,
+            state=args.get("state") or None,
+            category=args.get("category") or None,
+            connection=args.get("connection") or None,
+            limit=limit,
+            cursor=args.get("cursor") or None,
         )
         return jsonify({"items": [queries.exception_summary(i) for i in items], "next_cursor": next_cursor})
 
 
 def _decision_json(d: Decision) -> dict:
     return {
-        "id": d.id, "action": d.action, "actor": d.actor, "reason": d.reason, "reason_code": d.reason_code,
-        "from_state": d.from_state, "to_state": d.to_state, "details": d.details, "created_at": _iso(d.created_at),
+        "id": d.id,
+        "action": d.action,
+        "actor": d.actor,
+        "reason": d.reason,
+        "reason_code": d.reason_code,
+        "from_state": d.from_state,
+        "to_state": d.to_state,
+        "details": d.details,
+        "created_at": _iso(d.created_at),
     }
 
 
 def _replay_json(r: Replay) -> dict:
     return {
-        "id": r.id, "state": r.state, "corrected": r.corrected, "payload_version_id": r.payload_version_id,
-        "requested_by": r.requested_by.username, "requested_at": _iso(r.requested_at),
-        "approved_by": r.approved_by.username if r.approved_by else None, "approved_at": _iso(r.approved_at),
-        "started_at": _iso(r.started_at), "finished_at": _iso(r.finished_at), "result": r.result,
+        "id": r.id,
+        "state": r.state,
+        "corrected": r.corrected,
+        "payload_version_id": r.payload_version_id,
+        "requested_by": r.requested_by.username,
+        "requested_at": _iso(r.requested_at),
+        "approved_by": r.approved_by.username if r.approved_by else None,
+        "approved_at": _iso(r.approved_at),
+        "started_at": _iso(r.started_at),
+        "finished_at": _iso(r.finished_at),
+        "result": r.result,
     }
 
 
@@ -158,17 +199,35 @@ def get_exception(exception_id: int):
         payload: PayloadVersion = view_payload(s, item, s.get(User, actor.id), channel="api")
         out = queries.exception_summary(item)
         out.update(
-            version=item.version, detail=item.detail, assignee=item.assignee.username if item.assignee else None,
+            version=item.version,
+            detail=item.detail,
+            assignee=item.assignee.username if item.assignee else None,
             needs_not_applied_confirmation=item.needs_not_applied_confirmation,
-            attempts=[_attempt_json(a) for a in s.scalars(
-                sa.select(Attempt).where(Attempt.message_id == item.message_id).order_by(Attempt.id))],
-            decisions=[_decision_json(d) for d in s.scalars(
-                sa.select(Decision).where(Decision.exception_id == item.id).order_by(Decision.id))],
-            replays=[_replay_json(r) for r in s.scalars(
-                sa.select(Replay).where(Replay.exception_id == item.id).order_by(Replay.id))],
-            payload=payload.text, encoding=payload.encoding, payload_sha256=payload.sha256,
+            attempts=[
+                _attempt_json(a)
+                for a in s.scalars(
+                    sa.select(Attempt).where(Attempt.message_id == item.message_id).order_by(Attempt.id)
+                )
+            ],
+            decisions=[
+                _decision_json(d)
+                for d in s.scalars(
+                    sa.select(Decision).where(Decision.exception_id == item.id).order_by(Decision.id)
+                )
+            ],
+            replays=[
+                _replay_json(r)
+                for r in s.scalars(
+                    sa.select(Replay).where(Replay.exception_id == item.id).order_by(Replay.id)
+                )
+            ],
+            payload=payload.text,
+            encoding=payload.encoding,
+            payload_sha256=payload.sha256,
             payload_version=payload.version,
-            payload_base64=base64.b64encode(payload.raw).decode("ascii") if payload.encoding != "utf-8" else None,
+            payload_base64=base64.b64encode(payload.raw).decode("ascii")
+            if payload.encoding != "utf-8"
+            else None,
         )
         return jsonify(out)
 
@@ -188,8 +247,12 @@ def post_decision(exception_id: int):
         raise Invalid("expected_version must be an integer", code="invalid_body")
     actor = current_actor()
     data = DecisionInput(
-        action=action, reason=body.get("reason") or "", reason_code=body.get("reason_code"),
-        payload=body.get("payload"), password=body.get("password"), assignee=body.get("assignee"),
+        action=action,
+        reason=body.get("reason") or "",
+        reason_code=body.get("reason_code"),
+        payload=body.get("payload"),
+        password=body.get("password"),
+        assignee=body.get("assignee"),
         expected_version=expected,
     )
     with unit_of_work() as s:
@@ -225,14 +288,25 @@ def audit_events():
     except ValueError:
         raise Invalid("limit and cursor must be integers", code="invalid_parameter") from None
     with unit_of_work(read_only=True) as s:
-        events = list(audit.iter_events(
-            s, since=_parse_time("since"), until=_parse_time("until"), actor=args.get("actor") or None,
-            action=args.get("action") or None, after_id=after, limit=limit + 1,
-        ))
+        events = list(
+            audit.iter_events(
+                s,
+                since=_parse_time("since"),
+                until=_parse_time("until"),
+                actor=args.get("actor") or None,
+                action=args.get("action") or None,
+                after_id=after,
+                limit=limit + 1,
+            )
+        )
         more = len(events) > limit
         events = events[:limit]
-        return jsonify({"items": [event_json(e) for e in events],
-                        "next_cursor": str(events[-1].id) if more and events else None})
+        return jsonify(
+            {
+                "items": [event_json(e) for e in events],
+                "next_cursor": str(events[-1].id) if more and events else None,
+            }
+        )
 
 
 @bp.get("/audit/export")
@@ -242,9 +316,12 @@ def audit_export_stream():
     if fmt not in audit_export.FORMATS:
         raise Invalid(f"format must be one of {', '.join(audit_export.FORMATS)}", code="invalid_parameter")
     since, until = _parse_time("since"), _parse_time("until")
-    lines = audit_export.stream_export(sessions(), fmt, actor=current_actor().username, since=since, until=until)
+    lines = audit_export.stream_export(
+        sessions(), fmt, actor=current_actor().username, since=since, until=until
+    )
     ext = {"csv": "csv", "jsonl": "jsonl", "fhir-ndjson": "ndjson"}[fmt]
     return Response(
-        stream_with_context(lines), mimetype=audit_export.FORMATS[fmt],
+        stream_with_context(lines),
+        mimetype=audit_export.FORMATS[fmt],
         headers={"Content-Disposition": f'attachment; filename="audit-export.{ext}"'},
     )

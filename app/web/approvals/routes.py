@@ -82,7 +82,7 @@ def decide(exception_id: int):
 @requires(Permission.VIEW_QUEUES)
 def replays():
     """Replay progress. The htmx widget polls while replays run and is told to stop (286) after."""
-    with unit_of_work() as s:
+    with unit_of_work(read_only=True) as s:
         rows = queries.replay_list(s)
         counts = queries.replay_state_counts(s)
         running = queries.replays_running(s)

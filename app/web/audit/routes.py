@@ -36,7 +36,9 @@ def parse_when(value: str | None, *, end: bool = False) -> datetime | None:
             return day + timedelta(days=1) if end else day
         when = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise Invalid(f"{value!r} is not a date (YYYY-MM-DD) or an ISO 8601 time", code="invalid_date") from None
+        raise Invalid(
+            f"{value!r} is not a date (YYYY-MM-DD) or an ISO 8601 time", code="invalid_date"
+        ) from None
     return when.astimezone(UTC).replace(tzinfo=None) if when.tzinfo else when
 
 
@@ -56,9 +58,7 @@ class AuditSearchForm(FlaskForm):
 
     actor = StringField("Actor", validators=[Optional(), Length(max=80)])
     action = StringField("Action", validators=[Optional(), Length(max=60)])
-    subject_type = SelectField(
-        "Subject type", choices=labelled(SUBJECT_TYPES), validators=[Optional()]
-    )
+    subject_type = SelectField("Subject type", choices=labelled(SUBJECT_TYPES), validators=[Optional()])
     subject_id = StringField("Subject id", validators=[Optional(), Length(max=64)])
     since = StringField("From", validators=[Optional(), _date_check(False)])
     until = StringField("To", validators=[Optional(), _date_check(True)])
@@ -78,7 +78,7 @@ class AuditSearchForm(FlaskForm):
 def _render(verify_result=None):
     form = AuditSearchForm(formdata=request.args)
     status, error, events, next_before, head = 200, None, [], None, None
-    with unit_of_work() as s:
+    with unit_of_work(read_only=True) as s:
         if form.validate():
             events, next_before = queries.audit_page(s, form.filters(), before_id=form.before.data)
         else:
@@ -109,7 +109,7 @@ def index():
 @requires(Permission.VIEW_AUDIT)
 def verify():
     """Recompute the hash chain now and show OK or the first broken event."""
-    with unit_of_work() as s:
+    with unit_of_work(read_only=True) as s:
         result = audit.verify(s)
     if htmx:
         return render_template("audit/_verify.html", verify_result=result, checked_at=utcnow())

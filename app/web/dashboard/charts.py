@@ -13,7 +13,7 @@ class LineChart:
     points: str  # SVG polyline points
     area: str  # closed polygon under the line
     peak: int
-    ticks: list[tuple[float, str]]  # (x, label)
+    ticks: list[tuple[float, str, str]]  # (x, label, text-anchor)
     last: int
     dots: list[tuple[float, float, int, str]]  # (x, y, value, label) for <title> tooltips
 
@@ -37,12 +37,23 @@ def line_chart(
     points = " ".join(f"{a},{b}" for a, b in coords)
     area = f"{x(0)},{height - pad} {points} {x(len(values) - 1)},{height - pad}" if values else ""
     step = max(1, len(times) // 4)
-    ticks = [(x(i), t.strftime("%H:%M")) for i, t in enumerate(times) if i % step == 0 or i == len(times) - 1]
-    dots = [(a, b, v, times[i].strftime("%H:%M")) for i, ((a, b), v) in enumerate(zip(coords, values, strict=True))]
+    last = len(times) - 1
+    # The end labels are anchored inwards so they are not clipped by the viewBox.
+    ticks = [
+        (x(i), t.strftime("%H:%M"), "start" if i == 0 else "end" if i == last else "middle")
+        for i, t in enumerate(times)
+        if (i % step == 0 and last - i >= step // 2) or i == last
+    ]
+    dots = [
+        (a, b, v, times[i].strftime("%H:%M"))
+        for i, ((a, b), v) in enumerate(zip(coords, values, strict=True))
+    ]
     return LineChart(width, height, points, area, peak, ticks, values[-1] if values else 0, dots)
 
 
 def bar_widths(counts: dict[str, int], width: int = 200) -> list[tuple[str, int, float]]:
     """(label, count, bar width) rows for a horizontal bar chart, largest first."""
     peak = max(counts.values(), default=0) or 1
-    return [(k, v, round(width * v / peak, 1)) for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return [
+        (k, v, round(width * v / peak, 1)) for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    ]

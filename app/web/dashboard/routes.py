@@ -15,7 +15,7 @@ from .charts import bar_widths, line_chart
 @requires(Permission.CONSOLE_LOGIN)
 def index():
     """The operations overview every console role lands on."""
-    with unit_of_work() as s:
+    with unit_of_work(read_only=True) as s:
         board = queries.dashboard(s)
         running = queries.replays_running(s)
     return render_template(

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from flask import abort, flash, redirect, render_template, request, url_for
 from flask_wtf import FlaskForm
-from wtforms import HiddenField, IntegerField, PasswordField, SelectField, StringField, SubmitField, TextAreaField
+from wtforms import (
+    HiddenField,
+    IntegerField,
+    PasswordField,
+    SelectField,
+    StringField,
+    SubmitField,
+    TextAreaField,
+)
 from wtforms.validators import AnyOf, DataRequired, Length, Optional
 from wtforms.widgets import HiddenInput
 
@@ -75,11 +83,10 @@ def _render_detail(
     error_action: str | None = None,
 ):
     actor = current_actor()
-    with unit_of_work() as s:
+    # Showing the payload records a PHI view (a write); otherwise this only reads.
+    with unit_of_work(read_only=not show_payload) as s:
         detail = queries.exception_detail(s, exception_id)
-        payload = (
-            exceptions.view_payload(s, detail.item, actor, channel="console") if show_payload else None
-        )
+        payload = exceptions.view_payload(s, detail.item, actor, channel="console") if show_payload else None
         # Read while the session is open: the version list deferred the text column.
         payload_text = payload.text if payload else None
         users = queries.assignable_users(s) if can(Permission.DECIDE) else []
@@ -151,17 +158,27 @@ def decide(exception_id: int):
         raise
     except DomainError as exc:
         return _render_detail(exception_id, status=exc.http_status, error=exc.message, error_action=action)
-    flash(f"{ACTION_LABELS[Action(action)]}: done. Exception #{exception_id} is {to_state.replace('_', ' ')}.", "success")
+    flash(
+        f"{ACTION_LABELS[Action(action)]}: done. Exception #{exception_id} is {to_state.replace('_', ' ')}.",
+        "success",
+    )
     return redirect(url_for(".detail", exception_id=exception_id), code=303)
 
 
 # --- correction editor ----------------------------------------------------------------------------
 
 
-def _render_correct(exception_id: int, form: CorrectionForm, *, status: int = 200, error: str | None = None,
-                    diff=None, first_view: bool = False):
+def _render_correct(
+    exception_id: int,
+    form: CorrectionForm,
+    *,
+    status: int = 200,
+    error: str | None = None,
+    diff=None,
+    first_view: bool = False,
+):
     actor = current_actor()
-    with unit_of_work() as s:
+    with unit_of_work(read_only=not first_view) as s:
         detail = queries.exception_detail(s, exception_id, audit_limit=0)
         original = queries.original_payload(s, detail.item.message_id)
         if first_view:
@@ -199,7 +216,9 @@ def correct(exception_id: int):
         return _render_correct(exception_id, form)
     if not (form.reason.data or "").strip():
         form.reason.errors = [*form.reason.errors, "a reason is required"]
-        return _render_correct(exception_id, form, status=422, error="Why this correction: a reason is required")
+        return _render_correct(
+            exception_id, form, status=422, error="Why this correction: a reason is required"
+        )
     try:
         with unit_of_work() as s:
             item = exceptions.get(s, exception_id)
@@ -219,7 +238,10 @@ def correct(exception_id: int):
         raise
     except DomainError as exc:
         return _render_correct(exception_id, form, status=exc.http_status, error=exc.message)
-    flash(f"Corrected replay requested for exception #{exception_id}; it now waits for a clinical lead.", "success")
+    flash(
+        f"Corrected replay requested for exception #{exception_id}; it now waits for a clinical lead.",
+        "success",
+    )
     return redirect(url_for(".detail", exception_id=exception_id), code=303)
 
 
@@ -228,7 +250,7 @@ def correct(exception_id: int):
 def diff(exception_id: int):
     """The diff fragment for the editor (htmx live preview)."""
     edited = request.form.get("payload", "")
-    with unit_of_work() as s:
+    with unit_of_work(read_only=True) as s:
         item = exceptions.get(s, exception_id)
         original = queries.original_payload(s, item.message_id)
     lines = payload_diff(original.text if original and original.text else "", edited)

@@ -75,7 +75,7 @@ def show(queue: str):
 
 def _queue(queue: str):
     status, error = 200, None
-    with unit_of_work() as s:
+    with unit_of_work(read_only=True) as s:
         form = _filter_form(s)
         users = queries.assignable_users(s)
         counts = queries.queue_counts(s)
@@ -124,7 +124,9 @@ class BulkForm(FlaskForm):
     action = SelectField("Action", choices=labelled([a.value for a in BULK_ACTIONS], None))
     reason = TextAreaField("Reason", validators=[Optional(), Length(max=2000)])
     reason_code = SelectField(
-        "Discard reason code", choices=labelled([r.value for r in DiscardReason], "—"), validators=[Optional()]
+        "Discard reason code",
+        choices=labelled([r.value for r in DiscardReason], "—"),
+        validators=[Optional()],
     )
     assignee = StringField("Assignee", validators=[Optional(), Length(max=80)])
     confirm = HiddenField(validators=[Optional(), AnyOf(["", "1"])])
@@ -170,7 +172,7 @@ def bulk():
         return render_template("queues/bulk.html", form=form, stage="invalid", error=first_error(form)), 422
     refs = form.refs()
     if form.confirm.data != "1":
-        with unit_of_work() as s:
+        with unit_of_work(read_only=True) as s:
             found = {i.id: i for i in queries.items_by_ids(s, [i for i, _ in refs])}
         return render_template("queues/bulk.html", form=form, stage="confirm", refs=refs, found=found)
     actor = current_actor()
