@@ -41,8 +41,10 @@ def create_app(config: dict | None = None) -> Flask:
 
     register_error_handlers(app)
     from .logs import configure_logging
+    from .web import request_log
 
     configure_logging(app)
+    request_log.init_app(app)
     return app
 
 

@@ -235,9 +235,11 @@ def worker(burst: bool) -> None:
     from app.adapters.queue import run_worker, worker_name
     from app.adapters.redis_conn import connect, redis_url
     from app.db.session import session_factory
+    from app.logs import configure_logging
     from app.services.delivery import Runtime
     from jobs.delivery import install_runtime
 
+    configure_logging()
     settings = _settings()
     connection = connect(redis_url(settings))
     queue = Queue(settings.queue_name, connection=connection)

@@ -29,8 +29,9 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         for name in _FIELDS:
-            if hasattr(record, name):
-                out[name] = getattr(record, name)
+            value = getattr(record, name, None)
+            if value is not None:
+                out[name] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 from app.config import Settings
 from app.db.session import session_factory
 from app.services import delivery
 
+log = logging.getLogger("recon.jobs")
 _runtime: delivery.Runtime | None = None
 
 
@@ -29,9 +32,20 @@ def install_runtime(rt: delivery.Runtime) -> None:
     _runtime = rt
 
 
+def _job_id() -> str | None:
+    from rq import get_current_job
+
+    job = get_current_job()
+    return job.id if job else None
+
+
 def deliver_attempt_job(attempt_id: int) -> str:
-    return delivery.deliver_attempt(runtime(), attempt_id)
+    result = delivery.deliver_attempt(runtime(), attempt_id)
+    log.info("attempt %s: %s", attempt_id, result, extra={"job_id": _job_id(), "attempt_id": attempt_id})
+    return result
 
 
 def run_replay_job(replay_id: int) -> str:
-    return delivery.run_replay(runtime(), replay_id)
+    result = delivery.run_replay(runtime(), replay_id)
+    log.info("replay %s: %s", replay_id, result, extra={"job_id": _job_id(), "replay_id": replay_id})
+    return result

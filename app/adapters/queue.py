@@ -57,11 +57,12 @@ def worker_name() -> str:
 
 
 def run_worker(rt: delivery.Runtime, queue: Queue, *, burst: bool, poll_seconds: float = 0.5) -> dict:
-    """Relay the outbox, schedule due retries, reap expired leases and run RQ jobs.
+    """Relay the outbox, schedule due retries, reap expired leases, escalate breached SLAs and
+    run RQ jobs.
 
     burst: repeat until a whole pass finds nothing to do, then return counts.
     """
-    counts = {"relayed": 0, "retries": 0, "reaped": 0, "jobs": 0}
+    counts = {"relayed": 0, "retries": 0, "reaped": 0, "escalated": 0, "jobs": 0}
     # A fresh RQ worker name per loop: RQ refuses to start a second live worker of the same name.
     worker = SimpleWorker(
         [queue], connection=queue.connection, name=f"{rt.worker_name}-{uuid.uuid4().hex[:6]}"
@@ -70,6 +71,7 @@ def run_worker(rt: delivery.Runtime, queue: Queue, *, burst: bool, poll_seconds:
         relayed = relay_outbox(rt, queue)
         retries = delivery.schedule_due_retries(rt)
         reaped = delivery.reap_expired_leases(rt)
+        escalated = delivery.escalate_breached(rt)
         if retries:
             relayed += relay_outbox(rt, queue)
         pending = queue.count
@@ -78,6 +80,7 @@ def run_worker(rt: delivery.Runtime, queue: Queue, *, burst: bool, poll_seconds:
         counts["relayed"] += relayed
         counts["retries"] += retries
         counts["reaped"] += reaped
+        counts["escalated"] += escalated
         counts["jobs"] += pending
         if burst and not (relayed or retries or reaped or pending or queue.count):
             return counts

@@ -189,4 +189,5 @@ def system_transition_allowed(from_state: ExceptionState, to_state: ExceptionSta
         (ExceptionState.RETRYING, ExceptionState.RESOLVED),
         (ExceptionState.RETRYING, ExceptionState.OPEN),
         (ExceptionState.RETRYING, ExceptionState.RETRYING),
+        (ExceptionState.OPEN, ExceptionState.ESCALATED),  # SLA breached: escalated by the system
     }

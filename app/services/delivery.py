@@ -571,6 +571,14 @@ def reap_expired_leases(rt: Runtime) -> int:
     return reaped
 
 
+def escalate_breached(rt: Runtime) -> int:
+    """Escalate open items past their SLA (one transaction)."""
+    from .exceptions import escalate_breached as escalate
+
+    with transaction(rt.sessions) as s:
+        return escalate(s)
+
+
 def _expire_attempt(attempt: Attempt, now) -> None:
     attempt.outcome = AttemptOutcome.UNKNOWN.value
     attempt.category = Category.UNKNOWN_OUTCOME.value

@@ -126,6 +126,50 @@ def reopen(
     return True
 
 
+def escalate_breached(session: so.Session, *, limit: int = 200) -> int:
+    """SPEC 3.3: an open item whose SLA has passed is escalated to the clinical leads, once,
+    by the system (a decision and an audit event, like a reviewer's escalation)."""
+    now = utcnow()
+    breached = session.scalars(
+        sa.select(ExceptionItem)
+        .where(ExceptionItem.state == ExceptionState.OPEN.value, ExceptionItem.sla_due_at <= now)
+        .order_by(ExceptionItem.sla_due_at)
+        .limit(limit)
+    ).all()
+    escalated = 0
+    for item in breached:
+        values = {"state": ExceptionState.ESCALATED.value, "version": item.version + 1, "updated_at": now}
+        if not _compare_and_set(session, item, ExceptionState.OPEN.value, values, version=item.version):
+            continue  # someone acted on it meanwhile
+        reason = f"SLA breached at {item.sla_due_at:%Y-%m-%d %H:%M} UTC"
+        decision = Decision(
+            exception_id=item.id,
+            actor_id=None,
+            actor="system:sla",
+            action=Action.ESCALATE.value,
+            reason=reason,
+            from_state=ExceptionState.OPEN.value,
+            to_state=ExceptionState.ESCALATED.value,
+            details={},
+            created_at=now,
+        )
+        session.add(decision)
+        session.flush()
+        audit.record(
+            session,
+            actor="system:sla",
+            action="decision.escalate",
+            subject_type="exception",
+            subject_id=item.id,
+            from_state=ExceptionState.OPEN.value,
+            to_state=ExceptionState.ESCALATED.value,
+            reason=reason,
+            details={"decision_id": decision.id, "sla_due_at": item.sla_due_at.isoformat() + "Z"},
+        )
+        escalated += 1
+    return escalated
+
+
 def _compare_and_set(
     session: so.Session, item: ExceptionItem, from_state: str, values: dict, version: int | None = None
 ) -> bool:

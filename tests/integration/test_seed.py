@@ -39,7 +39,7 @@ from app.domain.idempotency import request_fingerprint
 from app.domain.roles import Role
 from app.domain.sla import sla_status
 from app.domain.states import FINAL_STATES, DiscardReason, ExceptionState
-from app.services import audit, users
+from app.services import audit, clock, users
 from seed import corpus
 from seed.demo import DEMO_PASSWORD, HISTORY, load_demo
 
@@ -312,9 +312,16 @@ def test_a_worker_started_after_loading_sends_nothing(sessions, runtime, run_wor
         raise AssertionError(f"the worker tried to reach {conn.name} at start-up")
 
     load_demo(sessions, size=50, seed=3)  # now = the real current time, as `recon run` does
+    with transaction(sessions) as s:
+        breached_open = s.scalar(
+            sa.select(sa.func.count())
+            .select_from(ExceptionItem)
+            .where(ExceptionItem.state == "open", ExceptionItem.sla_due_at <= clock.utcnow())
+        )
     runtime.adapter_factory = no_network
     counts = run_worker()
-    assert counts == {"relayed": 0, "retries": 0, "reaped": 0, "jobs": 0}
+    # Breached demo items are escalated to the clinical leads (SPEC 3.3): no network involved.
+    assert counts == {"relayed": 0, "retries": 0, "reaped": 0, "escalated": breached_open, "jobs": 0}
 
 
 # --------------------------------------------------------------------------- corpus
