@@ -221,6 +221,7 @@ def web(host: str, port: int) -> None:
 
     settings = _settings()
     redis_url(settings)  # starts or joins the embedded Redis when REDIS_URL is unset
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run atexit: leave no embedded Redis behind
     app = create_app()
     click.echo(f"console on http://{host}:{port}")
     app.run(host=host, port=port, debug=False, use_reloader=False, threaded=True)

