@@ -120,3 +120,13 @@ def test_every_console_view_declares_its_access_rule(app):
     for endpoint, view in app.view_functions.items():
         if endpoint.split(".")[0] in console:
             assert getattr(view, "required_permissions", None), endpoint
+
+
+def test_every_view_declares_its_access_rule(app):
+    """Deny by default is the backstop; this keeps every view's rule explicit."""
+    undeclared = [
+        endpoint
+        for endpoint, view in app.view_functions.items()
+        if endpoint != "static" and not getattr(view, "required_permissions", None)
+    ]
+    assert undeclared == []
