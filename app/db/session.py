@@ -16,6 +16,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm as so
 
 _engines: dict[str, sa.Engine] = {}
+_LOCK_HEAD = sa.text("SELECT last_id FROM audit_head WHERE id = 1 FOR UPDATE")
 _lock = threading.Lock()
 
 
@@ -83,6 +84,12 @@ def transaction(factory: so.sessionmaker[so.Session], *, read_only: bool = False
         session = factory()
     try:
         with session.begin():
+            if not read_only and session.get_bind().dialect.name == "postgresql":
+                # Every writer takes the audit chain head first. Almost every write appends to
+                # the chain anyway, so this costs no concurrency — and one lock order for all
+                # transactions means no deadlocks (row lock, then head / head, then row).
+                # SQLite's BEGIN IMMEDIATE already gives writers that single order.
+                session.execute(_LOCK_HEAD)
             yield session
     finally:
         session.close()

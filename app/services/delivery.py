@@ -10,6 +10,7 @@ turns into `unknown_outcome` — never into a silent re-send.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -102,28 +103,170 @@ def _gate(conn: Connection, message_type: str) -> Outcome | None:
     return None
 
 
-def _record_attempt(attempt: Attempt, outcome: Outcome) -> None:
-    attempt.outcome = outcome.outcome.value
-    attempt.category = outcome.category.value if outcome.category else None
-    attempt.status_code = outcome.status_code
-    attempt.request_summary = outcome.summary[:1000]
-    attempt.response_excerpt = outcome.response_excerpt[:2000]
-    attempt.detail = outcome.detail[:2000]
-    attempt.issues = list(outcome.issues or [])
-    attempt.latency_ms = outcome.latency_ms
-    attempt.finished_at = utcnow()
-    attempt.lease_expires_at = None
+def _attempt_values(outcome: Outcome, *, late: bool = False) -> dict:
+    """The columns an attempt's result fills."""
+    detail = outcome.detail[:1900]
+    if late:
+        detail = f"late result, after the lease expired: {detail}"
+    return {
+        "outcome": outcome.outcome.value,
+        "category": outcome.category.value if outcome.category else None,
+        "status_code": outcome.status_code,
+        "request_summary": outcome.summary[:1000],
+        "response_excerpt": outcome.response_excerpt[:2000],
+        "detail": detail,
+        "issues": list(outcome.issues or []),
+        "latency_ms": outcome.latency_ms,
+        "finished_at": utcnow(),
+        "lease_expires_at": None,
+    }
 
 
-def _call(rt: Runtime, conn: Connection, envelope: Envelope, message_type: str) -> Outcome:
+def _finish_attempt(s: so.Session, attempt_id: int, outcome: Outcome) -> bool:
+    """Compare-and-set in_flight → result. False: the reaper declared it lost first."""
+    done = s.execute(
+        sa.update(Attempt)
+        .where(Attempt.id == attempt_id, Attempt.outcome == "in_flight")
+        .values(**_attempt_values(outcome))
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    return done == 1
+
+
+def _call(rt: Runtime, conn: Connection, envelope: Envelope, message_type: str) -> tuple[Outcome, bool]:
+    """Deliver through the connection's adapter. Returns (outcome, whether the EHR was contacted)."""
+    from app.adapters.ehr.errors import AdapterError
+
     gated = _gate(conn, message_type)
     if gated is not None:
-        return gated
+        return gated, False
     try:
-        return rt.adapter_factory(conn).deliver(envelope)
+        return rt.adapter_factory(conn).deliver(envelope), True
+    except AdapterError as exc:  # refused before anything was sent (configuration, validation)
+        return exc.to_outcome(), False
     except Exception as exc:  # an adapter bug after the request may have left: treat as unknown
         log.exception("adapter raised", extra={"message_id": envelope.message_id})
-        return Outcome(AttemptOutcome.UNKNOWN, Category.UNKNOWN_OUTCOME, detail=f"adapter error: {exc!r}")
+        return Outcome(
+            AttemptOutcome.UNKNOWN, Category.UNKNOWN_OUTCOME, detail=f"adapter error: {exc!r}"
+        ), True
+
+
+def _note_circuit(s: so.Session, conn: Connection, outcome: Outcome) -> None:
+    """Breaker bookkeeping for a real call (never for a call the open circuit itself blocked)."""
+    if connections.note_outcome_for_circuit(conn, outcome):
+        audit.record(
+            s,
+            actor="system:worker",
+            action="circuit.open",
+            subject_type="connection",
+            subject_id=conn.id,
+            details={"failures": conn.consecutive_failures},
+        )
+
+
+class _Heartbeat:
+    """Renews a lease while the worker is alive and busy, so only a dead worker's lease expires.
+
+    SIGKILL takes the thread with the process: the lease then runs out and the reaper acts.
+    """
+
+    def __init__(self, rt: Runtime, *, attempt_id: int, replay_id: int | None = None):
+        self.rt, self.attempt_id, self.replay_id = rt, attempt_id, replay_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{attempt_id}", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        interval = max(self.rt.lease_seconds / 3, 0.2)
+        while not self._stop.wait(interval):
+            try:
+                with transaction(self.rt.sessions) as s:
+                    until = utcnow() + timedelta(seconds=self.rt.lease_seconds)
+                    s.execute(
+                        sa.update(Attempt)
+                        .where(Attempt.id == self.attempt_id, Attempt.outcome == "in_flight")
+                        .values(lease_expires_at=until)
+                    )
+                    if self.replay_id is not None:
+                        s.execute(
+                            sa.update(Replay)
+                            .where(Replay.id == self.replay_id, Replay.state == "running")
+                            .values(lease_expires_at=until)
+                        )
+            except Exception:  # a missed renewal only risks an early unknown_outcome, never a re-send
+                log.warning("lease renewal failed", exc_info=True, extra={"attempt_id": self.attempt_id})
+
+
+def _late_result(s: so.Session, attempt_id: int, message_id: str, outcome: Outcome) -> str:
+    """A result that arrived after the reaper declared the attempt lost: keep it as evidence and,
+    when it proves delivery, settle the unknown_outcome item it left behind."""
+    s.execute(
+        sa.update(Attempt).where(Attempt.id == attempt_id).values(**_attempt_values(outcome, late=True))
+    )
+    audit.record(
+        s,
+        actor="system:worker",
+        action="attempt.late_result",
+        subject_type="message",
+        subject_id=message_id,
+        details={"attempt_id": attempt_id, "outcome": outcome.outcome.value},
+    )
+    if not outcome.delivered:
+        return "late"
+    item = s.scalar(
+        sa.select(ExceptionItem).where(
+            ExceptionItem.message_id == message_id,
+            ExceptionItem.category == Category.UNKNOWN_OUTCOME.value,
+            ExceptionItem.state.in_([ExceptionState.OPEN.value, ExceptionState.ESCALATED.value]),
+        )
+    )
+    if item is not None and _resolve(
+        s,
+        item,
+        item.state,
+        "late result: the EHR confirmed delivery",
+        actor="system:worker",
+        details={"attempt_id": attempt_id},
+    ):
+        message = s.get(Message, message_id)
+        message.status = "delivered"
+        message.updated_at = utcnow()
+    return "late"
+
+
+def _resolve(
+    s: so.Session, item: ExceptionItem, from_state: str, reason: str, *, actor: str, details: dict
+) -> bool:
+    """System compare-and-set to resolved, audited only when it took effect."""
+    now = utcnow()
+    done = s.execute(
+        sa.update(ExceptionItem)
+        .where(ExceptionItem.id == item.id, ExceptionItem.state == from_state)
+        .values(state="resolved", resolved_at=now, version=ExceptionItem.version + 1, updated_at=now)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if done != 1:
+        log.warning("exception %s left %s before it could be resolved", item.id, from_state)
+        return False
+    audit.record(
+        s,
+        actor=actor,
+        action="exception.resolve",
+        subject_type="exception",
+        subject_id=item.id,
+        from_state=from_state,
+        to_state="resolved",
+        reason=reason,
+        details=details,
+    )
+    return True
 
 
 # --- first delivery and automatic retries -------------------------------------------------------
@@ -149,34 +292,19 @@ def deliver_attempt(rt: Runtime, attempt_id: int) -> str:
         message.status = "delivering"
         conn = message.connection
         envelope = envelope_for(message, s.get(PayloadVersion, attempt.payload_version_id))
-        message_type = message.message_type
+        message_type, message_id = message.message_type, message.id
 
-    outcome = _call(rt, conn, envelope, message_type)
+    with _Heartbeat(rt, attempt_id=attempt_id):
+        outcome, contacted = _call(rt, conn, envelope, message_type)
 
     with transaction(rt.sessions) as s:
+        if not _finish_attempt(s, attempt_id, outcome):
+            return _late_result(s, attempt_id, message_id, outcome)
         attempt = s.get(Attempt, attempt_id)
-        if attempt.outcome != "in_flight":  # the reaper already decided this attempt's fate
-            audit.record(
-                s,
-                actor="system:worker",
-                action="attempt.late_result",
-                subject_type="message",
-                subject_id=attempt.message_id,
-                details={"attempt_id": attempt_id, "outcome": outcome.outcome.value},
-            )
-            return "late"
-        _record_attempt(attempt, outcome)
-        message = s.get(Message, attempt.message_id)
+        message = s.get(Message, message_id)
         conn = s.get(Connection, message.connection_id)
-        if connections.note_outcome_for_circuit(conn, outcome):
-            audit.record(
-                s,
-                actor="system:worker",
-                action="circuit.open",
-                subject_type="connection",
-                subject_id=conn.id,
-                details={"failures": conn.consecutive_failures},
-            )
+        if contacted:
+            _note_circuit(s, conn, outcome)
         item = s.scalar(
             sa.select(ExceptionItem).where(
                 ExceptionItem.message_id == message.id, ExceptionItem.state == ExceptionState.RETRYING.value
@@ -206,26 +334,19 @@ def _settle_delivery(
             details={"attempt_id": attempt.id, "resource": outcome.resource_ref, "trigger": attempt.trigger},
         )
         if item is not None:
-            s.execute(
-                sa.update(ExceptionItem)
-                .where(ExceptionItem.id == item.id, ExceptionItem.state == "retrying")
-                .values(state="resolved", resolved_at=now, version=ExceptionItem.version + 1, updated_at=now)
-            )
-            audit.record(
+            _resolve(
                 s,
+                item,
+                "retrying",
+                "automatic retry delivered",
                 actor="system:retry",
-                action="exception.resolve",
-                subject_type="exception",
-                subject_id=item.id,
-                from_state="retrying",
-                to_state="resolved",
-                reason="automatic retry delivered",
                 details={"attempt_id": attempt.id},
             )
         return "delivered"
 
     message.status = "exception"
     detail = outcome.detail or f"{outcome.category} ({outcome.status_code})"
+    may_have_applied = not outcome.provably_not_applied
     retries_done = item.retry_count if item is not None else 0
     if auto_retry_eligible(outcome, connections.settings_for(conn)) and retries_done < conn.max_auto_retries:
         delay = conn.retry_backoff_seconds * (2**retries_done)
@@ -244,8 +365,9 @@ def _settle_delivery(
                 state=ExceptionState.RETRYING,
                 next_retry_at=next_at,
                 actor="system:worker",
+                may_have_applied=may_have_applied,
             )
-        else:
+        elif (
             s.execute(
                 sa.update(ExceptionItem)
                 .where(ExceptionItem.id == item.id, ExceptionItem.state == "retrying")
@@ -256,7 +378,9 @@ def _settle_delivery(
                     version=ExceptionItem.version + 1,
                     updated_at=now,
                 )
-            )
+            ).rowcount
+            == 1
+        ):
             audit.record(
                 s,
                 actor="system:retry",
@@ -277,6 +401,7 @@ def _settle_delivery(
             detail,
             payload_version_id=attempt.payload_version_id,
             actor="system:worker",
+            may_have_applied=may_have_applied,
         )
     else:
         reopen(
@@ -286,6 +411,7 @@ def _settle_delivery(
             f"automatic retries stopped: {detail}",
             from_state="retrying",
             actor="system:retry",
+            may_have_applied=may_have_applied,
         )
     return "exception"
 
@@ -371,79 +497,80 @@ def run_replay(rt: Runtime, replay_id: int) -> str:
         )
         s.add(attempt)
         s.flush()
-        attempt_id = attempt.id
+        attempt_id, message_id, corrected = attempt.id, message.id, replay.corrected
         envelope = envelope_for(message, replay.payload_version)
         message_type = message.message_type
-        search = conn.supports_identifier_search
 
     found: bool | None = None
+    contacted = False
     outcome: Outcome | None = None
-    if search and _gate(conn, message_type) is None:
-        try:
-            found = rt.adapter_factory(conn).find_applied(envelope)
-        except Exception:  # cannot tell
-            log.exception("find_applied raised", extra={"replay_id": replay_id})
-            found = None
-        if found is None:
-            outcome = Outcome(
-                AttemptOutcome.UNKNOWN,
-                Category.UNKNOWN_OUTCOME,
-                provably_not_applied=False,
-                detail="identifier search failed: cannot tell whether the EHR applied it; not re-sent",
-            )
-        elif found:
-            outcome = Outcome(
-                AttemptOutcome.DELIVERED,
-                summary="search by identifier",
-                detail="found already applied by identifier search; not re-sent",
-            )
-    if outcome is None:
-        outcome = _call(rt, conn, envelope, message_type)
+    with _Heartbeat(rt, attempt_id=attempt_id, replay_id=replay_id):
+        if conn.supports_identifier_search and _gate(conn, message_type) is None:
+            try:
+                found = rt.adapter_factory(conn).find_applied(envelope)
+            except Exception:  # cannot tell
+                log.exception("find_applied raised", extra={"replay_id": replay_id})
+                found = None
+            if found is None:
+                outcome = Outcome(
+                    AttemptOutcome.UNKNOWN,
+                    Category.UNKNOWN_OUTCOME,
+                    summary="search by identifier",
+                    detail="identifier search failed: cannot tell whether the EHR applied it; not re-sent",
+                )
+            elif found and corrected:
+                # The EHR holds the ORIGINAL payload: sending the correction would duplicate the order,
+                # and resolving would record a correction the EHR never got. A human decides.
+                outcome = Outcome(
+                    AttemptOutcome.REJECTED,
+                    Category.DUPLICATE_SUSPECTED,
+                    summary="search by identifier",
+                    provably_not_applied=True,
+                    detail="the EHR already holds this order as first sent; the correction was not "
+                    "sent (amend it in the EHR, or discard as applied_manually)",
+                )
+            elif found:
+                outcome = Outcome(
+                    AttemptOutcome.DELIVERED,
+                    summary="search by identifier",
+                    detail="found already applied by identifier search; not re-sent",
+                )
+        if outcome is None:
+            outcome, contacted = _call(rt, conn, envelope, message_type)
 
     with transaction(rt.sessions) as s:
-        attempt = s.get(Attempt, attempt_id)
-        replay = s.get(Replay, replay_id)
         now = utcnow()
-        if replay.state != "running":  # the reaper already declared it lost
-            if attempt.outcome == "in_flight":
-                _record_attempt(attempt, outcome)
-            audit.record(
-                s,
-                actor="system:worker",
-                action="replay.late_result",
-                subject_type="replay",
-                subject_id=replay_id,
-                details={"outcome": outcome.outcome.value},
+        settled = s.execute(
+            sa.update(Replay)
+            .where(Replay.id == replay_id, Replay.state == "running")
+            .values(
+                state="succeeded" if outcome.delivered else "failed",
+                finished_at=now,
+                lease_expires_at=None,
+                result=(outcome.detail or f"delivered {outcome.resource_ref or ''}".strip())[:2000]
+                if outcome.delivered
+                else (outcome.detail or str(outcome.category))[:2000],
             )
-            return "late"
-        _record_attempt(attempt, outcome)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if settled != 1:  # the reaper already declared it lost
+            return _late_result(s, attempt_id, message_id, outcome)
+        _finish_attempt(s, attempt_id, outcome)
+        replay = s.get(Replay, replay_id)
         item = s.get(ExceptionItem, replay.exception_id)
-        message = s.get(Message, replay.message_id)
-        conn = s.get(Connection, message.connection_id)
-        if found is None or not found:
-            connections.note_outcome_for_circuit(conn, outcome)
-        replay.finished_at = now
-        replay.lease_expires_at = None
+        message = s.get(Message, message_id)
+        if contacted:
+            _note_circuit(s, s.get(Connection, message.connection_id), outcome)
         if outcome.delivered:
-            replay.state = "succeeded"
-            replay.result = outcome.detail or f"delivered {outcome.resource_ref or ''}".strip()
             message.status = "delivered"
             message.current_payload_id = replay.payload_version_id
             message.updated_at = now
-            s.execute(
-                sa.update(ExceptionItem)
-                .where(ExceptionItem.id == item.id, ExceptionItem.state == "replaying")
-                .values(state="resolved", resolved_at=now, version=ExceptionItem.version + 1, updated_at=now)
-            )
-            audit.record(
+            _resolve(
                 s,
+                item,
+                "replaying",
+                replay.result,
                 actor="system:worker",
-                action="replay.succeed",
-                subject_type="exception",
-                subject_id=item.id,
-                from_state="replaying",
-                to_state="resolved",
-                reason=replay.result,
                 details={
                     "replay_id": replay_id,
                     "attempt_id": attempt_id,
@@ -452,8 +579,6 @@ def run_replay(rt: Runtime, replay_id: int) -> str:
                 },
             )
             return "resolved"
-        replay.state = "failed"
-        replay.result = outcome.detail or str(outcome.category)
         reopen(
             s,
             item,
@@ -461,11 +586,35 @@ def run_replay(rt: Runtime, replay_id: int) -> str:
             f"replay {replay_id} failed: {replay.result}",
             from_state="replaying",
             actor="system:worker",
+            may_have_applied=not outcome.provably_not_applied,
         )
         return "reopened"
 
 
 # --- the reaper and the outbox relay -------------------------------------------------------------
+
+
+def _expire_attempts(s: so.Session, now, *where) -> list[Attempt]:
+    """Compare-and-set in_flight → unknown for the matching attempts; returns those it took."""
+    taken = []
+    for attempt in s.scalars(sa.select(Attempt).where(Attempt.outcome == "in_flight", *where)).all():
+        if (
+            s.execute(
+                sa.update(Attempt)
+                .where(Attempt.id == attempt.id, Attempt.outcome == "in_flight")
+                .values(
+                    outcome=AttemptOutcome.UNKNOWN.value,
+                    category=Category.UNKNOWN_OUTCOME.value,
+                    finished_at=now,
+                    lease_expires_at=None,
+                    detail="worker lost mid-delivery",
+                )
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            == 1
+        ):
+            taken.append(attempt)
+    return taken
 
 
 def reap_expired_leases(rt: Runtime) -> int:
@@ -490,10 +639,7 @@ def reap_expired_leases(rt: Runtime) -> int:
                 != 1
             ):
                 continue
-            for attempt in s.scalars(
-                sa.select(Attempt).where(Attempt.replay_id == replay.id, Attempt.outcome == "in_flight")
-            ):
-                _expire_attempt(attempt, now)
+            _expire_attempts(s, now, Attempt.replay_id == replay.id)
             item = s.get(ExceptionItem, replay.exception_id)
             audit.record(
                 s,
@@ -515,26 +661,7 @@ def reap_expired_leases(rt: Runtime) -> int:
                 actor="system:reaper",
             )
             reaped += 1
-        for attempt in s.scalars(
-            sa.select(Attempt).where(
-                Attempt.outcome == "in_flight", Attempt.replay_id.is_(None), Attempt.lease_expires_at < now
-            )
-        ).all():
-            if (
-                s.execute(
-                    sa.update(Attempt)
-                    .where(Attempt.id == attempt.id, Attempt.outcome == "in_flight")
-                    .values(
-                        outcome="unknown",
-                        category=Category.UNKNOWN_OUTCOME.value,
-                        finished_at=now,
-                        lease_expires_at=None,
-                        detail="worker lost mid-delivery",
-                    )
-                ).rowcount
-                != 1
-            ):
-                continue
+        for attempt in _expire_attempts(s, now, Attempt.replay_id.is_(None), Attempt.lease_expires_at < now):
             message = s.get(Message, attempt.message_id)
             message.status = "exception"
             message.updated_at = now
@@ -577,14 +704,6 @@ def escalate_breached(rt: Runtime) -> int:
 
     with transaction(rt.sessions) as s:
         return escalate(s)
-
-
-def _expire_attempt(attempt: Attempt, now) -> None:
-    attempt.outcome = AttemptOutcome.UNKNOWN.value
-    attempt.category = Category.UNKNOWN_OUTCOME.value
-    attempt.finished_at = now
-    attempt.lease_expires_at = None
-    attempt.detail = "worker lost mid-delivery"
 
 
 def pending_outbox(rt: Runtime, limit: int = 200) -> list[OutboxEntry]:

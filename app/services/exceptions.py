@@ -41,8 +41,14 @@ def open_exception(
     state: ExceptionState = ExceptionState.OPEN,
     next_retry_at: datetime | None = None,
     actor: str = "system:intake",
+    may_have_applied: bool | None = None,
 ) -> ExceptionItem:
-    """Put a message in a queue, with an SLA timer from the runtime policy."""
+    """Put a message in a queue, with an SLA timer from the runtime policy.
+
+    may_have_applied: the last attempt may have reached and changed the EHR (default: only
+    for unknown_outcome). On a connection that cannot search, such an item needs a clinical
+    lead's confirm_not_applied before anyone can resubmit it.
+    """
     now = utcnow()
     conn = message.connection
     category = Category(category)
@@ -58,9 +64,7 @@ def open_exception(
         detail=detail[:4000],
         sla_started_at=now,
         sla_due_at=due,
-        needs_not_applied_confirmation=(
-            category is Category.UNKNOWN_OUTCOME and not conn.supports_identifier_search
-        ),
+        needs_not_applied_confirmation=_needs_confirmation(conn, category, may_have_applied),
         next_retry_at=next_retry_at,
         created_at=now,
         updated_at=now,
@@ -80,6 +84,12 @@ def open_exception(
     return item
 
 
+def _needs_confirmation(conn, category: Category, may_have_applied: bool | None) -> bool:
+    if may_have_applied is None:
+        may_have_applied = category is Category.UNKNOWN_OUTCOME
+    return may_have_applied and not conn.supports_identifier_search
+
+
 def reopen(
     session: so.Session,
     item: ExceptionItem,
@@ -88,6 +98,7 @@ def reopen(
     *,
     from_state: str,
     actor: str,
+    may_have_applied: bool | None = None,
 ) -> bool:
     """System move back to a human queue (replay failed, retries exhausted, lease expired).
 
@@ -106,9 +117,7 @@ def reopen(
         next_retry_at=None,
         sla_started_at=now,
         sla_due_at=due,
-        needs_not_applied_confirmation=(
-            category is Category.UNKNOWN_OUTCOME and not conn.supports_identifier_search
-        ),
+        needs_not_applied_confirmation=_needs_confirmation(conn, category, may_have_applied),
     )
     if not _compare_and_set(session, item, from_state, values):
         return False
