@@ -5,10 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from flask import Flask
+from werkzeug.routing import IntegerConverter
 
 from .config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class BoundedInt(IntegerConverter):
+    """`<int:...>` route parts that fit a database integer."""
+
+    def __init__(self, map, *args, **kwargs):
+        kwargs.setdefault("max", 2**63 - 1)
+        super().__init__(map, *args, **kwargs)
 
 
 def create_app(config: dict | None = None) -> Flask:
@@ -35,16 +44,18 @@ def create_app(config: dict | None = None) -> Flask:
         RECON_SETTINGS=settings,
     )
     app.config.update(config)
+    app.url_map.converters["int"] = BoundedInt  # ids past 2**63 are a 404, not an OverflowError
     register_extensions(app, settings)
     register_blueprints(app)
     from .web.errors import register_error_handlers
 
     register_error_handlers(app)
     from .logs import configure_logging
-    from .web import request_log
+    from .web import input_guard, request_log
 
     configure_logging(app)
     request_log.init_app(app)
+    input_guard.init_app(app)
     return app
 
 

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import click
@@ -343,11 +343,12 @@ def audit() -> None:
 def _parse_iso(value: str | None) -> datetime | None:
     if not value:
         return None
+    from app.domain.timeparse import parse_utc
+
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parse_utc(value)
     except ValueError:
         raise click.BadParameter(f"not an ISO 8601 timestamp: {value}") from None
-    return parsed.astimezone(UTC).replace(tzinfo=None) if parsed.tzinfo else parsed
 
 
 @audit.command("export")

@@ -15,7 +15,8 @@ import time
 import uuid
 
 from rq import Queue, SimpleWorker
-from rq.exceptions import DuplicateJobError
+from rq.exceptions import DuplicateJobError, NoSuchJobError
+from rq.job import Job, JobStatus
 
 from app.services import delivery
 
@@ -52,6 +53,34 @@ def relay_outbox(rt: delivery.Runtime, queue: Queue) -> int:
     return len(done)
 
 
+def _guarded(step, *args) -> int:
+    """One housekeeping step; a database hiccup (lock timeout, failover) must not kill the worker
+    and with it the relay and the reaper. The step runs again on the next pass."""
+    try:
+        return step(*args)
+    except Exception:
+        log.exception("worker step %s failed; retrying on the next pass", step.__name__)
+        return 0
+
+
+def requeue_stranded(rt: delivery.Runtime, queue: Queue, older_than_seconds: float = 300) -> int:
+    """Queue again the work whose RQ job vanished (Redis lost its data, a job was deleted by hand,
+    or a worker died between taking a job and claiming its row). Safe: the claim is a
+    compare-and-set, so if the old job does run after all, one of the two finds nothing to do."""
+    stranded = delivery.stranded_work(rt, older_than_seconds)
+    if not stranded:
+        return 0
+    lost = []
+    for kind, ref_id, job_id in stranded:
+        try:
+            status = Job.fetch(f"{queue.name}-{job_id}", connection=queue.connection).get_status(refresh=True)
+        except NoSuchJobError:
+            status = None
+        if status in (None, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED, JobStatus.FINISHED):
+            lost.append((kind, ref_id))
+    return delivery.queue_again(rt, lost)
+
+
 def worker_name() -> str:
     return f"recon-{socket.gethostname()}-{os.getpid()}"
 
@@ -68,12 +97,13 @@ def run_worker(rt: delivery.Runtime, queue: Queue, *, burst: bool, poll_seconds:
         [queue], connection=queue.connection, name=f"{rt.worker_name}-{uuid.uuid4().hex[:6]}"
     )
     while True:
-        relayed = relay_outbox(rt, queue)
-        retries = delivery.schedule_due_retries(rt)
-        reaped = delivery.reap_expired_leases(rt)
-        escalated = delivery.escalate_breached(rt)
-        if retries:
-            relayed += relay_outbox(rt, queue)
+        relayed = _guarded(relay_outbox, rt, queue)
+        retries = _guarded(delivery.schedule_due_retries, rt)
+        reaped = _guarded(delivery.reap_expired_leases, rt)
+        escalated = _guarded(delivery.escalate_breached, rt)
+        requeued = _guarded(requeue_stranded, rt, queue)
+        if retries or requeued:
+            relayed += _guarded(relay_outbox, rt, queue)
         pending = queue.count
         if pending:
             worker.work(burst=True, max_jobs=max(pending, 1), logging_level="WARNING")

@@ -88,6 +88,15 @@ class Outcome:
         return self.outcome is AttemptOutcome.DELIVERED
 
 
+def routing_refusal(settings: ConnectionSettings, message_type: str) -> str | None:
+    """Why a connection will not carry this message type now (a `config` problem), or None."""
+    if not settings.enabled:
+        return f"connection {settings.name} is disabled"
+    if settings.enabled_message_types and message_type not in settings.enabled_message_types:
+        return f"message type {message_type} is not enabled on {settings.name}"
+    return None
+
+
 # Categories a worker may retry automatically (SPEC 3.2).
 AUTO_RETRY_CATEGORIES = frozenset({Category.TRANSPORT, Category.EHR_UNAVAILABLE})
 

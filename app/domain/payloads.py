@@ -50,6 +50,8 @@ def parse_fhir_json(text: str) -> tuple[dict | None, str | None]:
         doc = json.loads(text)
     except ValueError as exc:
         return None, f"payload is not JSON: {exc}"
+    except RecursionError:
+        return None, "payload is JSON nested too deeply to parse"
     if not isinstance(doc, dict):
         return None, "payload is JSON but not an object"
     if not isinstance(doc.get("resourceType"), str):
@@ -61,6 +63,10 @@ def decode_payload(raw: bytes, content_type: str, message_type: str) -> DecodedP
     """Decode and shape-check a payload; never raises for bad content."""
     text, encoding, problem = decode_bytes(raw, content_type)
     kind = "decode" if problem else None
+    if "\x00" in text:
+        # Databases cannot hold NUL in text columns; the raw bytes keep it, the text shows U+FFFD.
+        text = text.replace("\x00", "\ufffd")
+        problem, kind = problem or "payload contains NUL characters", kind or "decode"
     if problem is None and content_type == FHIR_JSON:
         doc, problem = parse_fhir_json(text)
         kind = "parse" if problem else None

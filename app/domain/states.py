@@ -49,8 +49,6 @@ class DiscardReason(StrEnum):
     OTHER = "other"
 
 
-HUMAN_ACTIONS = tuple(Action)
-
 _REVIEWERS = frozenset({Role.REVIEWER, Role.CLINICAL_LEAD})
 _LEADS = frozenset({Role.CLINICAL_LEAD})
 _NON_FINAL = frozenset(ExceptionState) - FINAL_STATES
@@ -179,15 +177,3 @@ def plan_transition(facts: ExceptionFacts, req: DecisionRequest) -> ExceptionSta
         if not req.password_confirmed:
             raise Forbidden("approval needs your password re-entered", code="password_required")
     return rule.to_state if rule.to_state is not None else facts.state
-
-
-def system_transition_allowed(from_state: ExceptionState, to_state: ExceptionState) -> bool:
-    """Transitions the system (workers, reaper, retry scheduler) may make."""
-    return (from_state, to_state) in {
-        (ExceptionState.REPLAYING, ExceptionState.RESOLVED),
-        (ExceptionState.REPLAYING, ExceptionState.OPEN),
-        (ExceptionState.RETRYING, ExceptionState.RESOLVED),
-        (ExceptionState.RETRYING, ExceptionState.OPEN),
-        (ExceptionState.RETRYING, ExceptionState.RETRYING),
-        (ExceptionState.OPEN, ExceptionState.ESCALATED),  # SLA breached: escalated by the system
-    }

@@ -115,14 +115,12 @@ def stream_export(
         head_id, head_hash, head_at = marker.id, marker.hash, marker.occurred_at
     if fmt == "csv":
         yield ",".join(CSV_COLUMNS) + "\r\n"
-    session = sessions()
-    try:
+    # A read-only transaction: on SQLite a long export must not hold the write lock.
+    with transaction(sessions, read_only=True) as session:
         for event in audit.iter_events(session, since=since, until=until):
             if event.id > head_id:
                 break
             yield _line(fmt, event)
-    finally:
-        session.close()
     trailer = {"chain_head": {"id": head_id, "hash": head_hash}}
     if fmt == "csv":
         yield f"# chain_head id={head_id} hash={head_hash}\r\n"

@@ -26,6 +26,7 @@ from app.domain.delivery import (
     Envelope,
     Outcome,
     auto_retry_eligible,
+    routing_refusal,
 )
 from app.domain.states import ExceptionState
 
@@ -79,20 +80,9 @@ def envelope_for(message: Message, payload: PayloadVersion) -> Envelope:
 
 def _gate(conn: Connection, message_type: str) -> Outcome | None:
     """Reasons not to call the EHR at all: circuit open, connection disabled, type not enabled."""
-    if not conn.enabled:
-        return Outcome(
-            AttemptOutcome.REJECTED,
-            Category.CONFIG,
-            detail=f"connection {conn.name} is disabled",
-            provably_not_applied=True,
-        )
-    if conn.enabled_message_types and message_type not in conn.enabled_message_types:
-        return Outcome(
-            AttemptOutcome.REJECTED,
-            Category.CONFIG,
-            provably_not_applied=True,
-            detail=f"message type {message_type} is not enabled on {conn.name}",
-        )
+    refusal = routing_refusal(connections.settings_for(conn), message_type)
+    if refusal:
+        return Outcome(AttemptOutcome.REJECTED, Category.CONFIG, detail=refusal, provably_not_applied=True)
     if connections.circuit_state(conn) == "open":
         return Outcome(
             AttemptOutcome.TRANSIENT,
@@ -113,7 +103,8 @@ def _attempt_values(outcome: Outcome, *, late: bool = False) -> dict:
         "category": outcome.category.value if outcome.category else None,
         "status_code": outcome.status_code,
         "request_summary": outcome.summary[:1000],
-        "response_excerpt": outcome.response_excerpt[:2000],
+        # A success echoes the resource (PHI) and proves nothing more than the status: keep errors only.
+        "response_excerpt": "" if outcome.delivered else outcome.response_excerpt[:2000],
         "detail": detail,
         "issues": list(outcome.issues or []),
         "latency_ms": outcome.latency_ms,
@@ -704,6 +695,57 @@ def escalate_breached(rt: Runtime) -> int:
 
     with transaction(rt.sessions) as s:
         return escalate(s)
+
+
+def stranded_work(rt: Runtime, older_than_seconds: float) -> list[tuple[str, int, str]]:
+    """Queued attempts and replays, relayed long ago and still unclaimed: (kind, id, last job id)."""
+    cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+    with transaction(rt.sessions, read_only=True) as s:
+        rows = s.execute(
+            sa.select(
+                OutboxEntry.kind,
+                OutboxEntry.ref_id,
+                sa.func.max(OutboxEntry.job_id),
+                sa.func.max(OutboxEntry.relayed_at),
+            )
+            .where(OutboxEntry.relayed_at.is_not(None))
+            .group_by(OutboxEntry.kind, OutboxEntry.ref_id)
+            .having(sa.func.max(OutboxEntry.relayed_at) < cutoff)
+            .where(
+                sa.or_(
+                    sa.and_(
+                        OutboxEntry.kind == "deliver",
+                        OutboxEntry.ref_id.in_(
+                            sa.select(sa.cast(Attempt.id, sa.String)).where(Attempt.outcome == "queued")
+                        ),
+                    ),
+                    sa.and_(
+                        OutboxEntry.kind == "replay",
+                        OutboxEntry.ref_id.in_(
+                            sa.select(sa.cast(Replay.id, sa.String)).where(Replay.state == "queued")
+                        ),
+                    ),
+                )
+            )
+        ).all()
+    return [(kind, int(ref_id), job_id) for kind, ref_id, job_id, _ in rows]
+
+
+def queue_again(rt: Runtime, work: list[tuple[str, int]]) -> int:
+    """New outbox rows (new job ids) for stranded work."""
+    if not work:
+        return 0
+    with transaction(rt.sessions) as s:
+        now = utcnow()
+        for kind, ref_id in work:
+            stamp = now.strftime("%Y%m%d%H%M%S")
+            s.add(
+                OutboxEntry(
+                    kind=kind, ref_id=str(ref_id), job_id=f"{kind}-{ref_id}-again-{stamp}", created_at=now
+                )
+            )
+            log.warning("re-queued stranded %s %s", kind, ref_id)
+    return len(work)
 
 
 def pending_outbox(rt: Runtime, limit: int = 200) -> list[OutboxEntry]:

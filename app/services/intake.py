@@ -15,7 +15,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm as so
 
 from app.db.models import Attempt, Message, OutboxEntry, PayloadVersion, User
-from app.domain.delivery import Category, clinical_risk
+from app.domain.delivery import Category, clinical_risk, routing_refusal
 from app.domain.errors import Invalid, NotFound
 from app.domain.idempotency import request_fingerprint
 from app.domain.payloads import CONTENT_TYPES, decode_payload, patient_reference
@@ -175,11 +175,8 @@ def _refusal(conn, message_type: str, decoded) -> tuple[Category, str] | None:
     """Why this message cannot be sent as it is, or None."""
     if decoded.problem:
         return Category.DATA_SHAPE, f"{decoded.problem_kind}: {decoded.problem}"
-    if not conn.enabled:
-        return Category.CONFIG, f"connection {conn.name} is disabled"
-    if conn.enabled_message_types and message_type not in conn.enabled_message_types:
-        return Category.CONFIG, f"message type {message_type} is not enabled on {conn.name}"
-    return None
+    refusal = routing_refusal(connections.settings_for(conn), message_type)
+    return (Category.CONFIG, refusal) if refusal else None
 
 
 def message_status(session: so.Session, message_id: str) -> Message:

@@ -79,8 +79,11 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         due, item_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        return datetime.fromisoformat(due), int(item_id)
-    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        item_id = int(item_id)
+        if not 0 <= item_id < 2**63:
+            raise ValueError("id out of range")
+        return datetime.fromisoformat(due), item_id
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, RecursionError):
         raise Invalid("invalid cursor", code="invalid_cursor") from None
 
 
@@ -138,6 +141,11 @@ def _as_values(value: str | Iterable[str] | None, allowed: tuple[str, ...], what
     return values
 
 
+def _id_like(text: str) -> bool:
+    """Plain ASCII digits that fit a database integer."""
+    return text.isdecimal() and text.isascii() and len(text) <= 18
+
+
 def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
@@ -184,7 +192,7 @@ def _filtered(
             ExceptionItem.assignee_id == sa.select(User.id).where(User.username == assignee).scalar_subquery()
         )
     text = (q or "").strip()
-    if text.startswith("#") and text[1:].isdigit():
+    if text.startswith("#") and _id_like(text[1:]):
         stmt = stmt.where(ExceptionItem.id == int(text[1:]))
     elif text:
         exact = [
@@ -197,7 +205,7 @@ def _filtered(
             prefix = _escape_like(text) + "%"
             exact += [Message.id.like(prefix, escape="\\"), Message.idempotency_key.like(prefix, escape="\\")]
         conditions = [ExceptionItem.message_id.in_(sa.select(Message.id).where(sa.or_(*exact)))]
-        if text.isdigit():
+        if _id_like(text):
             conditions.append(ExceptionItem.id == int(text))
         stmt = stmt.where(sa.or_(*conditions))
     return stmt

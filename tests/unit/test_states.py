@@ -14,7 +14,6 @@ from app.domain.states import (
     ExceptionFacts,
     ExceptionState,
     plan_transition,
-    system_transition_allowed,
 )
 
 S = ExceptionState
@@ -163,11 +162,3 @@ def test_confirm_not_applied_only_when_awaited():
         plan_transition(
             ExceptionFacts(S.OPEN, "ehr_rejected"), request(A.CONFIRM_NOT_APPLIED, Role.CLINICAL_LEAD)
         )
-
-
-def test_system_transitions():
-    assert system_transition_allowed(S.REPLAYING, S.RESOLVED)
-    assert system_transition_allowed(S.REPLAYING, S.OPEN)
-    assert system_transition_allowed(S.RETRYING, S.RESOLVED)
-    assert not system_transition_allowed(S.OPEN, S.RESOLVED)
-    assert not system_transition_allowed(S.PENDING_APPROVAL, S.REPLAYING)

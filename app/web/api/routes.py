@@ -14,6 +14,7 @@ from app.db.models import Attempt, Decision, ExceptionItem, Message, PayloadVers
 from app.domain.errors import Conflict, DomainError, Invalid, NotFound
 from app.domain.idempotency import request_fingerprint, valid_key
 from app.domain.roles import Permission, Role
+from app.domain.timeparse import parse_utc
 from app.services import audit, audit_export, queries
 from app.services.audit_export import event_json
 from app.services.exceptions import DecisionInput, decide, view_payload
@@ -268,14 +269,9 @@ def _parse_time(name: str) -> datetime | None:
     if not value:
         return None
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parse_utc(value)
     except ValueError:
         raise Invalid(f"{name} must be an ISO 8601 timestamp", code="invalid_parameter") from None
-    if parsed.tzinfo is not None:
-        from datetime import UTC
-
-        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
-    return parsed
 
 
 @bp.get("/audit")
@@ -285,6 +281,8 @@ def audit_events():
     try:
         limit = min(max(int(args.get("limit", 100)), 1), 1000)
         after = int(args.get("cursor") or 0)
+        if not 0 <= after < 2**63:
+            raise ValueError
     except ValueError:
         raise Invalid("limit and cursor must be integers", code="invalid_parameter") from None
     with unit_of_work(read_only=True) as s:

@@ -8,7 +8,7 @@ from wtforms import HiddenField, IntegerField, PasswordField, TextAreaField
 from wtforms.validators import AnyOf, DataRequired, Length, Optional
 from wtforms.widgets import HiddenInput
 
-from app.domain.errors import DomainError, NotFound
+from app.domain.errors import DomainError
 from app.domain.roles import Permission
 from app.services import exceptions, queries
 
@@ -67,8 +67,6 @@ def decide(exception_id: int):
     try:
         with unit_of_work() as s:
             exceptions.decide(s, exception_id, current_actor(), data)
-    except NotFound:
-        raise
     except DomainError as exc:
         return _render_index(status=exc.http_status, error=exc.message, error_for=exception_id)
     if form.action.data == "approve":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
 from flask import Response, render_template, request, stream_with_context
 from flask_wtf import FlaskForm
@@ -12,6 +12,7 @@ from wtforms.widgets import HiddenInput
 
 from app.domain.errors import Invalid
 from app.domain.roles import Permission
+from app.domain.timeparse import parse_utc
 from app.services import audit, queries
 from app.services.audit_export import FORMATS, stream_export
 from app.services.clock import utcnow
@@ -31,15 +32,11 @@ def parse_when(value: str | None, *, end: bool = False) -> datetime | None:
     if not value:
         return None
     try:
-        if len(value) == 10:
-            day = datetime.fromisoformat(value)
-            return day + timedelta(days=1) if end else day
-        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parse_utc(value, end_of_day=end)
     except ValueError:
         raise Invalid(
             f"{value!r} is not a date (YYYY-MM-DD) or an ISO 8601 time", code="invalid_date"
         ) from None
-    return when.astimezone(UTC).replace(tzinfo=None) if when.tzinfo else when
 
 
 def _date_check(end: bool):

@@ -23,8 +23,11 @@ class LoginForm(FlaskForm):
 
 
 def _safe_next(target: str | None) -> str:
-    if target and not urlsplit(target).netloc and target.startswith("/") and not target.startswith("//"):
-        return target
+    # Only same-site paths: no scheme, no host, and no "//" or "/\" that browsers treat as one.
+    if target and target.startswith("/") and not target.startswith(("//", "/\\")) and "\\" not in target:
+        parts = urlsplit(target)
+        if not parts.scheme and not parts.netloc:
+            return target
     return url_for("dashboard.index")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import abort, flash, redirect, render_template, request, url_for
+from flask import abort, flash, redirect, render_template, request, session, url_for
 from flask_wtf import FlaskForm
 from wtforms import (
     HiddenField,
@@ -16,7 +16,7 @@ from wtforms import (
 from wtforms.validators import AnyOf, DataRequired, Length, Optional
 from wtforms.widgets import HiddenInput
 
-from app.domain.errors import DomainError, NotFound
+from app.domain.errors import DomainError
 from app.domain.payloads import FHIR_JSON
 from app.domain.roles import Permission
 from app.domain.states import Action, DiscardReason
@@ -154,8 +154,6 @@ def decide(exception_id: int):
         with unit_of_work() as s:
             decision = exceptions.decide(s, exception_id, current_actor(), data)
             to_state = decision.to_state
-    except NotFound:
-        raise
     except DomainError as exc:
         return _render_detail(exception_id, status=exc.http_status, error=exc.message, error_action=action)
     flash(
@@ -184,6 +182,7 @@ def _render_correct(
         if first_view:
             # Filling the editor shows the full payload: an audited PHI view.
             current = exceptions.view_payload(s, detail.item, actor, channel="console-correct")
+            session["phi_seen"] = [*session.get("phi_seen", [])[-49:], exception_id]
             form.payload.data = editable_text(current.text or "")
             form.expected_version.data = detail.item.version
     original_text = original.text if original and original.text is not None else ""
@@ -234,8 +233,6 @@ def correct(exception_id: int):
                     expected_version=form.expected_version.data,
                 ),
             )
-    except NotFound:
-        raise
     except DomainError as exc:
         return _render_correct(exception_id, form, status=exc.http_status, error=exc.message)
     flash(
@@ -250,8 +247,13 @@ def correct(exception_id: int):
 def diff(exception_id: int):
     """The diff fragment for the editor (htmx live preview)."""
     edited = request.form.get("payload", "")
-    with unit_of_work(read_only=True) as s:
+    seen = session.get("phi_seen", [])
+    with unit_of_work(read_only=exception_id in seen) as s:
         item = exceptions.get(s, exception_id)
         original = queries.original_payload(s, item.message_id)
+        if exception_id not in seen:
+            # The diff shows the original payload: a PHI view unless this session's editor showed it.
+            exceptions.view_payload(s, item, current_actor(), channel="console-diff")
+            session["phi_seen"] = [*seen[-49:], exception_id]
     lines = payload_diff(original.text if original and original.text else "", edited)
     return render_template("exceptions/_diff.html", diff=lines)
