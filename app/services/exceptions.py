@@ -389,9 +389,11 @@ def _new_payload_version(
     return version
 
 
-def view_payload(session: so.Session, item: ExceptionItem, actor: User, *, channel: str) -> PayloadVersion:
-    """Reading a full payload is an audited PHI view (SPEC 3.4)."""
-    payload = session.get(PayloadVersion, item.message.current_payload_id)
+def view_payload(
+    session: so.Session, item: ExceptionItem, actor: User, *, channel: str, payload_version_id: int | None = None
+) -> PayloadVersion:
+    """Reading a full payload is an audited PHI view (SPEC 3.4). Default: the current version."""
+    payload = session.get(PayloadVersion, payload_version_id or item.message.current_payload_id)
     audit.record(
         session,
         actor=actor.username,

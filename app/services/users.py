@@ -92,12 +92,11 @@ def create_token(session: so.Session, user: User, *, actor: str = "system:cli") 
 
 
 def user_for_token(session: so.Session, token: str) -> User | None:
-    row = session.scalar(
-        sa.select(ApiToken).where(ApiToken.token_hash == _token_hash(token), ApiToken.revoked_at.is_(None))
+    return session.scalar(
+        sa.select(User)
+        .join(ApiToken, ApiToken.user_id == User.id)
+        .where(ApiToken.token_hash == _token_hash(token), ApiToken.revoked_at.is_(None), User.active.is_(True))
     )
-    if row is None or not row.user.active:
-        return None
-    return row.user
 
 
 def by_username(session: so.Session, username: str) -> User | None:

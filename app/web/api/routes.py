@@ -64,7 +64,7 @@ def submit():
             if s.bind.dialect.name == "postgresql":
                 # A request racing an uncommitted one with the same key waits at most this long.
                 s.execute(sa.text("SET LOCAL lock_timeout = '10s'"))
-            result = submit_message(s, s.get(User, actor.id), key, body)
+            result = submit_message(s, actor, key, body)
     except IntegrityError:
         # A concurrent request with the same key committed first: answer as a replay.
         with unit_of_work() as s:

@@ -34,7 +34,9 @@ def _render_index(*, status: int = 200, error: str | None = None, error_for: int
         for p in pending:
             if p.replay.corrected and p.original is not None:
                 # The diff shows payload content: an audited PHI view, like the payload viewer.
-                exceptions.view_payload(s, p.item, actor, channel="console-approvals")
+                exceptions.view_payload(
+                    s, p.item, actor, channel="console-approvals", payload_version_id=p.proposed.id
+                )
                 diffs[p.replay.id] = payload_diff(p.original.text or "", p.proposed.text or "")
     return (
         render_template(
