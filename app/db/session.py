@@ -78,10 +78,16 @@ def transaction(factory: so.sessionmaker[so.Session], *, read_only: bool = False
 
     read_only: a reader on SQLite does not take the write lock (it must not write).
     """
+    engine = factory.kw["bind"]
     if read_only:
-        session = factory(bind=factory.kw["bind"].execution_options(recon_read_only=True))
+        session = factory(bind=engine.execution_options(recon_read_only=True))
     else:
         session = factory()
+    # SQLite writers in one process queue on a lock instead of sleep-polling the file lock
+    # (SQLite's busy handler backs off in steps up to 100 ms, which is what made the tail).
+    writer_lock = _sqlite_writer_lock(engine) if not read_only else None
+    if writer_lock is not None:
+        writer_lock.acquire()
     try:
         with session.begin():
             if not read_only and session.get_bind().dialect.name == "postgresql":
@@ -93,3 +99,16 @@ def transaction(factory: so.sessionmaker[so.Session], *, read_only: bool = False
             yield session
     finally:
         session.close()
+        if writer_lock is not None:
+            writer_lock.release()
+
+
+_writer_locks: dict[str, threading.RLock] = {}
+
+
+def _sqlite_writer_lock(engine: sa.Engine) -> threading.RLock | None:
+    if engine.dialect.name != "sqlite":
+        return None
+    key = str(engine.url)
+    with _lock:
+        return _writer_locks.setdefault(key, threading.RLock())

@@ -390,7 +390,12 @@ def _new_payload_version(
 
 
 def view_payload(
-    session: so.Session, item: ExceptionItem, actor: User, *, channel: str, payload_version_id: int | None = None
+    session: so.Session,
+    item: ExceptionItem,
+    actor: User,
+    *,
+    channel: str,
+    payload_version_id: int | None = None,
 ) -> PayloadVersion:
     """Reading a full payload is an audited PHI view (SPEC 3.4). Default: the current version."""
     payload = session.get(PayloadVersion, payload_version_id or item.message.current_payload_id)

@@ -104,8 +104,8 @@ def submit_message(session: so.Session, client: User, key: str, body: dict) -> I
         created_at=now,
         updated_at=now,
     )
-    session.add(message)
-    session.flush()  # the unique (client, key) constraint fires here for a racing duplicate
+    refusal = _refusal(conn, message_type, decoded)
+    message.response_json = {"id": message.id, "idempotency_key": key, "status": message.status}
     payload = PayloadVersion(
         message_id=message.id,
         version=1,
@@ -117,11 +117,10 @@ def submit_message(session: so.Session, client: User, key: str, body: dict) -> I
         reason="intake",
         created_at=now,
     )
-    session.add(payload)
-    session.flush()
+    session.add_all([message, payload])
+    session.flush()  # the unique (client, key) constraint fires here for a racing duplicate
     message.current_payload_id = payload.id
 
-    refusal = _refusal(conn, message_type, decoded)
     exception = None
     if refusal is not None:
         category, detail = refusal
@@ -143,10 +142,13 @@ def submit_message(session: so.Session, client: User, key: str, body: dict) -> I
             )
         )
 
-    message.response_json = {"id": message.id, "idempotency_key": key, "status": message.status}
     if exception is not None:
-        message.response_json["exception_id"] = exception.id
-        message.response_json["category"] = exception.category
+        message.response_json = {
+            **message.response_json,
+            "status": message.status,
+            "exception_id": exception.id,
+            "category": exception.category,
+        }
     audit.record(
         session,
         actor=client.username,

@@ -95,7 +95,9 @@ def user_for_token(session: so.Session, token: str) -> User | None:
     return session.scalar(
         sa.select(User)
         .join(ApiToken, ApiToken.user_id == User.id)
-        .where(ApiToken.token_hash == _token_hash(token), ApiToken.revoked_at.is_(None), User.active.is_(True))
+        .where(
+            ApiToken.token_hash == _token_hash(token), ApiToken.revoked_at.is_(None), User.active.is_(True)
+        )
     )
 
 
