@@ -292,6 +292,12 @@ class SimControl:
         r.raise_for_status()
         return r.json()["count"]
 
+    def deliveries(self, tenant: str, what: str = "requests") -> dict:
+        """Counts per delivery identifier (ours, not the resource's own business identifiers):
+        what='requests' counts creates received, what='applied' resources stored."""
+        counts = (self.requests(tenant) if what == "requests" else self.applied(tenant))["by_identifier"]
+        return {k: v for k, v in counts.items() if k.startswith("urn:recon:idempotency:")}
+
     def requests(self, tenant: str) -> dict:
         r = self.http.get(f"/_sim/tenants/{tenant}/requests")
         r.raise_for_status()

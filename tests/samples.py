@@ -1,37 +1,19 @@
-"""FHIR R4 samples for the loop tests (synthetic patients; RxNorm codes are real)."""
+"""Message bodies for the API, built on the FHIR samples in tests/samples_fhir.py."""
 
-import copy
 import json
 
-MEDICATION_REQUEST = {
-    "resourceType": "MedicationRequest",
-    "status": "active",
-    "intent": "order",
-    "medicationCodeableConcept": {
-        "coding": [
-            {
-                "system": "http://www.nlm.nih.gov/research/umls/rxnorm",
-                "code": "197361",
-                "display": "Amlodipine 5 MG Oral Tablet",
-            }
-        ]
-    },
-    "subject": {"reference": "Patient/pat-1001", "display": "José Núñez"},
-    "authoredOn": "2026-11-30T08:00:00Z",
-    "dosageInstruction": [{"text": "5 mg by mouth once daily"}],
-}
+from tests.samples_fhir import medication_request as _medication_request
+from tests.samples_fhir import without
 
 
 def medication_request(n: int = 0, *, with_dosage: bool = True) -> dict:
-    doc = copy.deepcopy(MEDICATION_REQUEST)
-    doc["subject"]["reference"] = f"Patient/pat-{1000 + n}"
-    doc["authoredOn"] = f"2026-11-30T08:{n % 60:02d}:00Z"
-    if not with_dosage:
-        del doc["dosageInstruction"]
-    return doc
+    """A distinct valid MedicationRequest; without its dosage for the 'requires extra fields' quirk."""
+    doc = _medication_request(n)
+    return doc if with_dosage else without(doc, "dosageInstruction")
 
 
 def message_body(connection: str, resource: dict) -> dict:
+    """The JSON body of POST /api/v1/messages for one FHIR resource."""
     return {
         "connection": connection,
         "message_type": resource["resourceType"],

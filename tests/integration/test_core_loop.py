@@ -183,5 +183,5 @@ def test_unknown_outcome_replay_searches_first_and_does_not_resend(
     e = api(client, tokens["rita"], "GET", f"/api/v1/exceptions/{exc_id}").json
     assert e["state"] == "resolved"
     assert "found already applied" in e["replays"][0]["result"]
-    assert sim_control.requests(tenant)["by_identifier"]["urn:recon:idempotency:svc|order-0003"] == 1
+    assert sim_control.deliveries(tenant)["urn:recon:idempotency:svc|order-0003"] == 1
     assert sim_control.applied_count(tenant, "urn:recon:idempotency:svc", "order-0003") == 1

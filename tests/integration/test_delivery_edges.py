@@ -98,7 +98,7 @@ def test_corrected_replay_is_not_resolved_by_finding_the_original(
     run_worker()
     item = _exception(sessions, message_id)
     assert (item.state, item.category) == ("open", "duplicate_suspected")
-    assert sim_control.requests(fhir_connection.tenant)["by_identifier"] == {f"{SYSTEM}|corr-1": 1}
+    assert sim_control.deliveries(fhir_connection.tenant) == {f"{SYSTEM}|corr-1": 1}
 
 
 def test_a_500_on_a_connection_without_search_needs_confirm_not_applied(

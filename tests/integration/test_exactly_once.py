@@ -83,6 +83,6 @@ def test_two_hundred_orders_applied_exactly_once_despite_dropped_responses(
     assert set(states) <= {"resolved"}, states
     assert delivered == ORDERS
 
-    applied = sim_control.applied(tenant)["by_identifier"]
+    applied = sim_control.deliveries(tenant, "applied")
     expected = {f"{SYSTEM}|order-{n:04d}": 1 for n in range(ORDERS)}
     assert applied == expected

@@ -48,7 +48,7 @@ def test_fifty_concurrent_posts_with_one_key_make_one_message_and_one_delivery(
 
     run_worker()
     tenant = fhir_connection.tenant
-    assert sim_control.requests(tenant)["by_identifier"] == {"urn:recon:idempotency:svc|same-key-50": 1}
+    assert sim_control.deliveries(tenant) == {"urn:recon:idempotency:svc|same-key-50": 1}
     assert sim_control.applied_count(tenant, "urn:recon:idempotency:svc", "same-key-50") == 1
 
 
@@ -131,7 +131,7 @@ def test_truncated_json_payload_is_a_data_shape_exception_and_never_sent(
     r = post(live_server, users["svc_token"], body, "trunc-1")
     assert r.status_code == 202 and r.json()["category"] == "data_shape"
     run_worker()
-    assert sim_control.requests(fhir_connection.tenant)["by_identifier"] == {}
+    assert sim_control.deliveries(fhir_connection.tenant) == {}
 
 
 def test_invalid_fhir_resource_becomes_data_shape_without_being_sent(
@@ -147,4 +147,4 @@ def test_invalid_fhir_resource_becomes_data_shape_without_being_sent(
         headers={"Authorization": f"Bearer {users['svc_token']}"},
     ).json()
     assert m["attempts"][0]["category"] == "data_shape"
-    assert sim_control.requests(fhir_connection.tenant)["by_identifier"] == {}
+    assert sim_control.deliveries(fhir_connection.tenant) == {}

@@ -70,9 +70,7 @@ def test_worker_killed_mid_delivery_leaves_unknown_outcome_and_sends_nothing_mor
     worker = start_worker(database_url, redis_url, queue_name)
     try:
         assert wait_for(lambda: in_flight(sessions)), "the worker never started the call"
-        assert wait_for(lambda: sim_control.requests(tenant)["by_identifier"]), (
-            "the create never reached the EHR"
-        )
+        assert wait_for(lambda: sim_control.deliveries(tenant)), "the create never reached the EHR"
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=10)
     finally:
@@ -88,7 +86,7 @@ def test_worker_killed_mid_delivery_leaves_unknown_outcome_and_sends_nothing_mor
         attempts = s.scalars(sa.select(Attempt).where(Attempt.message_id == r.json["id"])).all()
     assert item.category == "unknown_outcome" and item.state == "open"
     assert [a.outcome for a in attempts] == ["unknown"]
-    assert sim_control.requests(tenant)["by_identifier"] == {"urn:recon:idempotency:svc|kill-1": 1}
+    assert sim_control.deliveries(tenant) == {"urn:recon:idempotency:svc|kill-1": 1}
 
 
 def test_worker_killed_mid_replay_reopens_as_unknown_outcome(
