@@ -66,7 +66,7 @@ from app.domain.delivery import (
 )
 from app.domain.sla import SlaPolicy, sla_status
 from app.domain.states import FINAL_STATES, ExceptionState
-from app.services import audit, clock, connections, exceptions, users
+from app.services import audit, clock, connections, delivery, exceptions, users
 from app.services.exceptions import DecisionInput, decide, open_exception, reopen
 from app.services.intake import DELIVERY_SYSTEM_PREFIX, submit_message
 
@@ -1010,18 +1010,11 @@ class _Runner:
 
     @staticmethod
     def _record(attempt: Attempt, outcome: Outcome, at: datetime) -> None:
-        """Record an attempt's result the way the worker does."""
+        """Record an attempt's result with the worker's own column mapping."""
+        for name, value in delivery.attempt_result_values(outcome).items():
+            setattr(attempt, name, value)
         attempt.started_at = at - timedelta(milliseconds=outcome.latency_ms)
-        attempt.outcome = outcome.outcome.value
-        attempt.category = outcome.category.value if outcome.category else None
-        attempt.status_code = outcome.status_code
-        attempt.request_summary = outcome.summary[:1000]
-        attempt.response_excerpt = outcome.response_excerpt[:2000]
-        attempt.detail = outcome.detail[:2000]
-        attempt.issues = list(outcome.issues or [])
-        attempt.latency_ms = outcome.latency_ms
         attempt.finished_at = at
-        attempt.lease_expires_at = None
 
     def _delivered(self, message: Message, attempt: Attempt, outcome: Outcome, at: datetime) -> None:
         message.status = "delivered"
@@ -1087,6 +1080,7 @@ class _Runner:
             state=ExceptionState.RETRYING if retried else ExceptionState.OPEN,
             next_retry_at=step.args.get("next_retry_at"),
             actor="system:worker",
+            may_have_applied=not outcome.provably_not_applied,
         )
         story.exception_id = item.id
 
@@ -1152,6 +1146,7 @@ class _Runner:
                 f"automatic retries stopped: {detail}",
                 from_state="retrying",
                 actor="system:retry",
+                may_have_applied=not outcome.provably_not_applied,
             )
             return
         next_at = step.args["next_retry_at"]
@@ -1237,7 +1232,7 @@ class _Runner:
             audit.record(
                 s,
                 actor="system:worker",
-                action="replay.succeed",
+                action="exception.resolve",
                 subject_type="exception",
                 subject_id=item.id,
                 from_state="replaying",
@@ -1260,6 +1255,7 @@ class _Runner:
             f"replay {replay.id} failed: {replay.result}",
             from_state="replaying",
             actor="system:worker",
+            may_have_applied=not outcome.provably_not_applied,
         ):
             raise RuntimeError(f"story {story.index}: exception {item.id} is not replaying")
 

@@ -93,7 +93,7 @@ def _gate(conn: Connection, message_type: str) -> Outcome | None:
     return None
 
 
-def _attempt_values(outcome: Outcome, *, late: bool = False) -> dict:
+def attempt_result_values(outcome: Outcome, *, late: bool = False) -> dict:
     """The columns an attempt's result fills."""
     detail = outcome.detail[:1900]
     if late:
@@ -118,7 +118,7 @@ def _finish_attempt(s: so.Session, attempt_id: int, outcome: Outcome) -> bool:
     done = s.execute(
         sa.update(Attempt)
         .where(Attempt.id == attempt_id, Attempt.outcome == "in_flight")
-        .values(**_attempt_values(outcome))
+        .values(**attempt_result_values(outcome))
         .execution_options(synchronize_session=False)
     ).rowcount
     return done == 1
@@ -199,7 +199,7 @@ def _late_result(s: so.Session, attempt_id: int, message_id: str, outcome: Outco
     """A result that arrived after the reaper declared the attempt lost: keep it as evidence and,
     when it proves delivery, settle the unknown_outcome item it left behind."""
     s.execute(
-        sa.update(Attempt).where(Attempt.id == attempt_id).values(**_attempt_values(outcome, late=True))
+        sa.update(Attempt).where(Attempt.id == attempt_id).values(**attempt_result_values(outcome, late=True))
     )
     audit.record(
         s,
