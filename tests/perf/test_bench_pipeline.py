@@ -1,9 +1,15 @@
-"""Throughput of intake (HTTP API, real server) and of delivery (worker → FHIR adapter → simulator)."""
+"""Throughput of intake (HTTP API, `recon web` in its own process) and of delivery
+(worker → FHIR adapter → simulator)."""
 
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 
 import httpx
+import pytest
 
 from tests.perf.conftest import Timer, percentile, report
 from tests.samples import medication_request, message_body
@@ -12,7 +18,36 @@ MESSAGES = 400
 CLIENT_THREADS = 8
 
 
-def test_bench_intake_and_delivery(live_server, users, fhir_connection, run_worker, sim_control):
+@pytest.fixture
+def web_process(database_url, redis_url):
+    """`recon web` as its own process, as in production: the benchmark's HTTP clients do not
+    share its interpreter lock."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, DATABASE_URL=database_url, REDIS_URL=redis_url)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "web", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_bench_intake_and_delivery(web_process, users, fhir_connection, run_worker, sim_control):
+    live_server = web_process
     latencies: list[float] = []
     lock = threading.Lock()
     numbers = iter(range(MESSAGES))
@@ -52,7 +87,7 @@ def test_bench_intake_and_delivery(live_server, users, fhir_connection, run_work
             "p50_ms": f"{percentile(latencies, 50):.1f}",
             "p95_ms": f"{p95:.1f}",
         },
-        "≥ 100 msg/s and p95 ≤ 250 ms on the embedded defaults",
+        "≥ 100 msg/s and p95 ≤ 250 ms, one `recon web` process on the embedded defaults",
         rate >= 100 and p95 <= 250,
     )
 
