@@ -254,6 +254,26 @@ def fhir_connection(sessions, sim):
     return conn
 
 
+@pytest.fixture
+def sim_connection(sessions, sim):
+    """sim_connection(name, customer=..., tenant=None, **options) -> the tenant slug: a customer and a
+    FHIR connection on a (fresh, unless named) simulator tenant, with short test timeouts."""
+    from app.db.session import transaction
+    from app.services import connections
+
+    def make(name: str, *, customer: str, tenant: str | None = None, **options) -> str:
+        tenant = tenant or f"t{uuid.uuid4().hex[:10]}"
+        options = {"connect_timeout": 2.0, "read_timeout": 5.0, **options}
+        with transaction(sessions) as s:
+            connections.add_customer(s, customer)
+            connections.add_connection(
+                s, name, customer=customer, protocol="fhir-r4", endpoint=sim.tenant_url(tenant), **options
+            )
+        return tenant
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def sim():
     """One real simulated EHR for the run; tests isolate themselves with a fresh tenant each."""

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm as so
 
 from app.db.models import Attempt, Message, OutboxEntry, PayloadVersion, User
-from app.domain.delivery import Category, clinical_risk, routing_refusal
+from app.domain.delivery import Category, clinical_risk, control_id_for, routing_refusal
 from app.domain.errors import Invalid, NotFound
 from app.domain.idempotency import request_fingerprint
 from app.domain.payloads import CONTENT_TYPES, decode_payload, patient_reference
@@ -168,8 +168,6 @@ def submit_message(session: so.Session, client: User, key: str, body: dict) -> I
 
 
 def _control_id(key: str, client: User) -> str:
-    from app.domain.delivery import control_id_for
-
     return control_id_for(f"{client.id}:{key}")
 
 
@@ -179,10 +177,3 @@ def _refusal(conn, message_type: str, decoded) -> tuple[Category, str] | None:
         return Category.DATA_SHAPE, f"{decoded.problem_kind}: {decoded.problem}"
     refusal = routing_refusal(connections.settings_for(conn), message_type)
     return (Category.CONFIG, refusal) if refusal else None
-
-
-def message_status(session: so.Session, message_id: str) -> Message:
-    message = session.get(Message, message_id)
-    if message is None:
-        raise NotFound("message not found")
-    return message

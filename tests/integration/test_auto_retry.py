@@ -1,8 +1,6 @@
 """SPEC 3.2: transient failures that provably did not reach the EHR are retried automatically
 with backoff; retries that run out come back to a human; a circuit breaker stops hammering."""
 
-import uuid
-
 import sqlalchemy as sa
 
 from app.db.models import Attempt, AuditEvent, Connection, ExceptionItem
@@ -11,22 +9,10 @@ from app.services import connections
 from tests.samples import medication_request, message_body
 
 
-def _connection(sessions, sim, tenant=None, **options):
-    tenant = tenant or f"t{uuid.uuid4().hex[:10]}"
-    with transaction(sessions) as s:
-        connections.add_customer(s, "Retry Health")
-        connections.add_connection(
-            s,
-            "retry-fhir",
-            customer="Retry Health",
-            protocol="fhir-r4",
-            endpoint=sim.tenant_url(tenant),
-            connect_timeout=2.0,
-            read_timeout=5.0,
-            retry_backoff_seconds=0.0,
-            **options,
-        )
-    return tenant
+def _connection(sim_connection, tenant=None, **options):
+    return sim_connection(
+        "retry-fhir", customer="Retry Health", tenant=tenant, retry_backoff_seconds=0.0, **options
+    )
 
 
 def _submit(client, users, key):
@@ -39,9 +25,9 @@ def _submit(client, users, key):
     return r.json["id"]
 
 
-def test_503s_are_retried_until_delivered(client, users, sessions, sim, sim_control, run_worker):
+def test_503s_are_retried_until_delivered(client, users, sessions, sim_connection, sim_control, run_worker):
     # Fault draws depend on the tenant name: a fixed, freshly reset tenant keeps them reproducible.
-    tenant = _connection(sessions, sim, "retry-503", max_auto_retries=5, circuit_failure_threshold=100)
+    tenant = _connection(sim_connection, "retry-503", max_auto_retries=5, circuit_failure_threshold=100)
     sim_control.http.post(f"/_sim/tenants/{tenant}/reset").raise_for_status()
     sim_control.set_profile(tenant, rate_503=0.6, retry_after_seconds=0, seed="retry-a")
     message_id = _submit(client, users, "retry-1")
@@ -59,8 +45,10 @@ def test_503s_are_retried_until_delivered(client, users, sessions, sim, sim_cont
     assert sim_control.applied_count(tenant, "urn:recon:idempotency:svc", "retry-1") == 1
 
 
-def test_exhausted_retries_come_back_to_a_human(client, users, sessions, sim, sim_control, run_worker):
-    tenant = _connection(sessions, sim, max_auto_retries=2, circuit_failure_threshold=100)
+def test_exhausted_retries_come_back_to_a_human(
+    client, users, sessions, sim_connection, sim_control, run_worker
+):
+    tenant = _connection(sim_connection, max_auto_retries=2, circuit_failure_threshold=100)
     sim_control.set_profile(tenant, rate_503=1.0, retry_after_seconds=0)
     message_id = _submit(client, users, "retry-2")
     run_worker()
@@ -72,8 +60,10 @@ def test_exhausted_retries_come_back_to_a_human(client, users, sessions, sim, si
     assert "automatic retries stopped" in item.detail
 
 
-def test_rejections_are_never_retried_automatically(client, users, sessions, sim, sim_control, run_worker):
-    tenant = _connection(sessions, sim, max_auto_retries=5)
+def test_rejections_are_never_retried_automatically(
+    client, users, sessions, sim_connection, sim_control, run_worker
+):
+    tenant = _connection(sim_connection, max_auto_retries=5)
     sim_control.set_profile(tenant, rate_reject=1.0)
     message_id = _submit(client, users, "retry-3")
     run_worker()
@@ -87,10 +77,10 @@ def test_rejections_are_never_retried_automatically(client, users, sessions, sim
 
 
 def test_circuit_opens_after_consecutive_failures_and_stops_calls(
-    client, users, sessions, sim, sim_control, run_worker
+    client, users, sessions, sim_connection, sim_control, run_worker
 ):
     tenant = _connection(
-        sessions, sim, max_auto_retries=3, circuit_failure_threshold=2, circuit_cooldown_seconds=3600
+        sim_connection, max_auto_retries=3, circuit_failure_threshold=2, circuit_cooldown_seconds=3600
     )
     sim_control.set_profile(tenant, rate_503=1.0, retry_after_seconds=0)
     for n in range(3):

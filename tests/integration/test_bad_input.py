@@ -8,18 +8,20 @@ from app.db.session import transaction
 from tests.factories import make_exception
 
 
+def _submit_payload(client, users, payload: str, key: str):
+    body = {
+        "connection": "mercy-epic",
+        "message_type": "MedicationRequest",
+        "content_type": "application/fhir+json",
+        "payload": payload,
+    }
+    headers = {"Authorization": f"Bearer {users['svc_token']}", "Idempotency-Key": key}
+    return client.post("/api/v1/messages", json=body, headers=headers)
+
+
 def test_deeply_nested_json_payload_is_stored_as_data_shape(client, users, fhir_connection, sessions):
     payload = "[" * 50_000 + "]" * 50_000
-    r = client.post(
-        "/api/v1/messages",
-        json={
-            "connection": "mercy-epic",
-            "message_type": "MedicationRequest",
-            "content_type": "application/fhir+json",
-            "payload": payload,
-        },
-        headers={"Authorization": f"Bearer {users['svc_token']}", "Idempotency-Key": "deep-1"},
-    )
+    r = _submit_payload(client, users, payload, "deep-1")
     assert r.status_code == 202 and r.json["category"] == "data_shape"
 
 
@@ -27,16 +29,7 @@ def test_nul_in_a_payload_is_kept_byte_for_byte(client, users, fhir_connection, 
     payload = '{"resourceType": "MedicationRequest", "note": [{"text": "a\\u0000b"}]}'.replace(
         "\\u0000", "\x00"
     )
-    r = client.post(
-        "/api/v1/messages",
-        json={
-            "connection": "mercy-epic",
-            "message_type": "MedicationRequest",
-            "content_type": "application/fhir+json",
-            "payload": payload,
-        },
-        headers={"Authorization": f"Bearer {users['svc_token']}", "Idempotency-Key": "nul-1"},
-    )
+    r = _submit_payload(client, users, payload, "nul-1")
     assert r.status_code == 202 and r.json["category"] == "data_shape"
     with transaction(sessions) as s:
         stored = s.scalar(sa.select(PayloadVersion).join(Message).where(Message.id == r.json["id"]))

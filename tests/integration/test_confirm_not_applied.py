@@ -1,31 +1,16 @@
 """SPEC 2 and 3.1: on a connection that cannot search the EHR, an unknown outcome is never
 resent until a clinical lead has confirmed it was not applied."""
 
-import uuid
-
-from app.db.session import transaction
-from app.services import connections
 from tests.conftest import PASSWORD
 from tests.samples import medication_request, message_body
 
 
 def test_unknown_outcome_without_search_needs_confirm_not_applied(
-    client, users, sessions, sim, sim_control, run_worker, make_tokens
+    client, users, sim_connection, sim_control, run_worker, make_tokens
 ):
-    tenant = f"t{uuid.uuid4().hex[:10]}"
-    with transaction(sessions) as s:
-        connections.add_customer(s, "Legacy Clinic")
-        connections.add_connection(
-            s,
-            "legacy-fhir",
-            customer="Legacy Clinic",
-            protocol="fhir-r4",
-            endpoint=sim.tenant_url(tenant),
-            conditional_create=False,
-            identifier_search=False,
-            connect_timeout=2.0,
-            read_timeout=5.0,
-        )
+    tenant = sim_connection(
+        "legacy-fhir", customer="Legacy Clinic", conditional_create=False, identifier_search=False
+    )
     tokens = make_tokens("rita", "lena", "leo")
     # The connection is reset before the EHR processes anything: from our side, an unknown outcome.
     sim_control.set_profile(tenant, rate_reset=1.0)

@@ -2,7 +2,6 @@
 whose original is already in the EHR, and may-have-applied outcomes on connections without search."""
 
 import json
-import uuid
 from datetime import timedelta
 
 import sqlalchemy as sa
@@ -11,7 +10,7 @@ from app.adapters.queue import relay_outbox
 from app.db.models import Attempt, ExceptionItem, OutboxEntry, User
 from app.db.session import transaction
 from app.domain.delivery import AttemptOutcome, Outcome
-from app.services import connections, delivery
+from app.services import delivery
 from app.services.clock import utcnow
 from app.services.exceptions import DecisionInput, decide
 from tests.conftest import PASSWORD
@@ -102,21 +101,15 @@ def test_corrected_replay_is_not_resolved_by_finding_the_original(
 
 
 def test_a_500_on_a_connection_without_search_needs_confirm_not_applied(
-    client, users, sessions, sim, sim_control, run_worker
+    client, users, sessions, sim_connection, sim_control, run_worker
 ):
-    tenant = f"t{uuid.uuid4().hex[:10]}"
-    with transaction(sessions) as s:
-        connections.add_customer(s, "Blind Clinic")
-        connections.add_connection(
-            s,
-            "blind-fhir",
-            customer="Blind Clinic",
-            protocol="fhir-r4",
-            endpoint=sim.tenant_url(tenant),
-            conditional_create=False,
-            identifier_search=False,
-            max_auto_retries=0,
-        )
+    tenant = sim_connection(
+        "blind-fhir",
+        customer="Blind Clinic",
+        conditional_create=False,
+        identifier_search=False,
+        max_auto_retries=0,
+    )
     sim_control.set_profile(tenant, rate_500=1.0)
     message_id = _submit(client, users, "blind-fhir", "blind-1")
     run_worker()
@@ -125,19 +118,9 @@ def test_a_500_on_a_connection_without_search_needs_confirm_not_applied(
 
 
 def test_a_rejection_on_a_connection_without_search_needs_no_confirmation(
-    client, users, sessions, sim, sim_control, run_worker
+    client, users, sessions, sim_connection, sim_control, run_worker
 ):
-    tenant = f"t{uuid.uuid4().hex[:10]}"
-    with transaction(sessions) as s:
-        connections.add_customer(s, "Blind Clinic")
-        connections.add_connection(
-            s,
-            "blind-fhir",
-            customer="Blind Clinic",
-            protocol="fhir-r4",
-            endpoint=sim.tenant_url(tenant),
-            identifier_search=False,
-        )
+    tenant = sim_connection("blind-fhir", customer="Blind Clinic", identifier_search=False)
     sim_control.set_profile(tenant, rate_reject=1.0)
     message_id = _submit(client, users, "blind-fhir", "blind-2")
     run_worker()
