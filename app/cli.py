@@ -248,6 +248,8 @@ def worker(burst: bool) -> None:
         sessions=session_factory(settings.database_url),
         lease_seconds=settings.lease_seconds,
         worker_name=worker_name(),
+        housekeeping_seconds=settings.housekeeping_seconds,
+        handoff_margin_seconds=settings.handoff_margin_seconds,
     )
     install_runtime(rt)
     if not burst:

@@ -7,6 +7,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.domain.liveness import HandoffPolicy
+
 
 def _instance_dir() -> Path:
     return Path(os.environ.get("RECON_INSTANCE", "./instance")).resolve()
@@ -33,6 +35,16 @@ class Settings:
     secret_key: str
     lease_seconds: float = 90.0
     queue_name: str = "recon"
+    housekeeping_seconds: float = 2.0
+    handoff_margin_seconds: float = 10.0
+
+    def handoff_policy(self) -> HandoffPolicy:
+        """The hand-off timing every worker and monitor shares (docs/ARCHITECTURE.md, 'Liveness')."""
+        return HandoffPolicy(
+            lease_seconds=self.lease_seconds,
+            housekeeping_seconds=self.housekeeping_seconds,
+            margin_seconds=self.handoff_margin_seconds,
+        )
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -45,4 +57,6 @@ class Settings:
             secret_key=_secret_key(instance),
             lease_seconds=float(os.environ.get("RECON_LEASE_SECONDS", "90")),
             queue_name=os.environ.get("RECON_QUEUE", "recon"),
+            housekeeping_seconds=float(os.environ.get("RECON_HOUSEKEEPING_SECONDS", "2")),
+            handoff_margin_seconds=float(os.environ.get("RECON_HANDOFF_MARGIN_SECONDS", "10")),
         )

@@ -6,7 +6,7 @@ import logging
 
 from app.config import Settings
 from app.db.session import session_factory
-from app.services import delivery
+from app.services import delivery, faults
 
 log = logging.getLogger("recon.jobs")
 _runtime: delivery.Runtime | None = None
@@ -23,6 +23,8 @@ def runtime() -> delivery.Runtime:
             sessions=session_factory(settings.database_url),
             lease_seconds=settings.lease_seconds,
             worker_name=worker_name(),
+            housekeeping_seconds=settings.housekeeping_seconds,
+            handoff_margin_seconds=settings.handoff_margin_seconds,
         )
     return _runtime
 
@@ -40,12 +42,14 @@ def _job_id() -> str | None:
 
 
 def deliver_attempt_job(attempt_id: int) -> str:
+    faults.checkpoint("dequeued")
     result = delivery.deliver_attempt(runtime(), attempt_id)
     log.info("attempt %s: %s", attempt_id, result, extra={"job_id": _job_id(), "attempt_id": attempt_id})
     return result
 
 
 def run_replay_job(replay_id: int) -> str:
+    faults.checkpoint("dequeued")
     result = delivery.run_replay(runtime(), replay_id)
     log.info("replay %s: %s", replay_id, result, extra={"job_id": _job_id(), "replay_id": replay_id})
     return result

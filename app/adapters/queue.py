@@ -11,14 +11,20 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue, SimpleWorker
 from rq.exceptions import DuplicateJobError, NoSuchJobError
-from rq.job import Job, JobStatus
+from rq.job import Job
 
-from app.services import delivery
+from app.domain.liveness import JobStatus as LiveStatus
+from app.domain.liveness import JobView, requeue_reason
+from app.services import delivery, liveness
+from app.services.clock import utcnow
 
 log = logging.getLogger("recon.queue")
 
@@ -58,61 +64,185 @@ def _guarded(step, *args) -> int:
     and with it the relay and the reaper. The step runs again on the next pass."""
     try:
         return step(*args)
+    except (RedisConnectionError, RedisTimeoutError) as exc:  # an outage: one line, not a traceback a pass
+        log.warning("worker step %s: Redis unavailable (%s); retrying on the next pass", step.__name__, exc)
+        return 0
     except Exception:
         log.exception("worker step %s failed; retrying on the next pass", step.__name__)
         return 0
 
 
-def requeue_stranded(rt: delivery.Runtime, queue: Queue, older_than_seconds: float = 300) -> int:
-    """Queue again the work whose RQ job vanished (Redis lost its data, a job was deleted by hand,
-    or a worker died between taking a job and claiming its row). Safe: the claim is a
-    compare-and-set, so if the old job does run after all, one of the two finds nothing to do."""
-    stranded = delivery.stranded_work(rt, older_than_seconds)
-    if not stranded:
-        return 0
+def _heartbeat_key(queue: Queue, worker: str) -> str:
+    return f"recon:worker-alive:{queue.name}:{worker}"
+
+
+def beat(rt: delivery.Runtime, queue: Queue) -> None:
+    """This worker is alive: a key that lapses after the worker timeout unless renewed."""
+    ttl_ms = max(int(rt.policy.worker_timeout_seconds * 1000), 100)
+    queue.connection.set(_heartbeat_key(queue, rt.worker_name), "1", px=ttl_ms)
+
+
+def _recon_worker_of(rq_worker_name: str | None) -> str | None:
+    """The recon worker behind an RQ worker name (`<recon worker>.<loop id>`)."""
+    return rq_worker_name.rpartition(".")[0] or None if rq_worker_name else None
+
+
+def job_view(queue: Queue, job_id: str) -> JobView:
+    """What the queue knows about one job, in the terms of the liveness rule."""
+    try:
+        job = Job.fetch(job_id, connection=queue.connection)
+    except NoSuchJobError:
+        return JobView(status=None)
+    raw = job.get_status(refresh=True)
+    if raw is None:
+        return JobView(status=None)
+    try:
+        status = LiveStatus(raw.value if hasattr(raw, "value") else str(raw))
+    except ValueError:
+        status = LiveStatus.OTHER
+    if status is LiveStatus.QUEUED:
+        return JobView(
+            status=status,
+            waiting_in_queue=queue.connection.lpos(queue.key, job_id) is not None,
+            in_transit=queue.connection.lpos(queue.intermediate_queue_key, job_id) is not None,
+        )
+    if status is LiveStatus.STARTED:
+        owner = _recon_worker_of(job.worker_name)
+        alive = bool(queue.connection.exists(_heartbeat_key(queue, owner))) if owner else None
+        started = (utcnow() - job.started_at.replace(tzinfo=None)).total_seconds() if job.started_at else None
+        return JobView(status=status, worker_alive=alive, started_seconds=started)
+    return JobView(status=status)
+
+
+def requeue_stranded(rt: delivery.Runtime, queue: Queue) -> int:
+    """Queue again the ready work whose hand-off was lost: its job vanished (Redis lost its data, a
+    job deleted by hand), ended without claiming it, or was taken by a worker that died before the
+    claim. Safe: every claim is a compare-and-set, so if the old job does run after all, one of the
+    two finds nothing to do. The rule and the bound: app/domain/liveness.py."""
+    policy = rt.policy
+    now = utcnow()
     lost = []
-    for kind, ref_id, job_id in stranded:
-        try:
-            status = Job.fetch(f"{queue.name}-{job_id}", connection=queue.connection).get_status(refresh=True)
-        except NoSuchJobError:
-            status = None
-        if status in (None, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED, JobStatus.FINISHED):
-            lost.append((kind, ref_id))
-    return delivery.queue_again(rt, lost)
+    for work in liveness.unclaimed_work(rt.sessions):
+        if work.job_id is None:
+            if work.has_outbox_entry:
+                continue  # waiting for the relay, which runs in the same pass
+            # Ready with no outbox row at all (should not happen: they commit together) — repair it.
+            if (now - work.ready_at).total_seconds() >= policy.housekeeping_seconds:
+                lost.append((work, "no outbox entry"))
+            continue
+        unclaimed = (now - work.relayed_at).total_seconds()
+        if unclaimed < policy.housekeeping_seconds:
+            continue  # judged only after one pass; saves a Redis round trip per fresh item
+        reason = requeue_reason(job_view(queue, f"{queue.name}-{work.job_id}"), unclaimed, policy)
+        if reason:
+            lost.append((work, reason))
+    return liveness.queue_again(rt.sessions, lost)
 
 
 def worker_name() -> str:
     return f"recon-{socket.gethostname()}-{os.getpid()}"
 
 
-def run_worker(rt: delivery.Runtime, queue: Queue, *, burst: bool, poll_seconds: float = 0.5) -> dict:
-    """Relay the outbox, schedule due retries, reap expired leases, escalate breached SLAs and
-    run RQ jobs.
+ESCALATE_EVERY_SECONDS = 30.0
 
-    burst: repeat until a whole pass finds nothing to do, then return counts.
+
+class Housekeeping:
+    """The worker's bookkeeping, on its own cadence: heartbeat, relay the outbox, schedule due
+    retries, reap expired leases, re-queue lost hand-offs, escalate breached SLAs.
+
+    In a long-running worker it runs on a thread every `housekeeping_seconds`, whatever job the
+    worker is running — the bound on every hand-off depends on that cadence, not on job lengths.
     """
-    counts = {"relayed": 0, "retries": 0, "reaped": 0, "escalated": 0, "jobs": 0}
+
+    def __init__(self, rt: delivery.Runtime, queue: Queue):
+        self.rt, self.queue = rt, queue
+        self._last_escalation = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> dict:
+        """One pass. Every step is guarded: a database or Redis hiccup never stops the others."""
+        rt, queue = self.rt, self.queue
+        _guarded(beat, rt, queue)
+        counts = {
+            "relayed": _guarded(relay_outbox, rt, queue),
+            "retries": _guarded(delivery.schedule_due_retries, rt),
+            "reaped": _guarded(delivery.reap_expired_leases, rt),
+            "escalated": 0,
+            "requeued": _guarded(requeue_stranded, rt, queue),
+        }
+        if time.monotonic() - self._last_escalation >= ESCALATE_EVERY_SECONDS:
+            self._last_escalation = time.monotonic()
+            counts["escalated"] = _guarded(delivery.escalate_breached, rt)
+        if counts["retries"] or counts["requeued"]:
+            counts["relayed"] += _guarded(relay_outbox, rt, queue)
+        return counts
+
+    def start(self) -> Housekeeping:
+        self._thread = threading.Thread(target=self._loop, name="recon-housekeeping", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.run_once()
+            self._stop.wait(max(self.rt.housekeeping_seconds - (time.monotonic() - started), 0.05))
+
+
+def _rq_worker(rt: delivery.Runtime, queue: Queue) -> SimpleWorker:
     # A fresh RQ worker name per loop: RQ refuses to start a second live worker of the same name.
-    worker = SimpleWorker(
-        [queue], connection=queue.connection, name=f"{rt.worker_name}-{uuid.uuid4().hex[:6]}"
-    )
-    while True:
-        relayed = _guarded(relay_outbox, rt, queue)
-        retries = _guarded(delivery.schedule_due_retries, rt)
-        reaped = _guarded(delivery.reap_expired_leases, rt)
-        escalated = _guarded(delivery.escalate_breached, rt)
-        requeued = _guarded(requeue_stranded, rt, queue)
-        if retries or requeued:
-            relayed += _guarded(relay_outbox, rt, queue)
-        pending = queue.count
-        if pending:
-            worker.work(burst=True, max_jobs=max(pending, 1), logging_level="WARNING")
-        counts["relayed"] += relayed
-        counts["retries"] += retries
-        counts["reaped"] += reaped
-        counts["escalated"] += escalated
-        counts["jobs"] += pending
-        if burst and not (relayed or retries or reaped or pending or queue.count):
-            return counts
-        if not (relayed or retries or reaped or pending):
-            time.sleep(poll_seconds)
+    # `<recon worker>.<loop id>`: requeue_stranded maps a started job back to our heartbeat.
+    return SimpleWorker([queue], connection=queue.connection, name=f"{rt.worker_name}.{uuid.uuid4().hex[:6]}")
+
+
+def _run_jobs(worker: SimpleWorker, queue: Queue) -> int:
+    pending = queue.count
+    if pending:
+        worker.work(burst=True, max_jobs=pending, logging_level="WARNING")
+    return pending
+
+
+def run_worker(rt: delivery.Runtime, queue: Queue, *, burst: bool, poll_seconds: float = 0.5) -> dict:
+    """Housekeeping plus RQ jobs.
+
+    burst: alternate one housekeeping pass and the queued jobs until a whole pass finds nothing to
+    do, then return counts. Otherwise housekeeping runs on its own thread and this loop runs jobs
+    until the process is stopped; losing Redis pauses it, never ends it.
+    """
+    counts = {"relayed": 0, "retries": 0, "reaped": 0, "escalated": 0, "requeued": 0, "jobs": 0}
+    housekeeping = Housekeeping(rt, queue)
+    worker = _rq_worker(rt, queue)
+    if burst:
+        while True:
+            done = housekeeping.run_once()
+            for key, value in done.items():
+                counts[key] += value
+            jobs = _run_jobs(worker, queue)
+            counts["jobs"] += jobs
+            if not (done["relayed"] or done["retries"] or done["reaped"] or jobs or queue.count):
+                return counts
+    housekeeping.start()
+    outage = False
+    try:
+        while True:
+            try:
+                if worker is None:  # after an outage: a fresh RQ worker registers on the new server
+                    worker = _rq_worker(rt, queue)
+                if not _run_jobs(worker, queue):
+                    time.sleep(poll_seconds)
+                if outage:
+                    log.warning("Redis is back; running jobs again")
+                    outage = False
+            except (RedisConnectionError, RedisTimeoutError):
+                if not outage:
+                    log.warning("Redis unavailable; jobs paused, housekeeping keeps retrying", exc_info=True)
+                outage, worker = True, None
+                time.sleep(1.0)
+    finally:
+        housekeeping.stop()

@@ -229,6 +229,7 @@ class Replay(Base):
 
 class OutboxEntry(Base):
     __tablename__ = "outbox"
+    __table_args__ = (sa.Index("ix_outbox_kind_ref", "kind", "ref_id", "id"),)
     id: so.Mapped[int] = so.mapped_column(primary_key=True)
     kind: so.Mapped[str] = so.mapped_column(sa.String(20))  # deliver | replay | retry
     ref_id: so.Mapped[str] = so.mapped_column(sa.String(64))

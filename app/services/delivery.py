@@ -28,9 +28,10 @@ from app.domain.delivery import (
     auto_retry_eligible,
     routing_refusal,
 )
+from app.domain.liveness import HandoffPolicy
 from app.domain.states import ExceptionState
 
-from . import audit, connections
+from . import audit, connections, faults
 from .clock import utcnow
 from .exceptions import open_exception, reopen
 
@@ -64,6 +65,16 @@ class Runtime:
     lease_seconds: float = 90.0
     worker_name: str = "worker"
     adapter_factory: AdapterFactory = default_adapter_factory
+    housekeeping_seconds: float = 2.0
+    handoff_margin_seconds: float = 10.0
+
+    @property
+    def policy(self) -> HandoffPolicy:
+        return HandoffPolicy(
+            lease_seconds=self.lease_seconds,
+            housekeeping_seconds=self.housekeeping_seconds,
+            margin_seconds=self.handoff_margin_seconds,
+        )
 
 
 def envelope_for(message: Message, payload: PayloadVersion) -> Envelope:
@@ -285,8 +296,10 @@ def deliver_attempt(rt: Runtime, attempt_id: int) -> str:
         envelope = envelope_for(message, s.get(PayloadVersion, attempt.payload_version_id))
         message_type, message_id = message.message_type, message.id
 
+    faults.checkpoint("claimed")
     with _Heartbeat(rt, attempt_id=attempt_id):
         outcome, contacted = _call(rt, conn, envelope, message_type)
+    faults.checkpoint("called")
 
     with transaction(rt.sessions) as s:
         if not _finish_attempt(s, attempt_id, outcome):
@@ -492,6 +505,7 @@ def run_replay(rt: Runtime, replay_id: int) -> str:
         envelope = envelope_for(message, replay.payload_version)
         message_type = message.message_type
 
+    faults.checkpoint("claimed")
     found: bool | None = None
     contacted = False
     outcome: Outcome | None = None
@@ -528,6 +542,7 @@ def run_replay(rt: Runtime, replay_id: int) -> str:
                 )
         if outcome is None:
             outcome, contacted = _call(rt, conn, envelope, message_type)
+    faults.checkpoint("called")
 
     with transaction(rt.sessions) as s:
         now = utcnow()
@@ -695,57 +710,6 @@ def escalate_breached(rt: Runtime) -> int:
 
     with transaction(rt.sessions) as s:
         return escalate(s)
-
-
-def stranded_work(rt: Runtime, older_than_seconds: float) -> list[tuple[str, int, str]]:
-    """Queued attempts and replays, relayed long ago and still unclaimed: (kind, id, last job id)."""
-    cutoff = utcnow() - timedelta(seconds=older_than_seconds)
-    with transaction(rt.sessions, read_only=True) as s:
-        rows = s.execute(
-            sa.select(
-                OutboxEntry.kind,
-                OutboxEntry.ref_id,
-                sa.func.max(OutboxEntry.job_id),
-                sa.func.max(OutboxEntry.relayed_at),
-            )
-            .where(OutboxEntry.relayed_at.is_not(None))
-            .group_by(OutboxEntry.kind, OutboxEntry.ref_id)
-            .having(sa.func.max(OutboxEntry.relayed_at) < cutoff)
-            .where(
-                sa.or_(
-                    sa.and_(
-                        OutboxEntry.kind == "deliver",
-                        OutboxEntry.ref_id.in_(
-                            sa.select(sa.cast(Attempt.id, sa.String)).where(Attempt.outcome == "queued")
-                        ),
-                    ),
-                    sa.and_(
-                        OutboxEntry.kind == "replay",
-                        OutboxEntry.ref_id.in_(
-                            sa.select(sa.cast(Replay.id, sa.String)).where(Replay.state == "queued")
-                        ),
-                    ),
-                )
-            )
-        ).all()
-    return [(kind, int(ref_id), job_id) for kind, ref_id, job_id, _ in rows]
-
-
-def queue_again(rt: Runtime, work: list[tuple[str, int]]) -> int:
-    """New outbox rows (new job ids) for stranded work."""
-    if not work:
-        return 0
-    with transaction(rt.sessions) as s:
-        now = utcnow()
-        for kind, ref_id in work:
-            stamp = now.strftime("%Y%m%d%H%M%S")
-            s.add(
-                OutboxEntry(
-                    kind=kind, ref_id=str(ref_id), job_id=f"{kind}-{ref_id}-again-{stamp}", created_at=now
-                )
-            )
-            log.warning("re-queued stranded %s %s", kind, ref_id)
-    return len(work)
 
 
 def pending_outbox(rt: Runtime, limit: int = 200) -> list[OutboxEntry]:

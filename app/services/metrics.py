@@ -8,10 +8,12 @@ import sqlalchemy.orm as so
 
 from app.db.models import Attempt, Connection, ExceptionItem, Replay
 from app.domain.delivery import Category
+from app.domain.liveness import HandoffPolicy
 from app.domain.states import FINAL_STATES
 
 from .clock import utcnow
 from .connections import circuit_state
+from .liveness import handoff_report
 
 LATENCY_BUCKETS_MS = (50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 
@@ -20,7 +22,7 @@ def _label(value) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
 
 
-def render_metrics(session: so.Session) -> str:
+def render_metrics(session: so.Session, policy: HandoffPolicy | None = None) -> str:
     now = utcnow()
     lines: list[str] = []
 
@@ -92,4 +94,21 @@ def render_metrics(session: so.Session) -> str:
         shape_counts[(name, kind_name)] = shape_counts.get((name, kind_name), 0) + n
     for (name, kind_name), n in sorted(shape_counts.items()):
         lines.append(f'recon_data_shape_exceptions{{connection="{_label(name)}",kind="{kind_name}"}} {n}')
+
+    report = handoff_report(session, policy or HandoffPolicy(), now)
+    family(
+        "recon_handoff_bound_seconds",
+        "gauge",
+        "The longest ready work should wait for a claim, a human queue or a terminal state.",
+    )
+    lines.append(f"recon_handoff_bound_seconds {report.bound_seconds:g}")
+    family("recon_handoff_waiting", "gauge", "Ready work waiting at a hand-off, by stage.")
+    for stage, age in report.stages.items():
+        lines.append(f'recon_handoff_waiting{{stage="{stage}"}} {age.waiting}')
+    family("recon_handoff_oldest_age_seconds", "gauge", "Age of the oldest work waiting at each hand-off.")
+    for stage, age in report.stages.items():
+        lines.append(f'recon_handoff_oldest_age_seconds{{stage="{stage}"}} {age.oldest_seconds:.1f}')
+    family("recon_handoff_stalled", "gauge", "Work waiting at a hand-off for longer than the bound.")
+    for stage, age in report.stages.items():
+        lines.append(f'recon_handoff_stalled{{stage="{stage}"}} {age.stalled}')
     return "\n".join(lines) + "\n"

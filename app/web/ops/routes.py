@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-from flask import jsonify
+from flask import current_app, jsonify
 
 from app.db.migrate import at_head
 from app.services.metrics import render_metrics
@@ -43,5 +43,5 @@ def readyz():
 @public
 def metrics():
     with unit_of_work() as s:
-        body = render_metrics(s)
+        body = render_metrics(s, current_app.config["RECON_SETTINGS"].handoff_policy())
     return body, 200, {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
