@@ -113,7 +113,9 @@ def test_delivery_whose_worker_died_before_claiming_is_sent_once_within_the_boun
         assert wait_for(lambda: final_state(sessions, message_id)[0] == "delivered", timeout=30)
     finally:
         log = stop(rescuer)
-    assert claimed_after <= BOUND, f"claimed {claimed_after:.1f} s after a live worker came up (bound {BOUND})"
+    assert claimed_after <= BOUND, (
+        f"claimed {claimed_after:.1f} s after a live worker came up (bound {BOUND})"
+    )
     assert "re-queued deliver" in log and "died before claiming" in log, log
     assert sim_control.deliveries(tenant) == {"urn:recon:idempotency:svc|live-d-1": 1}
 
@@ -151,7 +153,9 @@ def test_replay_whose_worker_died_before_claiming_is_sent_once_within_the_bound(
         assert wait_for(lambda: final_state(sessions, message_id)[1] == "resolved", timeout=30)
     finally:
         log = stop(rescuer)
-    assert claimed_after <= BOUND, f"claimed {claimed_after:.1f} s after a live worker came up (bound {BOUND})"
+    assert claimed_after <= BOUND, (
+        f"claimed {claimed_after:.1f} s after a live worker came up (bound {BOUND})"
+    )
     assert "re-queued replay" in log, log
     assert sim_control.deliveries(tenant, what="applied") == {"urn:recon:idempotency:svc|live-r-1": 1}
 
@@ -231,7 +235,9 @@ def test_redis_losing_its_data_while_a_job_is_started_loses_no_work(
         if rescuer is not None:
             log += stop(rescuer)
         own.kill()
-    assert claimed_after <= BOUND, f"claimed {claimed_after:.1f} s after a live worker came up (bound {BOUND})"
+    assert claimed_after <= BOUND, (
+        f"claimed {claimed_after:.1f} s after a live worker came up (bound {BOUND})"
+    )
     assert "its job is gone from Redis" in log, log
     assert sim_control.deliveries(tenant) == {"urn:recon:idempotency:svc|live-redis-1": 1}
 
@@ -259,7 +265,8 @@ def test_worker_survives_redis_restart_and_keeps_delivering(
         own.start()
         second = submit(client, users, "live-outage-2", 5)
         delivered = wait_for(
-            lambda: all(final_state(sessions, m)[0] == "delivered" for m in (first, second)), timeout=BOUND + 30
+            lambda: all(final_state(sessions, m)[0] == "delivered" for m in (first, second)),
+            timeout=BOUND + 30,
         )
         alive = worker.poll() is None
     finally:

@@ -85,7 +85,11 @@ def test_nothing_but_a_queue_backlog_waits_past_the_claim_timeout(job, seconds):
 
 @given(job=job_views, seconds=st.floats(0, 100_000))
 def test_a_dead_workers_job_is_always_queued_again_after_one_pass(job, seconds):
-    if job.status is JobStatus.STARTED and job.worker_alive is False and seconds >= POLICY.housekeeping_seconds:
+    if (
+        job.status is JobStatus.STARTED
+        and job.worker_alive is False
+        and seconds >= POLICY.housekeeping_seconds
+    ):
         assert requeue_reason(job, seconds, POLICY)
 
 

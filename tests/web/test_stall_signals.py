@@ -4,12 +4,10 @@ signal — counted with its oldest age in /metrics and flagged on the dashboard.
 from __future__ import annotations
 
 import re
-
-from freezegun import freeze_time
-
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
+from freezegun import freeze_time
 
 from app.db.models import Attempt, ExceptionItem, Message, User
 from app.db.session import transaction

@@ -18,7 +18,9 @@ def index():
     with unit_of_work(read_only=True) as s:
         board = queries.dashboard(s)
         running = queries.replays_running(s)
-        handoffs = liveness.handoff_report(s, current_app.config["RECON_SETTINGS"].handoff_policy(), board.now)
+        handoffs = liveness.handoff_report(
+            s, current_app.config["RECON_SETTINGS"].handoff_policy(), board.now
+        )
     return render_template(
         "dashboard/index.html",
         board=board,
