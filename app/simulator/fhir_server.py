@@ -553,6 +553,8 @@ class SimState:
         if problems:
             return _oo_many(422, problems)
 
+        if fault is Fault.SLOW_COMMIT_THEN_DROP:
+            self._delay(profile.slow_commit_seconds)
         with tenant.lock:
             condition = req.header("if-none-exist")
             if condition and not profile.ignore_if_none_exist:
@@ -569,7 +571,7 @@ class SimState:
                     )
             stored = tenant.store(rtype, resource)
 
-        if fault is Fault.COMMIT_THEN_DROP:
+        if fault in (Fault.COMMIT_THEN_DROP, Fault.SLOW_COMMIT_THEN_DROP):
             return SimResponse.drop()
         status = 200 if profile.create_returns_200 else 201
         response = SimResponse.json(status, stored, _resource_headers(req, tenant, stored))

@@ -28,6 +28,7 @@ class Fault(StrEnum):
     UNAVAILABLE_503 = "unavailable_503"  # refused before processing: nothing stored
     THROTTLED_429 = "throttled_429"  # refused before processing: nothing stored
     REJECT = "reject"  # 422 OperationOutcome "invalid": nothing stored
+    SLOW_COMMIT_THEN_DROP = "slow_commit_then_drop"  # wait slow_commit_seconds, store, then drop
 
 
 # Order in which the rates carve up the unit interval; fixed so draws stay reproducible.
@@ -39,6 +40,7 @@ _FAULT_RATES: tuple[tuple[Fault, str], ...] = (
     (Fault.UNAVAILABLE_503, "rate_503"),
     (Fault.THROTTLED_429, "rate_429"),
     (Fault.REJECT, "rate_reject"),
+    (Fault.SLOW_COMMIT_THEN_DROP, "rate_slow_commit_then_drop"),  # last: earlier draws stay the same
 )
 
 
@@ -65,6 +67,9 @@ class FaultProfile:
     rate_commit_then_drop: float = 0.0
     rate_malformed: float = 0.0
     rate_reject: float = 0.0
+    # Applied late: after slow_commit_seconds (often past the client's read timeout), then dropped.
+    rate_slow_commit_then_drop: float = 0.0
+    slow_commit_seconds: int = 30
     # Authentication.
     expired_token: bool = False  # every request but metadata and the token endpoint gets 401 "expired"
     require_bearer_token: bool = False  # requests need a token from POST /fhir/{t}/auth/token
@@ -86,7 +91,13 @@ class FaultProfile:
                 raise ProfileError(f"{attr} must be between 0 and 1, got {rate}")
         if sum(getattr(self, attr) for _f, attr in _FAULT_RATES) > 1.0 + 1e-9:
             raise ProfileError("the fault rates add up to more than 1")
-        for attr in ("latency_ms", "latency_jitter_ms", "retry_after_seconds", "token_ttl_seconds"):
+        for attr in (
+            "latency_ms",
+            "latency_jitter_ms",
+            "retry_after_seconds",
+            "token_ttl_seconds",
+            "slow_commit_seconds",
+        ):
             if getattr(self, attr) < 0:
                 raise ProfileError(f"{attr} must not be negative")
 

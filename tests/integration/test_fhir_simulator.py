@@ -319,6 +319,20 @@ def test_commit_then_drop_stores_without_answering(fhir: httpx.Client, ctl: http
     assert fhir.get("metadata").status_code == 200
 
 
+def test_slow_commit_then_drop_applies_only_after_the_delay(
+    fhir: httpx.Client, ctl: httpx.Client, tenant
+) -> None:
+    set_profile(ctl, tenant, rate_slow_commit_then_drop=1.0, slow_commit_seconds=2)
+    started = time.monotonic()
+    with pytest.raises((httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.ReadError)):
+        resource = keyed(1)  # the client gives up first, as a worker's read timeout would:
+        fhir.post(resource["resourceType"], content=json.dumps(resource), headers=FHIR, timeout=0.5)
+    assert applied(ctl, tenant, f"{DELIVERY_SYSTEM}|key-1")["count"] == 0  # not yet
+    while time.monotonic() - started < 2.5:
+        time.sleep(0.1)
+    assert applied(ctl, tenant, f"{DELIVERY_SYSTEM}|key-1")["count"] == 1  # applied late, unseen
+
+
 def test_malformed_body_after_commit(fhir: httpx.Client, ctl: httpx.Client, tenant: str) -> None:
     set_profile(ctl, tenant, preset="malformed")
     response = post(fhir, keyed(1))

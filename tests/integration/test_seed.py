@@ -328,7 +328,14 @@ def test_a_worker_started_after_loading_sends_nothing(sessions, runtime, run_wor
     runtime.adapter_factory = no_network
     counts = run_worker()
     # Breached demo items are escalated to the clinical leads (SPEC 3.3): no network involved.
-    assert counts == {"relayed": 0, "retries": 0, "reaped": 0, "escalated": breached_open, "jobs": 0}
+    assert counts == {
+        "relayed": 0,
+        "retries": 0,
+        "reaped": 0,
+        "escalated": breached_open,
+        "requeued": 0,
+        "jobs": 0,
+    }
 
 
 # --------------------------------------------------------------------------- corpus
