@@ -250,6 +250,7 @@ def worker(burst: bool) -> None:
         worker_name=worker_name(),
         housekeeping_seconds=settings.housekeeping_seconds,
         handoff_margin_seconds=settings.handoff_margin_seconds,
+        reconcile_grace_seconds=settings.reconcile_grace_seconds,
     )
     install_runtime(rt)
     if not burst:

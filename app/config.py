@@ -37,6 +37,7 @@ class Settings:
     queue_name: str = "recon"
     housekeeping_seconds: float = 2.0
     handoff_margin_seconds: float = 10.0
+    reconcile_grace_seconds: float = 15.0
 
     def handoff_policy(self) -> HandoffPolicy:
         """The hand-off timing every worker and monitor shares (docs/ARCHITECTURE.md, 'Liveness')."""
@@ -59,4 +60,5 @@ class Settings:
             queue_name=os.environ.get("RECON_QUEUE", "recon"),
             housekeeping_seconds=float(os.environ.get("RECON_HOUSEKEEPING_SECONDS", "2")),
             handoff_margin_seconds=float(os.environ.get("RECON_HANDOFF_MARGIN_SECONDS", "10")),
+            reconcile_grace_seconds=float(os.environ.get("RECON_RECONCILE_GRACE_SECONDS", "15")),
         )

@@ -25,6 +25,7 @@ def runtime() -> delivery.Runtime:
             worker_name=worker_name(),
             housekeeping_seconds=settings.housekeeping_seconds,
             handoff_margin_seconds=settings.handoff_margin_seconds,
+            reconcile_grace_seconds=settings.reconcile_grace_seconds,
         )
     return _runtime
 

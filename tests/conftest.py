@@ -328,7 +328,8 @@ class SimControl:
 def runtime(sessions):
     from app.services.delivery import Runtime
 
-    return Runtime(sessions=sessions, lease_seconds=30, worker_name="test-worker")
+    # No extra reconcile grace: a replay still waits out an earlier uncertain request's read timeout.
+    return Runtime(sessions=sessions, lease_seconds=30, worker_name="test-worker", reconcile_grace_seconds=0)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ Outcome; they never see database rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 
@@ -137,3 +138,25 @@ def control_id_for(key: str) -> str:
     import hashlib
 
     return "R" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:19].upper()
+
+
+# Attempt outcomes after which the EHR may still be working on (or may have applied) the request:
+# unknown and in-flight always; transient unless it provably never got in (a transport failure,
+# or 503/429 refused before processing).
+UNCERTAIN_ATTEMPT_OUTCOMES = ("unknown", "in_flight")
+TRANSIENT_NOT_APPLIED_STATUSES = (429, 503)
+
+
+def reconcile_not_before(
+    last_uncertain_start: datetime | None, read_timeout: float, grace_seconds: float
+) -> datetime | None:
+    """The earliest moment a replay may ask the EHR what it applied (or send again).
+
+    An unknown outcome does not mean the EHR has finished: a worker killed mid-call, or a read
+    timeout, leaves a request the EHR may still commit later. An identifier search before that
+    commit says "not there", and re-sending would apply the order twice. So a replay waits until
+    the earlier request's own deadline (its start + the read timeout) plus a grace for EHRs that
+    finish just after our client gave up. None: nothing uncertain came before."""
+    if last_uncertain_start is None:
+        return None
+    return last_uncertain_start + timedelta(seconds=read_timeout + grace_seconds)

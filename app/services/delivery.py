@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,11 +22,14 @@ import sqlalchemy.orm as so
 from app.db.models import Attempt, Connection, ExceptionItem, Message, OutboxEntry, PayloadVersion, Replay
 from app.db.session import transaction
 from app.domain.delivery import (
+    TRANSIENT_NOT_APPLIED_STATUSES,
+    UNCERTAIN_ATTEMPT_OUTCOMES,
     AttemptOutcome,
     Category,
     Envelope,
     Outcome,
     auto_retry_eligible,
+    reconcile_not_before,
     routing_refusal,
 )
 from app.domain.liveness import HandoffPolicy
@@ -67,6 +71,7 @@ class Runtime:
     adapter_factory: AdapterFactory = default_adapter_factory
     housekeeping_seconds: float = 2.0
     handoff_margin_seconds: float = 10.0
+    reconcile_grace_seconds: float = 15.0
 
     @property
     def policy(self) -> HandoffPolicy:
@@ -504,12 +509,41 @@ def run_replay(rt: Runtime, replay_id: int) -> str:
         attempt_id, message_id, corrected = attempt.id, message.id, replay.corrected
         envelope = envelope_for(message, replay.payload_version)
         message_type = message.message_type
+        not_before = reconcile_not_before(
+            s.scalar(
+                sa.select(sa.func.max(Attempt.started_at)).where(
+                    Attempt.message_id == message.id,
+                    Attempt.id != attempt_id,
+                    sa.or_(
+                        Attempt.outcome.in_(UNCERTAIN_ATTEMPT_OUTCOMES),
+                        sa.and_(
+                            Attempt.outcome == AttemptOutcome.TRANSIENT.value,
+                            sa.func.coalesce(Attempt.category, "") != Category.TRANSPORT.value,
+                            sa.func.coalesce(Attempt.status_code, 0).notin_(TRANSIENT_NOT_APPLIED_STATUSES),
+                        ),
+                    ),
+                )
+            ),
+            conn.read_timeout,
+            rt.reconcile_grace_seconds,
+        )
 
     faults.checkpoint("claimed")
     found: bool | None = None
     contacted = False
     outcome: Outcome | None = None
     with _Heartbeat(rt, attempt_id=attempt_id, replay_id=replay_id):
+        wait = (not_before - utcnow()).total_seconds() if not_before else 0
+        if wait > 0:
+            # An earlier request may still be in the EHR's hands: asking (or sending) now could miss
+            # a commit that is about to land. The lease is renewed while we wait.
+            log.info(
+                "replay %s waits %.1f s for an earlier request's window to close",
+                replay_id,
+                wait,
+                extra={"replay_id": replay_id},
+            )
+            time.sleep(wait)
         if conn.supports_identifier_search and _gate(conn, message_type) is None:
             try:
                 found = rt.adapter_factory(conn).find_applied(envelope)

@@ -62,3 +62,14 @@ def test_routing_refusals():
     )
     assert "not enabled" in routing_refusal(only_obs, "MedicationRequest")
     assert routing_refusal(only_obs, "Observation") is None
+
+
+def test_replay_waits_out_an_earlier_uncertain_requests_deadline_plus_grace():
+    from datetime import datetime
+
+    from app.domain.delivery import reconcile_not_before
+
+    start = datetime(2026, 1, 1, 12, 0, 0)
+    assert reconcile_not_before(None, 30, 15) is None  # nothing uncertain came before: go at once
+    assert reconcile_not_before(start, 30, 15) == datetime(2026, 1, 1, 12, 0, 45)
+    assert reconcile_not_before(start, 2.5, 0) == datetime(2026, 1, 1, 12, 0, 2, 500000)
