@@ -18,8 +18,9 @@ import uuid
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue, SimpleWorker
-from rq.exceptions import DuplicateJobError, NoSuchJobError
+from rq.exceptions import DuplicateJobError
 from rq.job import Job
+from rq.utils import str_to_date
 
 from app.domain.liveness import JobStatus as LiveStatus
 from app.domain.liveness import JobView, requeue_reason
@@ -87,31 +88,57 @@ def _recon_worker_of(rq_worker_name: str | None) -> str | None:
     return rq_worker_name.rpartition(".")[0] or None if rq_worker_name else None
 
 
-def job_view(queue: Queue, job_id: str) -> JobView:
-    """What the queue knows about one job, in the terms of the liveness rule."""
-    try:
-        job = Job.fetch(job_id, connection=queue.connection)
-    except NoSuchJobError:
-        return JobView(status=None)
-    raw = job.get_status(refresh=True)
-    if raw is None:
-        return JobView(status=None)
-    try:
-        status = LiveStatus(raw.value if hasattr(raw, "value") else str(raw))
-    except ValueError:
-        status = LiveStatus.OTHER
-    if status is LiveStatus.QUEUED:
-        return JobView(
-            status=status,
-            waiting_in_queue=queue.connection.lpos(queue.key, job_id) is not None,
-            in_transit=queue.connection.lpos(queue.intermediate_queue_key, job_id) is not None,
-        )
-    if status is LiveStatus.STARTED:
-        owner = _recon_worker_of(job.worker_name)
-        alive = bool(queue.connection.exists(_heartbeat_key(queue, owner))) if owner else None
-        started = (utcnow() - job.started_at.replace(tzinfo=None)).total_seconds() if job.started_at else None
-        return JobView(status=status, worker_alive=alive, started_seconds=started)
-    return JobView(status=status)
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def job_views(queue: Queue, job_ids: list[str]) -> dict[str, JobView]:
+    """What the queue knows about these jobs, in the terms of the liveness rule — in a handful of
+    round trips whatever their number (one pipeline of job hashes, the two lists once, one pipeline
+    of heartbeats), so a backlog does not make every housekeeping pass slow."""
+    if not job_ids:
+        return {}
+    conn = queue.connection
+    with conn.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hmget(Job.key_for(job_id), "status", "worker_name", "started_at")
+        rows = pipe.execute()
+    text = [[_text(v) for v in row] for row in rows]
+    waiting: set[str] = set()
+    transit: set[str] = set()
+    if any(status == LiveStatus.QUEUED.value for status, _, _ in text):
+        waiting = {_text(v) for v in conn.lrange(queue.key, 0, -1)}
+        transit = {_text(v) for v in conn.lrange(queue.intermediate_queue_key, 0, -1)}
+    owners = sorted({_recon_worker_of(name) for status, name, _ in text if status == "started"} - {None})
+    alive: dict[str, bool] = {}
+    if owners:
+        with conn.pipeline(transaction=False) as pipe:
+            for owner in owners:
+                pipe.exists(_heartbeat_key(queue, owner))
+            alive = {owner: bool(n) for owner, n in zip(owners, pipe.execute(), strict=True)}
+    now = utcnow()
+    views = {}
+    for job_id, (raw_status, rq_worker, started_at) in zip(job_ids, text, strict=True):
+        if not raw_status:
+            views[job_id] = JobView(status=None)
+            continue
+        try:
+            status = LiveStatus(raw_status)
+        except ValueError:
+            status = LiveStatus.OTHER
+        if status is LiveStatus.QUEUED:
+            views[job_id] = JobView(status, waiting_in_queue=job_id in waiting, in_transit=job_id in transit)
+        elif status is LiveStatus.STARTED:
+            owner = _recon_worker_of(rq_worker)
+            started = str_to_date(started_at).replace(tzinfo=None) if started_at else None
+            views[job_id] = JobView(
+                status,
+                worker_alive=alive.get(owner) if owner else None,
+                started_seconds=(now - started).total_seconds() if started else None,
+            )
+        else:
+            views[job_id] = JobView(status)
+    return views
 
 
 def requeue_stranded(rt: delivery.Runtime, queue: Queue) -> int:
@@ -121,7 +148,7 @@ def requeue_stranded(rt: delivery.Runtime, queue: Queue) -> int:
     two finds nothing to do. The rule and the bound: app/domain/liveness.py."""
     policy = rt.policy
     now = utcnow()
-    lost = []
+    lost, to_ask = [], []
     for work in liveness.unclaimed_work(rt.sessions):
         if work.job_id is None:
             if work.has_outbox_entry:
@@ -130,10 +157,12 @@ def requeue_stranded(rt: delivery.Runtime, queue: Queue) -> int:
             if (now - work.ready_at).total_seconds() >= policy.housekeeping_seconds:
                 lost.append((work, "no outbox entry"))
             continue
+        if (now - work.relayed_at).total_seconds() >= policy.housekeeping_seconds:
+            to_ask.append(work)  # judged only after one pass: a fresh job gets its chance first
+    views = job_views(queue, [f"{queue.name}-{work.job_id}" for work in to_ask])
+    for work in to_ask:
         unclaimed = (now - work.relayed_at).total_seconds()
-        if unclaimed < policy.housekeeping_seconds:
-            continue  # judged only after one pass; saves a Redis round trip per fresh item
-        reason = requeue_reason(job_view(queue, f"{queue.name}-{work.job_id}"), unclaimed, policy)
+        reason = requeue_reason(views[f"{queue.name}-{work.job_id}"], unclaimed, policy)
         if reason:
             lost.append((work, reason))
     return liveness.queue_again(rt.sessions, lost)
@@ -226,7 +255,11 @@ def run_worker(rt: delivery.Runtime, queue: Queue, *, burst: bool, poll_seconds:
             jobs = _run_jobs(worker, queue)
             counts["jobs"] += jobs
             if not (done["relayed"] or done["retries"] or done["reaped"] or jobs or queue.count):
-                return counts
+                deferred = delivery.next_deferred_at(rt)
+                if deferred is None:
+                    return counts
+                # A replay waits out an earlier request's window (seconds): drain it too.
+                time.sleep(min(max((deferred - utcnow()).total_seconds(), poll_seconds), 60))
     housekeeping.start()
     outage = False
     try:

@@ -222,6 +222,8 @@ class Replay(Base):
     started_at: so.Mapped[datetime | None]
     finished_at: so.Mapped[datetime | None]
     result: so.Mapped[str | None] = so.mapped_column(sa.Text)
+    # Set when the replay was deferred: an earlier request may be in the EHR's hands until then.
+    not_before: so.Mapped[datetime | None]
     requested_by: so.Mapped[User] = so.relationship(foreign_keys=[requested_by_id])
     approved_by: so.Mapped[User | None] = so.relationship(foreign_keys=[approved_by_id])
     payload_version: so.Mapped[PayloadVersion] = so.relationship()
@@ -236,6 +238,8 @@ class OutboxEntry(Base):
     job_id: so.Mapped[str] = so.mapped_column(sa.String(100))
     created_at: so.Mapped[datetime]
     relayed_at: so.Mapped[datetime | None] = so.mapped_column(index=True)
+    # Not before this time (a replay deferred until an earlier request's window has closed).
+    available_at: so.Mapped[datetime | None]
 
 
 class AuditEvent(Base):

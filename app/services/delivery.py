@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -476,8 +475,72 @@ def schedule_due_retries(rt: Runtime, limit: int = 100) -> int:
 # --- approved replays ----------------------------------------------------------------------------
 
 
+def _reconcile_window_end(s: so.Session, message_id: str, read_timeout: float, grace: float):
+    """When the latest earlier attempt that may still be in the EHR's hands stops being so."""
+    last_uncertain = s.scalar(
+        sa.select(sa.func.max(Attempt.started_at)).where(
+            Attempt.message_id == message_id,
+            sa.or_(
+                Attempt.outcome.in_(UNCERTAIN_ATTEMPT_OUTCOMES),
+                sa.and_(
+                    Attempt.outcome == AttemptOutcome.TRANSIENT.value,
+                    sa.func.coalesce(Attempt.category, "") != Category.TRANSPORT.value,
+                    sa.func.coalesce(Attempt.status_code, 0).notin_(TRANSIENT_NOT_APPLIED_STATUSES),
+                ),
+            ),
+        )
+    )
+    return reconcile_not_before(last_uncertain, read_timeout, grace)
+
+
+def _defer_if_too_early(rt: Runtime, replay_id: int) -> str | None:
+    """An earlier request of this message may still be in the EHR's hands (unknown outcome, a worker
+    killed mid-call, a 5xx): a search now could miss a commit about to land, and a re-send would
+    apply the order twice. Until that request's window closes, the replay is not claimed: it goes
+    back to the outbox, released to the queue at the window's end — no worker waits meanwhile."""
+    with transaction(rt.sessions) as s:
+        replay = s.get(Replay, replay_id)
+        if replay is None or replay.state != "queued":
+            return None  # the claim below reports it
+        message = s.get(Message, replay.message_id)
+        not_before = _reconcile_window_end(
+            s, message.id, message.connection.read_timeout, rt.reconcile_grace_seconds
+        )
+        now = utcnow()
+        if not_before is None or not_before <= now:
+            return None
+        deferred = s.execute(
+            sa.update(Replay)
+            .where(Replay.id == replay_id, Replay.state == "queued")
+            .values(not_before=not_before)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if deferred != 1:
+            return None
+        s.add(
+            OutboxEntry(
+                kind="replay",
+                ref_id=str(replay_id),
+                job_id=f"replay-{replay_id}-after-{not_before:%Y%m%d%H%M%S%f}",
+                created_at=now,
+                available_at=not_before,
+            )
+        )
+    log.info(
+        "replay %s deferred until %s UTC: an earlier request's window is still open",
+        replay_id,
+        f"{not_before:%H:%M:%S}",
+        extra={"replay_id": replay_id},
+    )
+    return f"deferred until {not_before:%H:%M:%S} UTC"
+
+
 def run_replay(rt: Runtime, replay_id: int) -> str:
-    """Run one approved replay: claim, reconcile by identifier search, deliver, settle."""
+    """Run one approved replay: wait out any earlier uncertain request, claim, reconcile by
+    identifier search, deliver, settle."""
+    deferred = _defer_if_too_early(rt, replay_id)
+    if deferred:
+        return deferred
     with transaction(rt.sessions) as s:
         now = utcnow()
         claimed = s.execute(
@@ -509,41 +572,12 @@ def run_replay(rt: Runtime, replay_id: int) -> str:
         attempt_id, message_id, corrected = attempt.id, message.id, replay.corrected
         envelope = envelope_for(message, replay.payload_version)
         message_type = message.message_type
-        not_before = reconcile_not_before(
-            s.scalar(
-                sa.select(sa.func.max(Attempt.started_at)).where(
-                    Attempt.message_id == message.id,
-                    Attempt.id != attempt_id,
-                    sa.or_(
-                        Attempt.outcome.in_(UNCERTAIN_ATTEMPT_OUTCOMES),
-                        sa.and_(
-                            Attempt.outcome == AttemptOutcome.TRANSIENT.value,
-                            sa.func.coalesce(Attempt.category, "") != Category.TRANSPORT.value,
-                            sa.func.coalesce(Attempt.status_code, 0).notin_(TRANSIENT_NOT_APPLIED_STATUSES),
-                        ),
-                    ),
-                )
-            ),
-            conn.read_timeout,
-            rt.reconcile_grace_seconds,
-        )
 
     faults.checkpoint("claimed")
     found: bool | None = None
     contacted = False
     outcome: Outcome | None = None
     with _Heartbeat(rt, attempt_id=attempt_id, replay_id=replay_id):
-        wait = (not_before - utcnow()).total_seconds() if not_before else 0
-        if wait > 0:
-            # An earlier request may still be in the EHR's hands: asking (or sending) now could miss
-            # a commit that is about to land. The lease is renewed while we wait.
-            log.info(
-                "replay %s waits %.1f s for an earlier request's window to close",
-                replay_id,
-                wait,
-                extra={"replay_id": replay_id},
-            )
-            time.sleep(wait)
         if conn.supports_identifier_search and _gate(conn, message_type) is None:
             try:
                 found = rt.adapter_factory(conn).find_applied(envelope)
@@ -747,13 +781,27 @@ def escalate_breached(rt: Runtime) -> int:
 
 
 def pending_outbox(rt: Runtime, limit: int = 200) -> list[OutboxEntry]:
+    """Unrelayed outbox rows whose time has come (a deferred replay's row waits for its window)."""
     with transaction(rt.sessions) as s:
         return list(
             s.scalars(
                 sa.select(OutboxEntry)
-                .where(OutboxEntry.relayed_at.is_(None))
+                .where(
+                    OutboxEntry.relayed_at.is_(None),
+                    sa.or_(OutboxEntry.available_at.is_(None), OutboxEntry.available_at <= utcnow()),
+                )
                 .order_by(OutboxEntry.id)
                 .limit(limit)
+            )
+        )
+
+
+def next_deferred_at(rt: Runtime):
+    """When the earliest deferred outbox row becomes available (None: nothing deferred)."""
+    with transaction(rt.sessions, read_only=True) as s:
+        return s.scalar(
+            sa.select(sa.func.min(OutboxEntry.available_at)).where(
+                OutboxEntry.relayed_at.is_(None), OutboxEntry.available_at.is_not(None)
             )
         )
 

@@ -23,6 +23,16 @@ from .clock import utcnow
 log = logging.getLogger("recon.liveness")
 
 
+def replay_ready_at() -> sa.ColumnElement:
+    """When an approved replay became ready for a worker: its approval, or the end of the window
+    it was deferred to (an earlier request may have been in the EHR's hands until then)."""
+    approved = sa.func.coalesce(Replay.approved_at, Replay.requested_at)
+    return sa.case(
+        (sa.and_(Replay.not_before.is_not(None), Replay.not_before > approved), Replay.not_before),
+        else_=approved,
+    )
+
+
 @dataclass(frozen=True)
 class UnclaimedWork:
     """A queued attempt or an approved replay that no worker has claimed yet."""
@@ -45,7 +55,7 @@ def unclaimed_work(sessions: so.sessionmaker, limit: int = 500) -> list[Unclaime
             .limit(limit)
         ).all()
         replays = s.execute(
-            sa.select(Replay.id, sa.func.coalesce(Replay.approved_at, Replay.requested_at))
+            sa.select(Replay.id, replay_ready_at())
             .where(Replay.state == "queued")
             .order_by(Replay.id)
             .limit(limit)
@@ -170,7 +180,7 @@ def handoff_report(session: so.Session, policy: HandoffPolicy, now: datetime | N
     )
     report.stages["replaying"] = _age(
         session,
-        sa.func.coalesce(Replay.approved_at, Replay.requested_at),
+        replay_ready_at(),
         [Replay.state == "queued"],
         now,
         bound,

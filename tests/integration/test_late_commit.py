@@ -9,10 +9,11 @@ unknown_outcome, an immediate resubmit and approval, a search that came too earl
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import sqlalchemy as sa
 
-from app.db.models import Attempt, ExceptionItem, User
+from app.db.models import Attempt, ExceptionItem, Replay, User
 from app.db.session import transaction
 from app.services.exceptions import DecisionInput, decide
 from tests.conftest import PASSWORD
@@ -49,15 +50,20 @@ def test_replay_after_a_late_commit_finds_the_order_instead_of_sending_it_again(
 
     # Window: the first attempt's start + 1 s read timeout + 4 s grace, past the EHR's 3 s commit.
     runtime.reconcile_grace_seconds = 4
+    with transaction(sessions, read_only=True) as s:
+        first_start = s.scalar(sa.select(Attempt.started_at).where(Attempt.message_id == r.json["id"]))
     started = time.monotonic()
-    run_worker()
+    run_worker()  # the replay is deferred, not claimed; burst mode drains it once its window closes
     waited = time.monotonic() - started
-
     with transaction(sessions) as s:
         item = s.get(ExceptionItem, exc_id)
         attempts = s.scalars(sa.select(Attempt).where(Attempt.message_id == r.json["id"])).all()
     assert item.state == "resolved", item.detail
     assert "found already applied" in attempts[-1].detail
-    assert waited >= 2.0  # it did wait for the window rather than search at once
+    assert waited >= 2.0  # it waited for the window rather than search at once
+    with transaction(sessions, read_only=True) as s:
+        replay = s.scalar(sa.select(Replay).where(Replay.exception_id == exc_id))
+    assert replay.not_before == first_start + timedelta(seconds=5)
+    assert replay.started_at >= replay.not_before  # claimed only once the window had closed
     assert sim_control.applied_count(tenant, "urn:recon:idempotency:svc", "late-1") == 1
     assert sim_control.deliveries(tenant) == {"urn:recon:idempotency:svc|late-1": 1}  # one create only

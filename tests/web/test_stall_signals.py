@@ -115,3 +115,26 @@ def test_report_covers_overdue_retries_approved_replays_and_unreaped_leases(sess
     assert report.stalled == 3
     with transaction(sessions, read_only=True) as s:
         assert s.scalar(sa.select(sa.func.count()).select_from(ExceptionItem)) == 2
+
+
+def test_a_replay_deferred_for_an_open_window_is_not_stalled_until_the_window_plus_bound(
+    sessions, users, connection
+):
+    from app.db.models import Replay
+
+    policy = HandoffPolicy(lease_seconds=10, housekeeping_seconds=1, margin_seconds=2)  # bound 14 s
+    now = datetime(2026, 3, 1, 12, 0, 0)
+    exc_id = make_exception(sessions, users["svc"], key="d-1")
+    with freeze_time(now - timedelta(seconds=60)), transaction(sessions) as s:
+        decide(s, exc_id, s.get(User, users["rita"].id), DecisionInput("resubmit", reason="fixed"))
+        decide(
+            s, exc_id, s.get(User, users["lena"].id), DecisionInput("approve", reason="ok", password=PASSWORD)
+        )
+    with transaction(sessions) as s:  # approved 60 s ago, deferred until 5 s ago
+        s.execute(sa.update(Replay).values(not_before=now - timedelta(seconds=5)))
+    with transaction(sessions, read_only=True) as s:
+        replaying = handoff_report(s, policy, now).stages["replaying"]
+    assert (replaying.waiting, replaying.oldest_seconds, replaying.stalled) == (1, 5, 0)
+    with transaction(sessions, read_only=True) as s:
+        later = handoff_report(s, policy, now + timedelta(seconds=10)).stages["replaying"]
+    assert later.stalled == 1  # 15 s past its window: longer than the 14 s bound
