@@ -87,17 +87,45 @@ def final_state(sessions, message_id: str) -> tuple[str, str | None, str]:
         return message.status, (item.state if item else None), (item.category if item else "")
 
 
+class Workers:
+    """Real worker processes against this test's database, Redis and queue."""
+
+    def __init__(self, database_url, redis_url, redis_client, queue_name):
+        self.database_url, self.redis_url = database_url, redis_url
+        self.redis_client, self.queue_name = redis_client, queue_name
+
+    def die_at(self, point: str) -> None:
+        """A worker that takes the first job and is SIGKILLed at `point` of its path."""
+        doomed = start_worker(self.database_url, self.redis_url, self.queue_name, fault=f"{point}=kill")
+        doomed.wait(timeout=60)
+        assert doomed.returncode == -signal.SIGKILL, stop(doomed)
+
+    def rescue(self, done, timeout: float = BOUND + 30, label: str = "") -> tuple[float, str]:
+        """A healthy worker; returns how long after it came up `done()` held, and its log."""
+        rescuer = start_worker(self.database_url, self.redis_url, self.queue_name)
+        try:
+            up = wait_until_alive(self.redis_client, self.queue_name, rescuer)
+            assert wait_for(done, timeout=timeout), f"never settled {label}"
+            took = time.monotonic() - up
+        finally:
+            log = stop(rescuer)
+        return took, log
+
+
+@pytest.fixture
+def workers(database_url, redis_url, redis_client, queue_name) -> Workers:
+    return Workers(database_url, redis_url, redis_client, queue_name)
+
+
 # --- killed after RQ dequeued the job, before the claim ------------------------------------------
 
 
 def test_delivery_whose_worker_died_before_claiming_is_sent_once_within_the_bound(
-    client, users, fhir_connection, sessions, database_url, redis_url, redis_client, queue_name, sim_control
+    client, users, fhir_connection, sessions, redis_client, queue_name, sim_control, workers
 ):
     tenant = fhir_connection.tenant
     message_id = submit(client, users, "live-d-1", 1)
-    doomed = start_worker(database_url, redis_url, queue_name, fault="dequeued=kill")
-    doomed.wait(timeout=60)
-    assert doomed.returncode == -signal.SIGKILL, stop(doomed)
+    workers.die_at("dequeued")
     # The window the issue describes: RQ marked the job started, the product never claimed the row.
     with transaction(sessions, read_only=True) as s:
         attempt_id = s.scalar(sa.select(Attempt.id).where(Attempt.message_id == message_id))
@@ -105,57 +133,28 @@ def test_delivery_whose_worker_died_before_claiming_is_sent_once_within_the_boun
     assert job_status(redis_client, queue_name, f"deliver-{attempt_id}") == "started"
     assert sim_control.deliveries(tenant) == {}
 
-    rescuer = start_worker(database_url, redis_url, queue_name)
-    try:
-        up = wait_until_alive(redis_client, queue_name, rescuer)
-        assert wait_for(lambda: settled(sessions, message_id), timeout=BOUND + 30)
-        claimed_after = time.monotonic() - up
-        assert wait_for(lambda: final_state(sessions, message_id)[0] == "delivered", timeout=30)
-    finally:
-        log = stop(rescuer)
-    assert claimed_after <= BOUND, (
-        f"claimed {claimed_after:.1f} s after a live worker came up (bound {BOUND})"
-    )
+    took, log = workers.rescue(lambda: final_state(sessions, message_id)[0] == "delivered")
+    assert took <= BOUND, f"delivered {took:.1f} s after a live worker came up (bound {BOUND})"
     assert "re-queued deliver" in log and "died before claiming" in log, log
     assert sim_control.deliveries(tenant) == {"urn:recon:idempotency:svc|live-d-1": 1}
 
 
 def test_replay_whose_worker_died_before_claiming_is_sent_once_within_the_bound(
-    client,
-    users,
-    fhir_connection,
-    sessions,
-    database_url,
-    redis_url,
-    redis_client,
-    queue_name,
-    sim_control,
-    run_worker,
+    client, users, fhir_connection, sessions, redis_client, queue_name, sim_control, run_worker, workers
 ):
     tenant = fhir_connection.tenant
     exc_id = approved_replay(client, users, sessions, sim_control, tenant, run_worker, "live-r-1", 2)
     with transaction(sessions, read_only=True) as s:
         replay = s.scalar(sa.select(Replay).where(Replay.exception_id == exc_id))
         replay_id, message_id = replay.id, replay.message_id
-    doomed = start_worker(database_url, redis_url, queue_name, fault="dequeued=kill")
-    doomed.wait(timeout=60)
-    assert doomed.returncode == -signal.SIGKILL, stop(doomed)
+    workers.die_at("dequeued")
     with transaction(sessions, read_only=True) as s:
         assert s.get(Replay, replay_id).state == "queued"
         assert s.get(ExceptionItem, exc_id).state == "replaying"
     assert job_status(redis_client, queue_name, f"replay-{replay_id}") == "started"
 
-    rescuer = start_worker(database_url, redis_url, queue_name)
-    try:
-        up = wait_until_alive(redis_client, queue_name, rescuer)
-        assert wait_for(lambda: settled(sessions, message_id), timeout=BOUND + 30)
-        claimed_after = time.monotonic() - up
-        assert wait_for(lambda: final_state(sessions, message_id)[1] == "resolved", timeout=30)
-    finally:
-        log = stop(rescuer)
-    assert claimed_after <= BOUND, (
-        f"claimed {claimed_after:.1f} s after a live worker came up (bound {BOUND})"
-    )
+    took, log = workers.rescue(lambda: final_state(sessions, message_id)[1] == "resolved")
+    assert took <= BOUND, f"resolved {took:.1f} s after a live worker came up (bound {BOUND})"
     assert "re-queued replay" in log, log
     assert sim_control.deliveries(tenant, what="applied") == {"urn:recon:idempotency:svc|live-r-1": 1}
 
@@ -295,18 +294,7 @@ KILL_POINTS = {
 @pytest.mark.parametrize("kind", ["deliver", "replay"])
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_every_kill_point_ends_in_a_claim_a_human_queue_or_a_final_state_within_the_bound(
-    kind,
-    point,
-    client,
-    users,
-    fhir_connection,
-    sessions,
-    database_url,
-    redis_url,
-    redis_client,
-    queue_name,
-    sim_control,
-    run_worker,
+    kind, point, client, users, fhir_connection, sessions, sim_control, run_worker, workers
 ):
     tenant = fhir_connection.tenant
     key = f"kp-{kind}-{point}"
@@ -316,20 +304,12 @@ def test_every_kill_point_ends_in_a_claim_a_human_queue_or_a_final_state_within_
         exc_id = approved_replay(client, users, sessions, sim_control, tenant, run_worker, key, 11)
         with transaction(sessions, read_only=True) as s:
             message_id = s.get(ExceptionItem, exc_id).message_id
-    doomed = start_worker(database_url, redis_url, queue_name, fault=f"{point}=kill")
-    doomed.wait(timeout=60)
-    assert doomed.returncode == -signal.SIGKILL, stop(doomed)
+    workers.die_at(point)
 
     expected, applied = KILL_POINTS[point]
-    rescuer = start_worker(database_url, redis_url, queue_name)
-    try:
-        up = wait_until_alive(redis_client, queue_name, rescuer)
-        assert wait_for(lambda: _ended_as(sessions, message_id, expected), timeout=BOUND + 30)
-        took = time.monotonic() - up
-    finally:
-        stop(rescuer)
-    # After a claim the lease must first lapse: the bound counts from the item becoming ready, and
-    # the claim happened before the rescuer came up, so the time left is at most the bound.
+    took, _ = workers.rescue(lambda: _ended_as(sessions, message_id, expected))
+    # After a claim the lease must first lapse; the claim happened before the rescuer came up, so
+    # what is left of the bound is shorter still.
     assert took <= BOUND, f"{kind} killed at {point}: settled {took:.1f} s after a live worker came up"
     counts = sim_control.deliveries(tenant, what="applied")
     assert counts.get(f"urn:recon:idempotency:svc|{key}", 0) == applied
@@ -346,15 +326,7 @@ def _ended_as(sessions, message_id: str, expected: str) -> bool:
 
 
 def test_randomized_kill_points_never_apply_twice_and_never_strand_work(
-    client,
-    users,
-    fhir_connection,
-    sessions,
-    database_url,
-    redis_url,
-    redis_client,
-    queue_name,
-    sim_control,
+    client, users, fhir_connection, sessions, database_url, redis_url, queue_name, sim_control, workers
 ):
     seed = int(os.environ.get("RECON_CHAOS_SEED") or random.randrange(10**6))
     rng = random.Random(seed)
@@ -373,14 +345,10 @@ def test_randomized_kill_points_never_apply_twice_and_never_strand_work(
             proc = start_worker(database_url, redis_url, queue_name, fault=f"{point}=kill")
             wait_for(lambda p=proc: p.poll() is not None, timeout=15)
         stop(proc)
-    rescuer = start_worker(database_url, redis_url, queue_name)
-    try:
-        up = wait_until_alive(redis_client, queue_name, rescuer)
-        done = wait_for(lambda: all(_out_of_hand_off(sessions, m) for m in messages), timeout=BOUND + 60)
-        took = time.monotonic() - up
-    finally:
-        stop(rescuer)
-    assert done and took <= BOUND, f"seed {seed}, lives {lives}: {took:.1f} s (bound {BOUND})"
+    took, _ = workers.rescue(
+        lambda: all(_out_of_hand_off(sessions, m) for m in messages), BOUND + 60, f"seed {seed}, {lives}"
+    )
+    assert took <= BOUND, f"seed {seed}, lives {lives}: {took:.1f} s (bound {BOUND})"
     applied = sim_control.deliveries(tenant, what="applied")
     assert all(n == 1 for n in applied.values()), f"seed {seed}, lives {lives}: applied twice: {applied}"
     for message_id in messages:
