@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from .delivery import Category
 
@@ -68,3 +69,39 @@ def categorize_fhir_status(status: int, issues: list[dict] | None) -> Category:
     if 400 <= status < 500:
         return Category.EHR_REJECTED
     return Category.MALFORMED_RESPONSE
+
+
+# An interface engine's own words about a failed message (POST /api/v1/exceptions), matched in
+# order: the first row that matches names the category and whether the EHR may have applied it.
+# Anything we cannot place is unknown_outcome: reconcile (or have a lead confirm) before re-sending.
+_REPORTED_ERROR_RULES: tuple[tuple[re.Pattern, Category, bool], ...] = tuple(
+    (re.compile(pattern, flags), category, may_have_applied)
+    for pattern, flags, category, may_have_applied in (
+        (r"MSA\|(AE|AR|CE|CR)\b", 0, Category.EHR_REJECTED, False),  # a quoted HL7 ACK speaks first
+        (r"\b40[13]\b|unauthori[sz]ed|forbidden|access denied|(invalid|expired) (access )?token|"
+         r"authenticat", re.I, Category.AUTH, False),
+        (r"icd-?9|icd-?10|code ?system|unknown code|invalid code|value ?set|terminology",
+         re.I, Category.CODE_SET, False),
+        (r"duplicate|already exists|already (been )?processed", re.I, Category.DUPLICATE_SUSPECTED, True),
+        (r"pars(e|ing) (error|fail)|could not parse|cannot parse|unparseable|encoding|"
+         r"invalid (character|byte)|malformed (message|hl7|segment|payload)", re.I, Category.DATA_SHAPE, False),
+        (r"timed? ?out|no (ack|acknowledg|response|reply)|connection (reset|closed|dropped|aborted)|"
+         r"broken pipe|unexpected eof", re.I, Category.UNKNOWN_OUTCOME, True),
+        (r"connection refused|econnrefused|no route to host|host unreachable|name or service not known|"
+         r"\bdns\b|getaddrinfo|\btls\b|\bssl\b|certificate|could not connect|unable to connect",
+         re.I, Category.TRANSPORT, False),
+        (r"\b(503|429)\b|too many requests|throttl|temporarily unavailable", re.I, Category.EHR_UNAVAILABLE, False),
+        (r"\b5\d\d\b|unavailable|internal server error", re.I, Category.EHR_UNAVAILABLE, True),
+        (r"\b(AE|AR|CE|CR)\b", 0, Category.EHR_REJECTED, False),  # HL7 ACK codes, upper case only
+        (r"\b4\d\d\b|reject|application error|validation|invalid|not allowed|required field",
+         re.I, Category.EHR_REJECTED, False),
+    )
+)  # fmt: skip
+
+
+def categorize_reported_error(error: str) -> tuple[Category, bool]:
+    """(category, whether the EHR may have applied it) for an error an interface engine reported."""
+    for pattern, category, may_have_applied in _REPORTED_ERROR_RULES:
+        if pattern.search(error):
+            return category, may_have_applied
+    return Category.UNKNOWN_OUTCOME, True

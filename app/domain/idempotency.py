@@ -10,9 +10,12 @@ MAX_KEY_LENGTH = 200
 
 
 def request_fingerprint(body: Any) -> str:
-    """SHA-256 of the canonical JSON body: key order and whitespace do not matter."""
+    """SHA-256 of the canonical JSON body: key order and whitespace do not matter. A lone surrogate
+    (JSON allows "\\ud800") is hashed as it came, not refused: the body is still stored and judged."""
     return hashlib.sha256(
-        json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
+            "utf-8", "surrogatepass"
+        )
     ).hexdigest()
 
 

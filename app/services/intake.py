@@ -15,6 +15,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm as so
 
 from app.db.models import Attempt, Message, OutboxEntry, PayloadVersion, User
+from app.domain.categorize import categorize_reported_error
 from app.domain.delivery import Category, clinical_risk, control_id_for, routing_refusal
 from app.domain.errors import Invalid, NotFound
 from app.domain.idempotency import request_fingerprint
@@ -58,7 +59,9 @@ def _raw_payload(body: dict) -> bytes:
     if has_text:
         if not isinstance(body["payload"], str):
             raise Invalid("payload must be a string", code="invalid_body")
-        return body["payload"].encode("utf-8")
+        # A lone surrogate (JSON "\ud800") has no UTF-8 form: keep its bytes as sent; decoding then
+        # fails and the payload becomes a data_shape exception, stored, instead of a 500.
+        return body["payload"].encode("utf-8", "surrogatepass")
     if not isinstance(body["payload_base64"], str):
         raise Invalid("payload_base64 must be a string", code="invalid_body")
     try:
@@ -67,25 +70,35 @@ def _raw_payload(body: dict) -> bytes:
         raise Invalid("payload_base64 is not valid base64", code="invalid_body") from None
 
 
-def submit_message(session: so.Session, client: User, key: str, body: dict) -> IntakeResult:
-    """Accept one outbound message. Raises Invalid/NotFound for requests we cannot store."""
-    fingerprint = request_fingerprint(body)
-    existing = find_existing(session, client, key)
-    if existing is not None:
-        return replay_response(existing, fingerprint)
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no database can store it as text
+        return False
+    return True
 
-    for name in ("connection", "message_type", "content_type"):
+
+def _validated(session: so.Session, client: User, body: dict, *, require_error: bool = False):
+    """The connection, message type and raw bytes of a request, or Invalid/NotFound."""
+    for name in ("connection", "message_type", "content_type", *(("error",) if require_error else ())):
         if not isinstance(body.get(name), str) or not body[name].strip():
             raise Invalid(f"{name} is required", code="invalid_body")
+        if name != "error" and not _is_unicode(body[name]):
+            raise Invalid(f"{name} must be valid Unicode text", code="invalid_body")
     if body["content_type"] not in CONTENT_TYPES:
         raise Invalid(f"content_type must be one of {', '.join(CONTENT_TYPES)}", code="invalid_body")
     raw = _raw_payload(body)
     conn = connections.by_name(session, body["connection"])
     if conn is None:
         raise NotFound(f"connection {body['connection']!r} not found", code="unknown_connection")
+    return conn, body["message_type"].strip()[:40], raw
 
+
+def _store(
+    session: so.Session, client: User, key: str, fingerprint: str, body: dict, conn, message_type, raw
+):
+    """The message and its first payload version, stored byte-for-byte whatever they hold."""
     now = utcnow()
-    message_type = body["message_type"].strip()[:40]
     decoded = decode_payload(raw, body["content_type"], message_type)
     message = Message(
         id=str(uuid.uuid4()),
@@ -104,8 +117,6 @@ def submit_message(session: so.Session, client: User, key: str, body: dict) -> I
         created_at=now,
         updated_at=now,
     )
-    refusal = _refusal(conn, message_type, decoded)
-    message.response_json = {"id": message.id, "idempotency_key": key, "status": message.status}
     payload = PayloadVersion(
         message_id=message.id,
         version=1,
@@ -120,13 +131,51 @@ def submit_message(session: so.Session, client: User, key: str, body: dict) -> I
     session.add_all([message, payload])
     session.flush()  # the unique (client, key) constraint fires here for a racing duplicate
     message.current_payload_id = payload.id
+    return message, payload, decoded
 
-    exception = None
+
+def _audit_receive(session, client: User, message: Message, key: str, conn, decoded, **extra) -> None:
+    audit.record(
+        session,
+        actor=client.username,
+        action="message.receive",
+        subject_type="message",
+        subject_id=message.id,
+        to_state=message.status,
+        details={
+            "idempotency_key": key,
+            "connection": conn.name,
+            "message_type": message.message_type,
+            "payload_sha256": decoded.sha256,
+            "encoding": decoded.encoding,
+            **extra,
+        },
+    )
+
+
+def submit_message(session: so.Session, client: User, key: str, body: dict) -> IntakeResult:
+    """Accept one outbound message. Raises Invalid/NotFound for requests we cannot store."""
+    fingerprint = request_fingerprint(body)
+    existing = find_existing(session, client, key)
+    if existing is not None:
+        return replay_response(existing, fingerprint)
+    conn, message_type, raw = _validated(session, client, body)
+    message, payload, decoded = _store(session, client, key, fingerprint, body, conn, message_type, raw)
+    message.response_json = {"id": message.id, "idempotency_key": key, "status": message.status}
+
+    refusal = _refusal(conn, message_type, decoded)
     if refusal is not None:
         category, detail = refusal
         message.status = "exception"
         exception = open_exception(session, message, category, detail, payload_version_id=payload.id)
+        message.response_json = {
+            **message.response_json,
+            "status": message.status,
+            "exception_id": exception.id,
+            "category": exception.category,
+        }
     else:
+        now = utcnow()
         attempt = Attempt(
             message_id=message.id,
             payload_version_id=payload.id,
@@ -141,29 +190,42 @@ def submit_message(session: so.Session, client: User, key: str, body: dict) -> I
                 kind="deliver", ref_id=str(attempt.id), job_id=f"deliver-{attempt.id}", created_at=now
             )
         )
+    _audit_receive(session, client, message, key, conn, decoded)
+    return IntakeResult(202, dict(message.response_json))
 
-    if exception is not None:
-        message.response_json = {
-            **message.response_json,
-            "status": message.status,
-            "exception_id": exception.id,
-            "category": exception.category,
-        }
-    audit.record(
+
+def report_exception(session: so.Session, client: User, key: str, body: dict) -> IntakeResult:
+    """An interface engine reports a message that failed on its side (SPEC 9.3 POST /exceptions).
+
+    Stored byte-for-byte like any intake and put straight into a human queue — never sent from
+    here. Categorized from the payload (unreadable: data_shape) and the engine's error text; a
+    replay later goes out through our adapter for that connection, like any other."""
+    fingerprint = request_fingerprint(body)
+    existing = find_existing(session, client, key)
+    if existing is not None:
+        return replay_response(existing, fingerprint)
+    conn, message_type, raw = _validated(session, client, body, require_error=True)
+    message, payload, decoded = _store(session, client, key, fingerprint, body, conn, message_type, raw)
+    # The engine's words, made storable: no NUL (PostgreSQL text), no lone surrogates.
+    error = body["error"].strip()[:2000].encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+    if decoded.problem:
+        category, may_have_applied = Category.DATA_SHAPE, False
+        detail = f"{decoded.problem_kind}: {decoded.problem} — reported by {client.username}: {error}"
+    else:
+        category, may_have_applied = categorize_reported_error(error)
+        detail = f"reported by {client.username}: {error}"
+    message.status = "exception"
+    exception = open_exception(
         session,
+        message,
+        category,
+        detail,
+        payload_version_id=payload.id,
         actor=client.username,
-        action="message.receive",
-        subject_type="message",
-        subject_id=message.id,
-        to_state=message.status,
-        details={
-            "idempotency_key": key,
-            "connection": conn.name,
-            "message_type": message_type,
-            "payload_sha256": decoded.sha256,
-            "encoding": decoded.encoding,
-        },
+        may_have_applied=may_have_applied,
     )
+    message.response_json = {"id": message.id, "exception_id": exception.id, "category": exception.category}
+    _audit_receive(session, client, message, key, conn, decoded, reported_error=True)
     return IntakeResult(202, dict(message.response_json))
 
 

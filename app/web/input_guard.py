@@ -8,7 +8,9 @@ from flask import Flask, request
 
 from .errors import error_response
 
-PAYLOAD_FIELDS = frozenset({"payload"})
+# Kept as sent and made safe by the service: message payloads (bytes preserved) and an interface
+# engine's own error text (POST /api/v1/exceptions: its report must not be lost over a NUL).
+PAYLOAD_FIELDS = frozenset({"payload", "error"})
 
 
 def _has_nul(value, depth: int = 0) -> bool:

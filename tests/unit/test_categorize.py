@@ -190,3 +190,36 @@ def test_parser_tolerates_a_non_list_expression() -> None:
 
 def test_parser_survives_deep_nesting() -> None:
     assert operation_outcome_issues("[" * 100_000 + "]" * 100_000) is None
+
+
+# An interface engine's error text (POST /api/v1/exceptions) → (category, may the EHR have applied it).
+REPORTED_ERRORS = [
+    ("MSA|AE|CTRL0001\rERR||PID^1^7|101", "ehr_rejected", False),
+    ("MSA|AR|CTRL0001", "ehr_rejected", False),
+    ("ACK received: AR (application reject)", "ehr_rejected", False),
+    ("HTTP 422 Unprocessable Entity: invalid dosage", "ehr_rejected", False),
+    ("HTTP 401 Unauthorized", "auth", False),
+    ("token expired; expired token refused by the EHR", "auth", False),
+    ("ICD-9 code 250.00 where ICD-10 is expected", "code_set", False),
+    ("unknown code system http://example.org/local", "code_set", False),
+    ("Duplicate message control id", "duplicate_suspected", True),
+    ("Could not parse segment PID at byte 112", "data_shape", False),
+    ("invalid character in PID-5", "data_shape", False),
+    ("Read timed out after 30000 ms", "unknown_outcome", True),
+    ("No ACK received within 30 s", "unknown_outcome", True),
+    ("Connection reset by peer after sending", "unknown_outcome", True),
+    ("Connection refused (10.0.0.5:2575)", "transport", False),
+    ("getaddrinfo failed for ehr.example.org", "transport", False),
+    ("TLS handshake failed: certificate expired", "transport", False),
+    ("HTTP 503 Service Unavailable", "ehr_unavailable", False),
+    ("HTTP 429 Too Many Requests", "ehr_unavailable", False),
+    ("HTTP 500 Internal Server Error", "ehr_unavailable", True),
+    ("something nobody has seen before", "unknown_outcome", True),
+]
+
+
+@pytest.mark.parametrize(("error", "category", "may_have_applied"), REPORTED_ERRORS)
+def test_reported_error_text_is_categorized(error, category, may_have_applied):
+    from app.domain.categorize import categorize_reported_error
+
+    assert categorize_reported_error(error) == (category, may_have_applied)

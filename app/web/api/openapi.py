@@ -28,6 +28,23 @@ _STR = {"type": "string"}
 _NSTR = {"type": ["string", "null"]}
 _TIME = {"type": "string", "format": "date-time"}
 
+
+def _idempotent_post(summary: str, request_schema: str, accepted: str, response_schema: str) -> dict:
+    """A POST that takes an Idempotency-Key and answers 202 (the intake endpoints)."""
+    return {
+        "summary": summary,
+        "parameters": [{"name": "Idempotency-Key", "in": "header", "required": True, "schema": _STR}],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{request_schema}"}}},
+        },
+        "responses": {
+            "202": _resp(accepted, {"$ref": f"#/components/schemas/{response_schema}"}),
+            **_errors("400", "401", "403", "404", "409", "422"),
+        },
+    }
+
+
 OPENAPI = {
     "openapi": "3.1.0",
     "info": {
@@ -72,6 +89,23 @@ OPENAPI = {
                     "exception_id": {"type": "integer"},
                     "category": _STR,
                 },
+            },
+            "ExceptionReport": {
+                "type": "object",
+                "required": ["connection", "message_type", "content_type", "error"],
+                "properties": {
+                    "connection": _STR,
+                    "message_type": _STR,
+                    "payload": _STR,
+                    "payload_base64": {"type": "string", "contentEncoding": "base64"},
+                    "content_type": {"enum": ["application/fhir+json", "x-application/hl7-v2+er7"]},
+                    "error": {"type": "string", "description": "the engine's own error text"},
+                },
+            },
+            "ExceptionReported": {
+                "type": "object",
+                "required": ["id", "exception_id", "category"],
+                "properties": {"id": _STR, "exception_id": {"type": "integer"}, "category": _STR},
             },
             "ExceptionSummary": {
                 "type": "object",
@@ -144,23 +178,12 @@ OPENAPI = {
     },
     "paths": {
         "/messages": {
-            "post": {
-                "summary": "Submit an outbound message",
-                "parameters": [{"name": "Idempotency-Key", "in": "header", "required": True, "schema": _STR}],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/MessageRequest"}}
-                    },
-                },
-                "responses": {
-                    "202": _resp(
-                        "Accepted (or the original response for a repeated key)",
-                        {"$ref": "#/components/schemas/MessageAccepted"},
-                    ),
-                    **_errors("400", "401", "403", "404", "409", "422"),
-                },
-            }
+            "post": _idempotent_post(
+                "Submit an outbound message",
+                "MessageRequest",
+                "Accepted (or the original response for a repeated key)",
+                "MessageAccepted",
+            )
         },
         "/messages/{id}": {
             "get": {
@@ -193,7 +216,13 @@ OPENAPI = {
                     ),
                     **_errors("401", "403", "422"),
                 },
-            }
+            },
+            "post": _idempotent_post(
+                "Report a message that failed in an interface engine; it enters the human queues",
+                "ExceptionReport",
+                "Stored and queued (or the original response for a repeated key)",
+                "ExceptionReported",
+            ),
         },
         "/exceptions/{id}": {
             "get": {

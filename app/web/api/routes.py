@@ -19,6 +19,7 @@ from app.services import audit, audit_export, queries
 from app.services.audit_export import event_json
 from app.services.exceptions import DecisionInput, decide, view_payload
 from app.services.intake import find_existing, replay_response, submit_message
+from app.services.intake import report_exception as report_failed_message
 
 from ..access import current_actor, public, requires
 from ..errors import error_response
@@ -47,9 +48,8 @@ def openapi():
     return jsonify(OPENAPI)
 
 
-@bp.post("/messages")
-@requires(Permission.SUBMIT_MESSAGES)
-def submit():
+def _idempotent_intake(service, what: str):
+    """POST with an Idempotency-Key: the service's answer, or the original one for the same key."""
     key = request.headers.get("Idempotency-Key")
     if not key:
         return error_response(400, "idempotency_key_required", "the Idempotency-Key header is required")
@@ -64,7 +64,7 @@ def submit():
             if s.bind.dialect.name == "postgresql":
                 # A request racing an uncommitted one with the same key waits at most this long.
                 s.execute(sa.text("SET LOCAL lock_timeout = '10s'"))
-            result = submit_message(s, actor, key, body)
+            result = service(s, actor, key, body)
     except IntegrityError:
         # A concurrent request with the same key committed first: answer as a replay.
         with unit_of_work() as s:
@@ -85,8 +85,21 @@ def submit():
     response.headers["Location"] = f"/api/v1/messages/{result.body['id']}"
     if result.replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    log.info("message accepted", extra={"idempotency_key": key, "message_id": result.body["id"]})
+    log.info(what, extra={"idempotency_key": key, "message_id": result.body["id"]})
     return response
+
+
+@bp.post("/messages")
+@requires(Permission.SUBMIT_MESSAGES)
+def submit():
+    return _idempotent_intake(submit_message, "message accepted")
+
+
+@bp.post("/exceptions")
+@requires(Permission.SUBMIT_MESSAGES)
+def report_exception():
+    """An interface engine hands a message that failed on its side to the reviewers."""
+    return _idempotent_intake(report_failed_message, "exception reported")
 
 
 def _attempt_json(a: Attempt) -> dict:
