@@ -15,7 +15,7 @@ import sqlalchemy.orm as so
 from app.db.models import Decision, ExceptionItem, Message, OutboxEntry, PayloadVersion, Replay, User
 from app.domain.delivery import Category
 from app.domain.errors import Conflict, Invalid, NotFound
-from app.domain.payloads import decode_payload
+from app.domain.payloads import decode_payload, encode_text
 from app.domain.roles import Role
 from app.domain.states import (
     Action,
@@ -364,7 +364,9 @@ def _new_payload_version(
     session: so.Session, message: Message, text: str, actor: User, reason: str
 ) -> PayloadVersion:
     """A corrected payload is a new version; the original bytes are never overwritten."""
-    decoded = decode_payload(text.encode("utf-8"), message.content_type, message.message_type)
+    decoded = decode_payload(
+        encode_text(text, message.content_type), message.content_type, message.message_type
+    )
     if decoded.problem:
         raise Invalid(f"the corrected payload cannot be used: {decoded.problem}", code="invalid_payload")
     latest = (

@@ -19,7 +19,14 @@ from app.domain.categorize import categorize_reported_error
 from app.domain.delivery import Category, clinical_risk, control_id_for, routing_refusal
 from app.domain.errors import Invalid, NotFound
 from app.domain.idempotency import request_fingerprint
-from app.domain.payloads import CONTENT_TYPES, decode_payload, patient_reference
+from app.domain.payloads import (
+    CONTENT_TYPES,
+    PROPOSED_REPAIR,
+    decode_payload,
+    encode_text,
+    patient_reference,
+    sha256_hex,
+)
 
 from . import audit, connections
 from .clock import utcnow
@@ -131,6 +138,23 @@ def _store(
     session.add_all([message, payload])
     session.flush()  # the unique (client, key) constraint fires here for a racing duplicate
     message.current_payload_id = payload.id
+    if decoded.repair is not None:
+        # Mojibake: the repaired text is kept as a *proposal* (version 2, not current). A reviewer
+        # finds it in the correction editor; it is sent only as an approved corrected replay.
+        repaired = encode_text(decoded.repair.repaired_text, body["content_type"])
+        session.add(
+            PayloadVersion(
+                message_id=message.id,
+                version=2,
+                raw=repaired,
+                text=decoded.repair.repaired_text,
+                encoding=decoded.encoding,
+                sha256=sha256_hex(repaired),
+                created_by_id=None,
+                reason=f"{PROPOSED_REPAIR}: mojibake at {decoded.repair.where} ({decoded.repair.explanation})",
+                created_at=now,
+            )
+        )
     return message, payload, decoded
 
 
@@ -148,6 +172,7 @@ def _audit_receive(session, client: User, message: Message, key: str, conn, deco
             "message_type": message.message_type,
             "payload_sha256": decoded.sha256,
             "encoding": decoded.encoding,
+            "decoding_rule": decoded.rule,
             **extra,
         },
     )

@@ -90,7 +90,7 @@ def render_metrics(session: so.Session, policy: HandoffPolicy | None = None) -> 
         .group_by(Connection.name, kind_expr)
     ):
         head = (prefix or "").split(":")[0]
-        kind_name = head if head in ("decode", "parse", "shape") else "validation"
+        kind_name = head if head in ("decode", "parse", "shape", "mojibake") else "validation"
         shape_counts[(name, kind_name)] = shape_counts.get((name, kind_name), 0) + n
     for (name, kind_name), n in sorted(shape_counts.items()):
         lines.append(f'recon_data_shape_exceptions{{connection="{_label(name)}",kind="{kind_name}"}} {n}')

@@ -41,6 +41,7 @@ from app.db.models import (
 from app.domain.audit_chain import format_timestamp
 from app.domain.delivery import Category
 from app.domain.errors import Invalid, NotFound
+from app.domain.payloads import PROPOSED_REPAIR
 from app.domain.roles import Role
 from app.domain.sla import AT_RISK_FRACTION, SlaStatus
 from app.domain.states import FINAL_STATES, ExceptionState
@@ -518,6 +519,21 @@ def exception_detail(session: so.Session, exception_id: int, *, audit_limit: int
     )
     pending = next((r for r in replays if r.state == "pending_approval"), None)
     return ExceptionDetail(item, versions, attempts, decisions, replays, events, pending)
+
+
+def proposed_repair(session: so.Session, message: Message) -> PayloadVersion | None:
+    """A repair proposed at intake (mojibake) that is newer than the current payload, if any."""
+    current = session.get(PayloadVersion, message.current_payload_id) if message.current_payload_id else None
+    return session.scalar(
+        sa.select(PayloadVersion)
+        .where(
+            PayloadVersion.message_id == message.id,
+            PayloadVersion.reason.like(f"{PROPOSED_REPAIR}%"),
+            PayloadVersion.version > (current.version if current else 0),
+        )
+        .order_by(PayloadVersion.version.desc())
+        .limit(1)
+    )
 
 
 def original_payload(session: so.Session, message_id: str) -> PayloadVersion | None:

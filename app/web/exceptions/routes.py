@@ -179,14 +179,18 @@ def _render_correct(
     with unit_of_work(read_only=not first_view) as s:
         detail = queries.exception_detail(s, exception_id, audit_limit=0)
         original = queries.original_payload(s, detail.item.message_id)
+        proposal = None
         if first_view:
             # Filling the editor shows the full payload: an audited PHI view.
             current = exceptions.view_payload(s, detail.item, actor, channel="console-correct")
             session["phi_seen"] = [*session.get("phi_seen", [])[-49:], exception_id]
-            form.payload.data = editable_text(current.text or "")
+            proposal = queries.proposed_repair(s, detail.item.message)
+            # A repair proposed at intake (mojibake) opens in the editor: applied only if this
+            # reviewer requests the corrected replay and a clinical lead approves it.
+            form.payload.data = editable_text((proposal or current).text or "")
             form.expected_version.data = detail.item.version
     original_text = original.text if original and original.text is not None else ""
-    if diff is None and form.payload.data is not None and not first_view:
+    if diff is None and form.payload.data is not None and (proposal is not None or not first_view):
         diff = payload_diff(original_text, form.payload.data)
     return (
         render_template(
@@ -197,6 +201,7 @@ def _render_correct(
             diff=diff,
             error=error,
             issues=detail.latest_issues,
+            proposal=proposal,
         ),
         status,
     )
