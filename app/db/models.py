@@ -135,6 +135,17 @@ class PayloadVersion(Base):
     created_at: so.Mapped[datetime]
 
 
+class MessageIdentifier(Base):
+    """A patient or order identifier a message carries (app/domain/identifiers.py), for search."""
+
+    __tablename__ = "message_identifiers"
+    __table_args__ = (sa.Index("ix_message_identifiers_value", "value"),)
+    id: so.Mapped[int] = so.mapped_column(primary_key=True)
+    message_id: so.Mapped[str] = so.mapped_column(sa.ForeignKey("messages.id"), index=True)
+    kind: so.Mapped[str] = so.mapped_column(sa.String(30))
+    value: so.Mapped[str] = so.mapped_column(sa.String(200))
+
+
 class ExceptionItem(Base):
     __tablename__ = "exceptions"
     __table_args__ = (

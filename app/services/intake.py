@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
-from app.db.models import Attempt, Message, OutboxEntry, PayloadVersion, User
+from app.db.models import Attempt, Message, MessageIdentifier, OutboxEntry, PayloadVersion, User
 from app.domain.categorize import categorize_reported_error
 from app.domain.delivery import Category, clinical_risk, control_id_for, routing_refusal
 from app.domain.errors import Invalid, NotFound
 from app.domain.idempotency import request_fingerprint
+from app.domain.identifiers import extract_identifiers
 from app.domain.payloads import (
     CONTENT_TYPES,
     PROPOSED_REPAIR,
@@ -138,6 +139,10 @@ def _store(
     session.add_all([message, payload])
     session.flush()  # the unique (client, key) constraint fires here for a racing duplicate
     message.current_payload_id = payload.id
+    session.add_all(
+        MessageIdentifier(message_id=message.id, kind=kind, value=value)
+        for kind, value in extract_identifiers(body["content_type"], decoded.text)
+    )
     if decoded.repair is not None:
         # Mojibake: the repaired text is kept as a *proposal* (version 2, not current). A reviewer
         # finds it in the correction editor; it is sent only as an approved corrected replay.

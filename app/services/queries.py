@@ -33,6 +33,7 @@ from app.db.models import (
     Decision,
     ExceptionItem,
     Message,
+    MessageIdentifier,
     PayloadVersion,
     Replay,
     SlaRuleRow,
@@ -41,6 +42,7 @@ from app.db.models import (
 from app.domain.audit_chain import format_timestamp
 from app.domain.delivery import Category
 from app.domain.errors import Invalid, NotFound
+from app.domain.identifiers import search_values
 from app.domain.payloads import PROPOSED_REPAIR
 from app.domain.roles import Role
 from app.domain.sla import AT_RISK_FRACTION, SlaStatus
@@ -205,7 +207,15 @@ def _filtered(
             # Prefixes (of a UUID or a key) only from a few characters on: "1" is not a search.
             prefix = _escape_like(text) + "%"
             exact += [Message.id.like(prefix, escape="\\"), Message.idempotency_key.like(prefix, escape="\\")]
-        conditions = [ExceptionItem.message_id.in_(sa.select(Message.id).where(sa.or_(*exact)))]
+        conditions = [
+            ExceptionItem.message_id.in_(sa.select(Message.id).where(sa.or_(*exact))),
+            # Patient and order identifiers the message carries: `Patient/123456`, an MRN, ORC-2.
+            ExceptionItem.message_id.in_(
+                sa.select(MessageIdentifier.message_id).where(
+                    MessageIdentifier.value.in_(search_values(text))
+                )
+            ),
+        ]
         if _id_like(text):
             conditions.append(ExceptionItem.id == int(text))
         stmt = stmt.where(sa.or_(*conditions))

@@ -197,3 +197,28 @@ def test_a_lone_surrogate_in_a_submitted_payload_is_stored_as_data_shape_not_a_5
     bad_type = body.replace('"MedicationRequest"', '"\\udc00"')
     r = client.post("/api/v1/messages", data=bad_type, headers={**headers, "Idempotency-Key": "surrogate-2"})
     assert r.status_code == 422 and r.json["error"]["code"] == "invalid_body"
+
+
+def test_migration_0004_backfills_identifiers_of_existing_messages(
+    client, users, fhir_connection, sessions, database_url
+):
+    from alembic import command
+
+    from app.db.migrate import alembic_config, upgrade
+    from app.db.models import MessageIdentifier
+    from app.db.session import get_engine
+
+    r = report(client, users["svc_token"], "backfill-1", **hl7_report())
+    cfg = alembic_config(database_url)
+    with get_engine(database_url).connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0003")
+        conn.commit()
+    upgrade(database_url)
+    with transaction(sessions, read_only=True) as s:
+        found = s.execute(
+            sa.select(MessageIdentifier.kind, MessageIdentifier.value).where(
+                MessageIdentifier.message_id == r.json["id"]
+            )
+        ).all()
+    assert ("patient_id", "123456") in found and ("placer_order", "ORD1") in found

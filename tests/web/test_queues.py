@@ -347,3 +347,30 @@ def test_a_category_queue_page_is_read_off_the_queue_index_in_order(sessions, ma
                 "ix_exceptions_queue (state=? AND category=? AND sla_due_at>?)" in step for step in plan
             ), plan
             assert not any("TEMP B-TREE" in step for step in plan), plan
+
+
+def test_search_finds_exceptions_by_patient_reference_mrn_and_order_number(
+    login, make, sessions, users, make_tokens, client
+):
+    from tests.factories import HL7_CONTENT_TYPE, HL7_ORU
+
+    fhir = make(patient="Patient/123456", key="ident-fhir")
+    make(patient="Patient/999", key="ident-other")
+    hl7 = make(
+        content_type=HL7_CONTENT_TYPE,
+        message_type="ORU^R01",
+        payload=HL7_ORU.replace("123456^^^MRN", "MRN-00042^^^MRN").replace(
+            "OBR|1|ORD1|", "OBR|1|ORD1|FIL-88"
+        ),
+        key="ident-hl7",
+    )
+    tokens = make_tokens("rita")
+    login("rita")
+    assert row_ids(client.get("/queues/all?q=Patient/123456").get_data(as_text=True)) == [fhir]
+    assert row_ids(client.get("/queues/all?q=123456").get_data(as_text=True)) == [fhir]
+    assert row_ids(client.get("/queues/all?q=MRN-00042").get_data(as_text=True)) == [hl7]
+    assert row_ids(client.get("/queues/all?q=ORD1").get_data(as_text=True)) == [hl7]  # placer order
+    api = client.get(
+        "/api/v1/exceptions?q=MRN-00042", headers={"Authorization": f"Bearer {tokens['rita']}"}
+    ).json
+    assert [item["id"] for item in api["items"]] == [hl7]

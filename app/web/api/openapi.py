@@ -197,7 +197,7 @@ OPENAPI = {
                 "summary": "List exceptions (keyset pagination, sorted by SLA due time)",
                 "parameters": [
                     {"name": n, "in": "query", "schema": _STR}
-                    for n in ("state", "category", "connection", "cursor")
+                    for n in ("state", "category", "connection", "q", "cursor")
                 ]
                 + [{"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 500}}],
                 "responses": {

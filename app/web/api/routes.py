@@ -166,6 +166,7 @@ def list_exceptions():
             state=args.get("state") or None,
             category=args.get("category") or None,
             connection=args.get("connection") or None,
+            q=args.get("q") or None,  # an id, control id, key, or a patient / order identifier
             limit=limit,
             cursor=args.get("cursor") or None,
         )
