@@ -270,14 +270,14 @@ def worker(burst: bool) -> None:
     default=2575,
     show_default=True,
     type=int,
-    help="Reserved for the HL7 v2 listener (a later release).",
+    help="HL7 v2 MLLP listener port (tenant = MSH-6 receiving facility).",
 )
 @click.option("--profile", default="default", show_default=True)
 def sim(host: str, fhir_port: int, mllp_port: int, profile: str) -> None:
     """Run the simulated EHR."""
     from app.simulator.fhir_server import run_sim
 
-    run_sim(host, fhir_port, profile)
+    run_sim(host, fhir_port, profile, mllp_port)
 
 
 @main.command()

@@ -279,7 +279,7 @@ def sim():
     """One real simulated EHR for the run; tests isolate themselves with a fresh tenant each."""
     from app.simulator import SimServer
 
-    server = SimServer(host="127.0.0.1", fhir_port=0).start()
+    server = SimServer(host="127.0.0.1", fhir_port=0, mllp_port=0).start()
     yield server
     server.stop()
 

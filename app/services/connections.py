@@ -68,6 +68,16 @@ def add_connection(
         raise Invalid("endpoint is required")
     if session.scalar(sa.select(Connection).where(Connection.name == name)):
         raise Conflict(f"connection {name!r} exists")
+    if protocol == Protocol.HL7V2_MLLP:
+        # MLLP has no query for what was applied and no conditional create: an uncertain outcome
+        # always needs a clinical lead's confirm_not_applied before a resend.
+        from app.adapters.ehr.hl7v2_mllp import parse_endpoint
+
+        try:
+            parse_endpoint(endpoint)
+        except Exception as exc:
+            raise Invalid(str(exc)) from None
+        conditional_create = identifier_search = False
     conn = Connection(
         name=name,
         customer_id=cust.id,

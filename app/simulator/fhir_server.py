@@ -179,6 +179,11 @@ class TenantState:
         self.all_requests = 0
         self.draw_counts: Counter[str] = Counter()  # per draw key: how many creates so far
         self.tokens: dict[str, float] = {}  # bearer token -> monotonic expiry
+        # HL7 v2 over MLLP (app/simulator/mllp_server.py), by MSH-10 control id.
+        self.hl7_received: Counter[str] = Counter()
+        self.hl7_applied: Counter[str] = Counter()
+        self.hl7_seen: set[tuple[str, str, str]] = set()  # (MSH-3, MSH-4, MSH-10) for de-duplication
+        self.hl7_last: dict[str, bytes] = {}  # control id -> the bytes last applied
 
     # -- store (callers hold the lock)
 
@@ -343,6 +348,16 @@ class SimState:
                 return _control(200, self.peek(tenant_name).applied(ident))
             if what == "requests" and m == "GET":
                 return _control(200, self.peek(tenant_name).requests())
+            if what == "hl7" and m == "GET":
+                tenant = self.peek(tenant_name)
+                with tenant.lock:
+                    return _control(
+                        200,
+                        {
+                            "received": dict(sorted(tenant.hl7_received.items())),
+                            "applied": dict(sorted(tenant.hl7_applied.items())),
+                        },
+                    )
             if what == "profile" and m == "GET":
                 return _control(200, self.peek(tenant_name).profile.to_dict())
             if what == "profile" and m == "PUT":
@@ -927,12 +942,24 @@ class SimServer:
     >>> sim.stop()
     """
 
-    def __init__(self, host: str = "127.0.0.1", fhir_port: int = 0, default_profile: str = "default"):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        fhir_port: int = 0,
+        default_profile: str = "default",
+        mllp_port: int | None = None,
+    ):
         self.host = host
         self._stop_event = threading.Event()
         self.state = SimState(default_profile, self._stop_event)
         self._fhir = _FhirListener(host, fhir_port, self.state)
-        self._listeners: list[Any] = [self._fhir]  # an MLLP listener is appended here later
+        self._listeners: list[Any] = [self._fhir]
+        self._mllp = None
+        if mllp_port is not None:
+            from .mllp_server import MllpListener
+
+            self._mllp = MllpListener(host, mllp_port, self.state, self._stop_event)
+            self._listeners.append(self._mllp)
         self._started = False
         self._stopped = threading.Event()
 
@@ -993,6 +1020,10 @@ class SimServer:
         return self._fhir.port
 
     @property
+    def mllp_port(self) -> int | None:
+        return self._mllp.port if self._mllp else None
+
+    @property
     def base_url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.fhir_port}"
@@ -1023,9 +1054,11 @@ class SimServer:
         self.state.reset(tenant)
 
 
-def run_sim(host: str = "127.0.0.1", fhir_port: int = 8090, profile: str = "default") -> None:
+def run_sim(
+    host: str = "127.0.0.1", fhir_port: int = 8090, profile: str = "default", mllp_port: int | None = None
+) -> None:
     """Serve the simulator until SIGINT or SIGTERM (``recon sim``)."""
-    server = SimServer(host=host, fhir_port=fhir_port, default_profile=profile).start()
+    server = SimServer(host=host, fhir_port=fhir_port, default_profile=profile, mllp_port=mllp_port).start()
     done = threading.Event()
     previous: dict[int, Any] = {}
 
@@ -1037,8 +1070,9 @@ def run_sim(host: str = "127.0.0.1", fhir_port: int = 8090, profile: str = "defa
             previous[sig] = signal.signal(sig, _on_signal)
     except ValueError:  # not the main thread: rely on KeyboardInterrupt / the caller
         pass
+    mllp = f"HL7 v2 MLLP on {host}:{server.mllp_port} (tenant = MSH-6); " if server.mllp_port else ""
     print(
-        f"recon sim: FHIR R4 on {server.base_url}/fhir/<tenant> (default profile {profile}); "
+        f"recon sim: FHIR R4 on {server.base_url}/fhir/<tenant> (default profile {profile}); {mllp}"
         f"control API {server.base_url}/_sim/health",
         flush=True,
     )

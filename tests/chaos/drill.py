@@ -158,7 +158,16 @@ class Drill:
             [sys.executable, "-m", "app.cli", "db", "upgrade"], env=self.env, check=True, capture_output=True
         )
         self.start_redis()
-        self.recon("sim", "sim", "--host", "127.0.0.1", "--fhir-port", str(self.sim_port))
+        self.recon(
+            "sim",
+            "sim",
+            "--host",
+            "127.0.0.1",
+            "--fhir-port",
+            str(self.sim_port),
+            "--mllp-port",
+            str(free_port()),
+        )
         sim = f"http://127.0.0.1:{self.sim_port}"
         assert wait_until(lambda: httpx.get(f"{sim}/_sim/health", timeout=2).status_code == 200, 30)
         self.sim = httpx.Client(base_url=f"{sim}/_sim/", timeout=30)

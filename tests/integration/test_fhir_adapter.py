@@ -453,9 +453,12 @@ def test_config_refusals(make_adapter, sim, tenant, overrides, env_kw, fragment)
 
 
 def test_adapter_for_protocols() -> None:
+    from app.adapters.ehr.hl7v2_mllp import Hl7MllpAdapter
+
     hl7 = ConnectionSettings(name="lab", protocol="hl7v2-mllp", endpoint="127.0.0.1:2575")
-    with pytest.raises(ConfigError, match="not available yet") as info:
-        adapter_for(hl7)
+    assert isinstance(adapter_for(hl7), Hl7MllpAdapter)
+    with pytest.raises(ConfigError, match="HOST:PORT") as info:
+        adapter_for(ConnectionSettings(name="lab", protocol="hl7v2-mllp", endpoint="lab.example.org"))
     assert info.value.category is Category.CONFIG
     assert info.value.to_outcome().category is Category.CONFIG
     with pytest.raises(AdapterError):

@@ -59,5 +59,7 @@ def adapter_for(settings: ConnectionSettings, *, client: httpx.Client | None = N
 
         return FhirR4Adapter(settings, client=client)
     if protocol == Protocol.HL7V2_MLLP:
-        raise ConfigError(f"connection {settings.name}: the HL7 v2 MLLP adapter is not available yet")
+        from .hl7v2_mllp import Hl7MllpAdapter
+
+        return Hl7MllpAdapter(settings)
     raise ConfigError(f"connection {settings.name}: unknown protocol {protocol!r}")

@@ -1,0 +1,138 @@
+"""HL7 v2 over MLLP (SPEC 4): one persistent connection per connection settings per worker.
+
+Every attempt and replay of one logical message carries the same MSH-10 — our control id, derived
+from the idempotency key — so a careful receiver can de-duplicate. What the ACK means is decided in
+app/domain/hl7.py. What happens on the wire decides the rest:
+
+* cannot connect, or the connection fails before the whole message was written → transport
+  (provably not sent); the next attempt connects afresh;
+* no ACK within the read timeout (the connection's ACK timeout), or the connection closes after
+  the message was written → unknown_outcome: it may have been applied; MLLP cannot be searched,
+  so a clinical lead must confirm "not applied" before a resend (the confirm_not_applied gate).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from app.domain.delivery import AttemptOutcome, Category, ConnectionSettings, Envelope, Outcome
+from app.domain.hl7 import ack_outcome, frame, unframe, with_control_id
+from app.domain.payloads import HL7_ER7, decode_text, encode_text
+
+from .base import EhrAdapter
+from .errors import ConfigError
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"MLLP endpoint {endpoint!r} must be HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class Hl7MllpAdapter(EhrAdapter):
+    def __init__(self, settings: ConnectionSettings):
+        self.settings = settings
+        self.host, self.port = parse_endpoint(settings.endpoint)
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+
+    # -- connection
+
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            self._sock = socket.create_connection(
+                (self.host, self.port), timeout=self.settings.connect_timeout
+            )
+            self._buffer = b""
+        return self._sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+                self._buffer = b""
+
+    # -- delivery
+
+    def deliver(self, envelope: Envelope) -> Outcome:
+        started = time.monotonic()
+        summary = f"MLLP {self.host}:{self.port} {envelope.message_type} MSH-10={envelope.control_id}"
+
+        def ms() -> int:
+            return int((time.monotonic() - started) * 1000)
+
+        text = with_control_id(envelope.payload, envelope.control_id)
+        payload = encode_text(text, HL7_ER7)  # in MSH-18's character set when the text fits it
+        try:
+            sock = self._connect()
+        except OSError as exc:
+            self.close()
+            return Outcome(
+                AttemptOutcome.TRANSIENT,
+                Category.TRANSPORT,
+                summary=summary,
+                latency_ms=ms(),
+                provably_not_applied=True,
+                detail=f"could not connect to {self.host}:{self.port}: {exc}",
+            )
+        try:
+            sock.sendall(frame(payload))
+        except OSError as exc:
+            # A reused connection the peer had closed: nothing of this message was processed unless
+            # the whole frame went out, which sendall cannot tell — so only a fresh connection's
+            # failure before any byte counts as "not sent". Be conservative: unknown.
+            self.close()
+            return Outcome(
+                AttemptOutcome.UNKNOWN,
+                Category.UNKNOWN_OUTCOME,
+                summary=summary,
+                latency_ms=ms(),
+                detail=f"the connection failed while sending ({exc}): it may have been received",
+            )
+        ack = self._read_ack(sock)
+        if ack is None:
+            self.close()
+            return Outcome(
+                AttemptOutcome.UNKNOWN,
+                Category.UNKNOWN_OUTCOME,
+                summary=summary,
+                latency_ms=ms(),
+                detail=f"no ACK within {self.settings.read_timeout:g} s (or the connection closed): "
+                "it may have been applied; MLLP cannot be searched — a clinical lead must confirm",
+            )
+        return ack_outcome(
+            decode_text(ack, HL7_ER7).text, envelope.control_id, latency_ms=ms(), summary=summary
+        )
+
+    def _read_ack(self, sock: socket.socket) -> bytes | None:
+        deadline = time.monotonic() + self.settings.read_timeout
+        while True:
+            message, self._buffer = unframe(self._buffer)
+            if message is not None:
+                return message
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            sock.settimeout(remaining)
+            try:
+                chunk = sock.recv(65536)
+            except OSError:  # timeout or reset
+                return None
+            if not chunk:
+                return None
+            self._buffer += chunk
+
+    def find_applied(self, envelope: Envelope) -> bool | None:
+        return None  # MLLP has no query for what was applied: a human confirms
+
+    def check_connection(self) -> dict[str, Any]:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=self.settings.connect_timeout):
+                return {"ok": True, "detail": f"TCP connection to {self.host}:{self.port} accepted"}
+        except OSError as exc:
+            return {"ok": False, "detail": f"cannot connect to {self.host}:{self.port}: {exc}"}
