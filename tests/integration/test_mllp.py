@@ -214,3 +214,55 @@ def test_each_ack_shape_maps_to_its_category(tail, outcome, category):
     assert (
         result.outcome.value == outcome and (result.category.value if result.category else None) == category
     )
+
+
+def test_two_hundred_messages_applied_exactly_once_with_a_non_deduplicating_receiver(
+    client, users, sessions, sim_control, mllp, run_worker
+):
+    """The core loop's exactly-once test over MLLP: the receiver does NOT de-duplicate, drops 30%
+    of ACKs after applying and resets 10% of connections before applying. Our side alone holds the
+    invariant: an uncertain message is never resent until a person has checked the receiver —
+    applied ones are discarded as applied_manually, the confirmed-not-applied ones resubmitted."""
+    tenant = mllp()
+    sim_control.set_profile(
+        tenant, mllp_dedupe=False, rate_commit_then_drop=0.3, rate_reset=0.1, seed="mllp-exactly-once"
+    )
+    ids = [
+        submit(client, users, f"adt-bulk-{n:03d}", adt(tenant, name=f"PATIENT^N{n}").encode())["id"]
+        for n in range(200)
+    ]
+    run_worker()
+    with transaction(sessions, read_only=True) as s:
+        controls = dict(s.execute(sa.select(Message.id, Message.control_id).where(Message.id.in_(ids))).all())
+    lena, leo, rita = (users[n].id for n in ("lena", "leo", "rita"))
+    resent = 0
+    for _ in range(6):  # reconciliation rounds: a resend can lose its ACK again
+        with transaction(sessions, read_only=True) as s:
+            uncertain = s.execute(
+                sa.select(ExceptionItem.id, ExceptionItem.message_id).where(ExceptionItem.state == "open")
+            ).all()
+        if not uncertain:
+            break
+        applied = hl7_counts(sim_control, tenant)["applied"]
+        for exc_id, message_id in uncertain:
+            with transaction(sessions) as s:
+                if applied.get(controls[message_id]):  # the lead looked in the receiving system
+                    decide(
+                        s,
+                        exc_id,
+                        s.get(User, rita),
+                        DecisionInput("discard", reason="in the lab system", reason_code="applied_manually"),
+                    )
+                    continue
+                decide(s, exc_id, s.get(User, lena), DecisionInput("confirm_not_applied", reason="not there"))
+            with transaction(sessions) as s:
+                decide(s, exc_id, s.get(User, rita), DecisionInput("resubmit", reason="resend"))
+            with transaction(sessions) as s:
+                decide(s, exc_id, s.get(User, leo), DecisionInput("approve", reason="ok", password=PASSWORD))
+            resent += 1
+        run_worker()
+    assert not uncertain, "still uncertain after six rounds"
+    assert resent >= 10  # the reset ones really went round the confirm-and-resend path
+    final = hl7_counts(sim_control, tenant)["applied"]
+    assert sorted(final) == sorted(controls.values())  # none lost
+    assert set(final.values()) == {1}, {c: n for c, n in final.items() if n != 1}  # none twice
