@@ -17,6 +17,7 @@ from wtforms.validators import AnyOf, DataRequired, Length, Optional
 from wtforms.widgets import HiddenInput
 
 from app.domain.errors import DomainError
+from app.domain.hl7_view import hl7_segments
 from app.domain.payloads import FHIR_JSON
 from app.domain.roles import Permission
 from app.domain.states import Action, DiscardReason
@@ -26,7 +27,7 @@ from ..access import can, current_actor, requires
 from ..console import first_error, labelled
 from ..extensions import htmx, unit_of_work
 from . import bp
-from .payload_view import editable_text, fhir_lines, hl7_segments, normalise_edited, payload_diff
+from .payload_view import editable_text, fhir_lines, normalise_edited, payload_diff
 
 ACTION_LABELS = {
     Action.RESUBMIT: "Resubmit (request replay)",
