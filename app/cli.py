@@ -235,7 +235,6 @@ def worker(burst: bool) -> None:
 
     from app.adapters.queue import run_worker, worker_name
     from app.adapters.redis_conn import connect, redis_url
-    from app.db.session import session_factory
     from app.logs import configure_logging
     from app.services.delivery import Runtime
     from jobs.delivery import install_runtime
@@ -244,14 +243,7 @@ def worker(burst: bool) -> None:
     settings = _settings()
     connection = connect(redis_url(settings))
     queue = Queue(settings.queue_name, connection=connection)
-    rt = Runtime(
-        sessions=session_factory(settings.database_url),
-        lease_seconds=settings.lease_seconds,
-        worker_name=worker_name(),
-        housekeeping_seconds=settings.housekeeping_seconds,
-        handoff_margin_seconds=settings.handoff_margin_seconds,
-        reconcile_grace_seconds=settings.reconcile_grace_seconds,
-    )
+    rt = Runtime.from_settings(settings, worker_name())
     install_runtime(rt)
     if not burst:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 from app.config import Settings
-from app.db.session import session_factory
 from app.services import delivery, faults
 
 log = logging.getLogger("recon.jobs")
@@ -19,14 +18,7 @@ def runtime() -> delivery.Runtime:
         settings = Settings.from_env()
         from app.adapters.queue import worker_name
 
-        _runtime = delivery.Runtime(
-            sessions=session_factory(settings.database_url),
-            lease_seconds=settings.lease_seconds,
-            worker_name=worker_name(),
-            housekeeping_seconds=settings.housekeeping_seconds,
-            handoff_margin_seconds=settings.handoff_margin_seconds,
-            reconcile_grace_seconds=settings.reconcile_grace_seconds,
-        )
+        _runtime = delivery.Runtime.from_settings(settings, worker_name())
     return _runtime
 
 

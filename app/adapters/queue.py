@@ -85,7 +85,9 @@ def beat(rt: delivery.Runtime, queue: Queue) -> None:
 
 def _recon_worker_of(rq_worker_name: str | None) -> str | None:
     """The recon worker behind an RQ worker name (`<recon worker>.<loop id>`)."""
-    return rq_worker_name.rpartition(".")[0] or None if rq_worker_name else None
+    if not rq_worker_name:
+        return None
+    return rq_worker_name.rpartition(".")[0] or None
 
 
 def _text(value):

@@ -73,53 +73,46 @@ def ack_outcome(ack_text: str, control_id: str, *, latency_ms: int = 0, summary:
     """The Outcome an ACK stands for (module docstring)."""
     import hl7
 
-    excerpt = ack_text[:2000]
+    def not_trusted(detail: str) -> Outcome:
+        """Anything but a clear AA/AE/AR for our MSH-10: it may have been applied, or not."""
+        return Outcome(
+            AttemptOutcome.UNKNOWN,
+            Category.MALFORMED_RESPONSE,
+            summary=summary,
+            response_excerpt=ack_text[:2000],
+            latency_ms=latency_ms,
+            detail=detail,
+        )
+
     try:
         message = hl7.parse(ack_text.replace("\r\n", "\r").replace("\n", "\r"))
         msa = message.segment("MSA")
     except Exception:  # python-hl7 raises several kinds for garbage: any of them means "not an ACK"
-        return Outcome(
-            AttemptOutcome.UNKNOWN,
-            Category.MALFORMED_RESPONSE,
-            summary=summary,
-            response_excerpt=excerpt,
-            latency_ms=latency_ms,
-            detail="the answer is not an HL7 ACK (no MSA segment): cannot tell whether it was applied",
+        return not_trusted(
+            "the answer is not an HL7 ACK (no MSA segment): cannot tell whether it was applied"
         )
     code = str(msa[1]).strip() if len(msa) > 1 else ""
     echoed = str(msa[2]).strip() if len(msa) > 2 else ""
     if echoed != control_id:
-        return Outcome(
-            AttemptOutcome.UNKNOWN,
-            Category.MALFORMED_RESPONSE,
-            summary=summary,
-            response_excerpt=excerpt,
-            latency_ms=latency_ms,
-            detail=f"ACK MSA-2 {echoed!r} does not echo our MSH-10 {control_id!r}: it may answer another "
-            "message; cannot tell whether ours was applied",
+        return not_trusted(
+            f"ACK MSA-2 {echoed!r} does not echo our MSH-10 {control_id!r}: it may answer another "
+            "message; cannot tell whether ours was applied"
         )
     if code in ("AA", "CA"):
         return Outcome(AttemptOutcome.DELIVERED, summary=summary, latency_ms=latency_ms, detail=f"ACK {code}")
+    if code not in ("AE", "AR", "CE", "CR"):
+        return not_trusted(f"ACK with unknown MSA-1 {code!r}: cannot tell whether it was applied")
     issues = [_err_issue(seg) for seg in message.segments("ERR")] if _has(message, "ERR") else []
-    if code in ("AE", "AR", "CE", "CR"):
-        named = "; ".join(i["diagnostics"] for i in issues if i["diagnostics"]) or "no ERR segment"
-        return Outcome(
-            AttemptOutcome.REJECTED,
-            Category.EHR_REJECTED,
-            summary=summary,
-            response_excerpt=excerpt,
-            latency_ms=latency_ms,
-            provably_not_applied=True,
-            issues=issues,
-            detail=f"ACK {code} ({'rejected' if code in ('AR', 'CR') else 'application error'}): {named}",
-        )
+    named = "; ".join(i["diagnostics"] for i in issues if i["diagnostics"]) or "no ERR segment"
     return Outcome(
-        AttemptOutcome.UNKNOWN,
-        Category.MALFORMED_RESPONSE,
+        AttemptOutcome.REJECTED,
+        Category.EHR_REJECTED,
         summary=summary,
-        response_excerpt=excerpt,
+        response_excerpt=ack_text[:2000],
         latency_ms=latency_ms,
-        detail=f"ACK with unknown MSA-1 {code!r}: cannot tell whether it was applied",
+        provably_not_applied=True,
+        issues=issues,
+        detail=f"ACK {code} ({'rejected' if code in ('AR', 'CR') else 'application error'}): {named}",
     )
 
 

@@ -26,10 +26,14 @@ _HL7_FIELDS = {
 }
 
 
-def extract_identifiers(content_type: str, text: str) -> list[tuple[str, str]]:
-    """(kind, value) pairs, de-duplicated, at most MAX_IDENTIFIERS, values at most MAX_LENGTH."""
+def extract_identifiers(content_type: str, text: str, document: dict | None = None) -> list[tuple[str, str]]:
+    """(kind, value) pairs, de-duplicated, at most MAX_IDENTIFIERS, values at most MAX_LENGTH.
+    `document`: the already parsed FHIR resource, if the caller has it."""
     try:
-        found = _fhir(text) if content_type == FHIR_JSON else _hl7(text) if content_type == HL7_ER7 else []
+        if content_type == FHIR_JSON:
+            found = _fhir(document if document is not None else json.loads(text))
+        else:
+            found = _hl7(text) if content_type == HL7_ER7 else []
     except (ValueError, RecursionError, TypeError, AttributeError, IndexError):
         found = []
     out: list[tuple[str, str]] = []
@@ -53,8 +57,7 @@ def search_values(query: str) -> list[str]:
     return values
 
 
-def _fhir(text: str) -> list[tuple[str, str]]:
-    doc = json.loads(text)
+def _fhir(doc) -> list[tuple[str, str]]:
     if not isinstance(doc, dict):
         return []
     found: list[tuple[str, str]] = []

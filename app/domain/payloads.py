@@ -23,6 +23,7 @@ class DecodedPayload:
     problem_kind: str | None = None  # decode | parse | shape | mojibake
     rule: str = ""  # which decoding rule fired (TextDecoding.rule)
     repair: Repair | None = None  # a proposed repair, never applied by itself
+    document: dict | None = None  # the FHIR resource, parsed once for everything intake reads from it
 
 
 def sha256_hex(raw: bytes) -> str:
@@ -154,18 +155,16 @@ def encode_text(text: str, content_type: str) -> bytes:
     return text.encode("utf-8")
 
 
-def detect_mojibake(text: str, content_type: str) -> Repair | None:
-    """ftfy's verdict on the whole text, located at the first field (or line) it would change."""
+def detect_mojibake(text: str, content_type: str, document: dict | None = None) -> Repair | None:
+    """ftfy's verdict on the whole text, located at the first field (or line) it would change.
+    `document`: the already parsed FHIR resource, if the caller has it."""
     if text.isascii() and "\\u" not in text:
         return None  # nothing outside ASCII, not even escaped: nothing can be mis-decoded
     import ftfy
 
     if content_type == FHIR_JSON:
         # JSON may carry the damage as \u escapes: judge the string values, name the first by path.
-        try:
-            doc = json.loads(text)
-        except (ValueError, RecursionError):
-            doc = None
+        doc = document if document is not None else _json_or_none(text)
         if doc is not None:
             found: list[tuple[str, str]] = []
             repaired = _fix_strings(doc, "", found, ftfy.fix_encoding_and_explain)
@@ -176,6 +175,13 @@ def detect_mojibake(text: str, content_type: str) -> Repair | None:
     if fixed.text == text:
         return None
     return Repair("mojibake", _first_difference(text, fixed.text, content_type), _steps(fixed), fixed.text)
+
+
+def _json_or_none(text: str):
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _steps(fixed) -> str:
@@ -239,6 +245,7 @@ def decode_payload(raw: bytes, content_type: str, message_type: str) -> DecodedP
     decoded = decode_text(raw, content_type)
     text, problem = decoded.text, decoded.problem
     kind = "decode" if problem else None
+    doc = None
     if "\x00" in text:
         # Databases cannot hold NUL in text columns; the raw bytes keep it, the text shows U+FFFD.
         text = text.replace("\x00", "\ufffd")
@@ -251,23 +258,28 @@ def decode_payload(raw: bytes, content_type: str, message_type: str) -> DecodedP
             kind = "shape"
     elif problem is None and content_type == HL7_ER7 and not text.lstrip().startswith("MSH"):
         problem, kind = "HL7 v2 payload does not start with an MSH segment", "parse"
-    repair = detect_mojibake(text, content_type) if problem is None else None
+    repair = detect_mojibake(text, content_type, doc) if problem is None else None
     if repair is not None:
         problem = (
             f"text at {repair.where} looks mis-decoded upstream (mojibake; undone by: {repair.explanation}); "
             "a repaired version is proposed as a correction"
         )
         kind = "mojibake"
-    return DecodedPayload(raw, text, decoded.encoding, sha256_hex(raw), problem, kind, decoded.rule, repair)
+    return DecodedPayload(
+        raw, text, decoded.encoding, sha256_hex(raw), problem, kind, decoded.rule, repair, doc
+    )
 
 
-def patient_reference(content_type: str, text: str) -> str | None:
-    """The patient a message is about, for masking in lists (FHIR subject/patient)."""
+def patient_reference(content_type: str, text: str, document: dict | None = None) -> str | None:
+    """The patient a message is about, for masking in lists (FHIR subject/patient).
+    `document`: the already parsed FHIR resource, if the caller has it."""
     if content_type != FHIR_JSON:
         return None
-    doc, problem = parse_fhir_json(text)
-    if problem or doc is None:
-        return None
+    doc = document
+    if doc is None:
+        doc, problem = parse_fhir_json(text)
+        if problem or doc is None:
+            return None
     if doc.get("resourceType") == "Patient":
         return f"Patient/{doc.get('id', '?')}"
     for key in ("subject", "patient"):

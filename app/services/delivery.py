@@ -72,6 +72,20 @@ class Runtime:
     handoff_margin_seconds: float = 10.0
     reconcile_grace_seconds: float = 15.0
 
+    @classmethod
+    def from_settings(cls, settings, worker_name: str) -> Runtime:
+        """A worker process's runtime from its Settings (app/config.py)."""
+        from app.db.session import session_factory
+
+        return cls(
+            sessions=session_factory(settings.database_url),
+            lease_seconds=settings.lease_seconds,
+            worker_name=worker_name,
+            housekeeping_seconds=settings.housekeeping_seconds,
+            handoff_margin_seconds=settings.handoff_margin_seconds,
+            reconcile_grace_seconds=settings.reconcile_grace_seconds,
+        )
+
     @property
     def policy(self) -> HandoffPolicy:
         return HandoffPolicy(

@@ -117,7 +117,7 @@ def _store(
         connection_id=conn.id,
         message_type=message_type,
         content_type=body["content_type"],
-        patient_ref=patient_reference(body["content_type"], decoded.text),
+        patient_ref=patient_reference(body["content_type"], decoded.text, decoded.document),
         clinical_risk=clinical_risk(message_type),
         status="queued",
         delivery_system=DELIVERY_SYSTEM_PREFIX + client.username,
@@ -141,7 +141,7 @@ def _store(
     message.current_payload_id = payload.id
     session.add_all(
         MessageIdentifier(message_id=message.id, kind=kind, value=value)
-        for kind, value in extract_identifiers(body["content_type"], decoded.text)
+        for kind, value in extract_identifiers(body["content_type"], decoded.text, decoded.document)
     )
     if decoded.repair is not None:
         # Mojibake: the repaired text is kept as a *proposal* (version 2, not current). A reviewer

@@ -33,8 +33,9 @@ def mllp(sessions, sim):
     """mllp(**options) -> tenant: an hl7v2-mllp connection 'mercy-lab' to a fresh simulator tenant
     (the tenant is the message's MSH-6)."""
 
-    def make(**options) -> str:
+    def make(endpoint: str | None = None, **options) -> str:
         tenant = f"h{uuid.uuid4().hex[:10]}"
+        options = {"connect_timeout": 2.0, "read_timeout": 2.0, "retry_backoff_seconds": 0.0, **options}
         with transaction(sessions) as s:
             connections.add_customer(s, "Mercy Health")
             connections.add_connection(
@@ -42,10 +43,8 @@ def mllp(sessions, sim):
                 "mercy-lab",
                 customer="Mercy Health",
                 protocol="hl7v2-mllp",
-                endpoint=f"127.0.0.1:{sim.mllp_port}",
-                connect_timeout=2.0,
-                read_timeout=options.pop("read_timeout", 2.0),
-                retry_backoff_seconds=0.0,
+                endpoint=endpoint or f"127.0.0.1:{sim.mllp_port}",
+                **options,
             )
         return tenant
 
@@ -174,18 +173,10 @@ def test_a_replay_after_a_lost_ack_reuses_msh10_and_a_deduplicating_receiver_app
     assert all(message.control_id in a.request_summary for a in attempts)  # the same MSH-10 each time
 
 
-def test_an_unreachable_receiver_is_transport_and_retried(client, users, sessions, closed_port, run_worker):
-    with transaction(sessions) as s:
-        connections.add_customer(s, "Mercy Health")
-        connections.add_connection(
-            s,
-            "mercy-lab",
-            customer="Mercy Health",
-            protocol="hl7v2-mllp",
-            endpoint=f"127.0.0.1:{closed_port}",
-            connect_timeout=1.0,
-            max_auto_retries=0,
-        )
+def test_an_unreachable_receiver_is_transport_and_retried(
+    client, users, sessions, closed_port, mllp, run_worker
+):
+    mllp(endpoint=f"127.0.0.1:{closed_port}", connect_timeout=1.0, max_auto_retries=0)
     accepted = submit(client, users, "adt-6", adt("nobody").encode())
     run_worker()
     _, item, attempts = outcome_of(sessions, accepted["id"])

@@ -66,6 +66,16 @@ class Hl7MllpAdapter(EhrAdapter):
         def ms() -> int:
             return int((time.monotonic() - started) * 1000)
 
+        def may_have_applied(detail: str) -> Outcome:
+            self.close()  # a late ACK on this socket must never answer the next message
+            return Outcome(
+                AttemptOutcome.UNKNOWN,
+                Category.UNKNOWN_OUTCOME,
+                summary=summary,
+                latency_ms=ms(),
+                detail=detail,
+            )
+
         text = with_control_id(envelope.payload, envelope.control_id)
         payload = encode_text(text, HL7_ER7)  # in MSH-18's character set when the text fits it
         try:
@@ -83,27 +93,13 @@ class Hl7MllpAdapter(EhrAdapter):
         try:
             sock.sendall(frame(payload))
         except OSError as exc:
-            # A reused connection the peer had closed: nothing of this message was processed unless
-            # the whole frame went out, which sendall cannot tell — so only a fresh connection's
-            # failure before any byte counts as "not sent". Be conservative: unknown.
-            self.close()
-            return Outcome(
-                AttemptOutcome.UNKNOWN,
-                Category.UNKNOWN_OUTCOME,
-                summary=summary,
-                latency_ms=ms(),
-                detail=f"the connection failed while sending ({exc}): it may have been received",
-            )
+            # sendall cannot tell how much of the frame went out before the failure.
+            return may_have_applied(f"the connection failed while sending ({exc}): it may have been received")
         ack = self._read_ack(sock)
         if ack is None:
-            self.close()
-            return Outcome(
-                AttemptOutcome.UNKNOWN,
-                Category.UNKNOWN_OUTCOME,
-                summary=summary,
-                latency_ms=ms(),
-                detail=f"no ACK within {self.settings.read_timeout:g} s (or the connection closed): "
-                "it may have been applied; MLLP cannot be searched — a clinical lead must confirm",
+            return may_have_applied(
+                f"no ACK within {self.settings.read_timeout:g} s (or the connection closed): "
+                "it may have been applied; MLLP cannot be searched — a clinical lead must confirm"
             )
         return ack_outcome(
             decode_text(ack, HL7_ER7).text, envelope.control_id, latency_ms=ms(), summary=summary
