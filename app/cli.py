@@ -143,7 +143,15 @@ def connections() -> None:
 @click.option("--environment", default="prod", type=click.Choice(["prod", "test", "train"]))
 @click.option("--conditional-create/--no-conditional-create", default=True)
 @click.option("--identifier-search/--no-identifier-search", default=True)
-def connections_add(name, customer, protocol, endpoint, environment, conditional_create, identifier_search):
+@click.option(
+    "--diagnosis-codes",
+    default="icd-10",
+    type=click.Choice(["icd-10", "icd-9", "any"]),
+    help="Diagnosis code system the EHR expects; the other ICD revision becomes a code_set exception.",
+)
+def connections_add(
+    name, customer, protocol, endpoint, environment, conditional_create, identifier_search, diagnosis_codes
+):
     """Add a connection for CUSTOMER."""
     from app.db.session import transaction
     from app.services.connections import add_connection
@@ -158,6 +166,7 @@ def connections_add(name, customer, protocol, endpoint, environment, conditional
             environment=environment,
             conditional_create=conditional_create,
             identifier_search=identifier_search,
+            diagnosis_code_system=diagnosis_codes,
             actor="system:cli",
         )
     click.echo(f"added connection {conn.name} (id {conn.id})")

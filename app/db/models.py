@@ -75,6 +75,8 @@ class Connection(Base):
     protocol: so.Mapped[str] = so.mapped_column(sa.String(20))
     endpoint: so.Mapped[str] = so.mapped_column(sa.String(500))
     fhir_version: so.Mapped[str] = so.mapped_column(sa.String(10), default="4.0.1")
+    # The diagnosis code system this EHR expects (icd-10 | icd-9 | any): the other one is code_set.
+    diagnosis_code_system: so.Mapped[str] = so.mapped_column(sa.String(10), default="icd-10")
     supports_conditional_create: so.Mapped[bool] = so.mapped_column(default=True)
     supports_identifier_search: so.Mapped[bool] = so.mapped_column(default=True)
     connect_timeout: so.Mapped[float] = so.mapped_column(default=5.0)
@@ -144,6 +146,36 @@ class MessageIdentifier(Base):
     message_id: so.Mapped[str] = so.mapped_column(sa.ForeignKey("messages.id"), index=True)
     kind: so.Mapped[str] = so.mapped_column(sa.String(30))
     value: so.Mapped[str] = so.mapped_column(sa.String(200))
+
+
+class DriftCount(Base):
+    """How often a kind of data-shape observation (app/domain/payloads.py DRIFT_KINDS) was seen on
+    a connection, per hour: the per-connection counters over time."""
+
+    __tablename__ = "drift_counts"
+    __table_args__ = (sa.UniqueConstraint("connection_id", "kind", "hour", name="uq_drift_counts"),)
+    id: so.Mapped[int] = so.mapped_column(primary_key=True)
+    connection_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey("connections.id"))
+    kind: so.Mapped[str] = so.mapped_column(sa.String(40))
+    hour: so.Mapped[datetime]
+    count: so.Mapped[int] = so.mapped_column(default=0)
+
+
+class DriftKind(Base):
+    """The first time a kind was seen on a connection: flagged as drift until someone acknowledges it."""
+
+    __tablename__ = "drift_kinds"
+    __table_args__ = (sa.UniqueConstraint("connection_id", "kind", name="uq_drift_kinds"),)
+    id: so.Mapped[int] = so.mapped_column(primary_key=True)
+    connection_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey("connections.id"))
+    kind: so.Mapped[str] = so.mapped_column(sa.String(40))
+    first_seen_at: so.Mapped[datetime]
+    example_message_id: so.Mapped[str | None] = so.mapped_column(sa.String(36))
+    where: so.Mapped[str] = so.mapped_column(sa.String(200), default="")
+    detail: so.Mapped[str] = so.mapped_column(sa.String(500), default="")
+    acknowledged_at: so.Mapped[datetime | None]
+    acknowledged_by: so.Mapped[str | None] = so.mapped_column(sa.String(120))
+    connection: so.Mapped[Connection] = so.relationship()
 
 
 class ExceptionItem(Base):

@@ -53,6 +53,7 @@ class ConnectionSettings:
     auth_secret_env: str | None = None  # name of the environment variable holding the secret
     enabled: bool = True
     enabled_message_types: tuple[str, ...] = ()
+    diagnosis_code_system: str = "icd-10"  # icd-10 | icd-9 | any
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,29 @@ CONTENT_TYPES = (FHIR_JSON, HL7_ER7)
 PROPOSED_REPAIR = "proposed repair"  # payload_versions.reason prefix of a repair nobody applied yet
 
 
+# Kinds of data-shape observation counted per connection over time ("drift"): the first of a kind
+# on a connection is flagged on the dashboard. An observation is not by itself a refusal.
+DRIFT_KINDS = (
+    "decode_fallback",  # not UTF-8 and no MSH-18: decoded by a fallback rule
+    "mojibake",  # double-encoded text (UTF-8 read as cp1252 upstream)
+    "unknown_segment",  # an HL7 v2 segment we do not know
+    "z_segment",  # a custom Z-segment
+    "missing_required_field",  # an empty field the message type requires
+    "unknown_code_system",  # a coding system we do not recognise, or the other ICD revision
+    "new_fhir_element",  # an element the FHIR resource does not define
+    "capability_change",  # the EHR's CapabilityStatement changed
+)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Something about a payload worth counting per connection (one of DRIFT_KINDS)."""
+
+    kind: str
+    where: str = ""  # "PID-5", "ZPD", "Condition.code.coding[0]"
+    detail: str = ""
+
+
 @dataclass(frozen=True)
 class DecodedPayload:
     raw: bytes
@@ -24,6 +47,7 @@ class DecodedPayload:
     rule: str = ""  # which decoding rule fired (TextDecoding.rule)
     repair: Repair | None = None  # a proposed repair, never applied by itself
     document: dict | None = None  # the FHIR resource, parsed once for everything intake reads from it
+    observations: tuple[Observation, ...] = ()  # drift: counted per connection, never a refusal alone
 
 
 def sha256_hex(raw: bytes) -> str:
@@ -265,8 +289,22 @@ def decode_payload(raw: bytes, content_type: str, message_type: str) -> DecodedP
             "a repaired version is proposed as a correction"
         )
         kind = "mojibake"
+    observations = []
+    if decoded.encoding not in ("utf-8", "utf-8-sig") and not decoded.rule.startswith("MSH-18"):
+        observations.append(Observation("decode_fallback", "", decoded.rule))
+    if repair is not None:
+        observations.append(Observation("mojibake", repair.where, repair.explanation))
     return DecodedPayload(
-        raw, text, decoded.encoding, sha256_hex(raw), problem, kind, decoded.rule, repair, doc
+        raw,
+        text,
+        decoded.encoding,
+        sha256_hex(raw),
+        problem,
+        kind,
+        decoded.rule,
+        repair,
+        doc,
+        tuple(observations),
     )
 
 

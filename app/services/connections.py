@@ -16,6 +16,7 @@ from . import audit
 from .clock import utcnow
 
 ENVIRONMENTS = ("prod", "test", "train")
+DIAGNOSIS_CODE_SYSTEMS = ("icd-10", "icd-9", "any")  # what the EHR expects in diagnosis codes
 
 
 def add_customer(session: so.Session, name: str, *, actor: str = "system:cli") -> Customer:
@@ -51,6 +52,7 @@ def add_connection(
     vendor: str = "generic",
     fhir_version: str = "4.0.1",
     enabled_message_types: list[str] | None = None,
+    diagnosis_code_system: str = "icd-10",
     actor: str = "system:cli",
     **options,
 ) -> Connection:
@@ -66,6 +68,8 @@ def add_connection(
         raise Invalid(f"environment must be one of {', '.join(ENVIRONMENTS)}")
     if not endpoint:
         raise Invalid("endpoint is required")
+    if diagnosis_code_system not in DIAGNOSIS_CODE_SYSTEMS:
+        raise Invalid(f"diagnosis code system must be one of {', '.join(DIAGNOSIS_CODE_SYSTEMS)}")
     if session.scalar(sa.select(Connection).where(Connection.name == name)):
         raise Conflict(f"connection {name!r} exists")
     if protocol == Protocol.HL7V2_MLLP:
@@ -90,6 +94,7 @@ def add_connection(
         supports_identifier_search=identifier_search,
         enabled=True,
         enabled_message_types=list(enabled_message_types or []),
+        diagnosis_code_system=diagnosis_code_system,
         created_at=utcnow(),
         **options,
     )
@@ -117,6 +122,7 @@ def connection_summary(conn: Connection) -> dict:
         "conditional_create": conn.supports_conditional_create,
         "identifier_search": conn.supports_identifier_search,
         "enabled": conn.enabled,
+        "diagnosis_code_system": conn.diagnosis_code_system,
     }
 
 
@@ -135,6 +141,7 @@ def settings_for(conn: Connection) -> ConnectionSettings:
         auth_secret_env=conn.auth_secret_env,
         enabled=conn.enabled,
         enabled_message_types=tuple(conn.enabled_message_types or ()),
+        diagnosis_code_system=conn.diagnosis_code_system or "icd-10",
     )
 
 

@@ -29,7 +29,7 @@ from app.domain.payloads import (
     sha256_hex,
 )
 
-from . import audit, connections
+from . import audit, connections, drift
 from .clock import utcnow
 from .exceptions import open_exception
 
@@ -143,6 +143,7 @@ def _store(
         MessageIdentifier(message_id=message.id, kind=kind, value=value)
         for kind, value in extract_identifiers(body["content_type"], decoded.text, decoded.document)
     )
+    drift.record(session, conn.id, message.id, decoded.observations, now)
     if decoded.repair is not None:
         # Mojibake: the repaired text is kept as a *proposal* (version 2, not current). A reviewer
         # finds it in the correction editor; it is sent only as an approved corrected replay.

@@ -83,6 +83,11 @@ class ConnectionForm(FlaskForm):
     fhir_version = StringField("FHIR version", default="4.0.1", validators=[Optional(), Length(max=10)])
     conditional_create = BooleanField("Supports conditional create", default=True)
     identifier_search = BooleanField("Supports identifier search", default=True)
+    diagnosis_codes = SelectField(
+        "Diagnosis codes expected",
+        choices=options((c, c) for c in connections.DIAGNOSIS_CODE_SYSTEMS),
+        default="icd-10",
+    )
     message_types = StringField(
         "Enabled message types (comma-separated; empty = all)", validators=[Optional(), Length(max=1000)]
     )
@@ -352,6 +357,7 @@ def add_connection():
                 vendor=form.vendor.data or "generic",
                 fhir_version=form.fhir_version.data or "4.0.1",
                 enabled_message_types=message_types,
+                diagnosis_code_system=form.diagnosis_codes.data or "icd-10",
                 actor=_actor_name(),
             )
     except DomainError as exc:
