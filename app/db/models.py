@@ -77,6 +77,8 @@ class Connection(Base):
     fhir_version: so.Mapped[str] = so.mapped_column(sa.String(10), default="4.0.1")
     # The diagnosis code system this EHR expects (icd-10 | icd-9 | any): the other one is code_set.
     diagnosis_code_system: so.Mapped[str] = so.mapped_column(sa.String(10), default="icd-10")
+    # The EHR's CapabilityStatement as last seen (domain/capability.py); a change is drift.
+    capability_summary: so.Mapped[str | None] = so.mapped_column(sa.Text)
     supports_conditional_create: so.Mapped[bool] = so.mapped_column(default=True)
     supports_identifier_search: so.Mapped[bool] = so.mapped_column(default=True)
     connect_timeout: so.Mapped[float] = so.mapped_column(default=5.0)

@@ -84,6 +84,7 @@ class Outcome:
     retry_after_seconds: float | None = None
     provably_not_applied: bool = False  # the EHR told us it did not process the request
     issues: list[dict] = field(default_factory=list)  # OperationOutcome issues / HL7 ERR parsed
+    capability: str = ""  # the EHR's CapabilityStatement summary, when this attempt fetched it
 
     @property
     def delivered(self) -> bool:

@@ -20,6 +20,7 @@ import sqlalchemy.orm as so
 
 from app.db.models import Attempt, Connection, ExceptionItem, Message, OutboxEntry, PayloadVersion, Replay
 from app.db.session import transaction
+from app.domain.capability import capability_difference
 from app.domain.delivery import (
     TRANSIENT_NOT_APPLIED_STATUSES,
     UNCERTAIN_ATTEMPT_OUTCOMES,
@@ -32,9 +33,10 @@ from app.domain.delivery import (
     routing_refusal,
 )
 from app.domain.liveness import HandoffPolicy
+from app.domain.payloads import Observation
 from app.domain.states import ExceptionState
 
-from . import audit, connections, faults
+from . import audit, connections, drift, faults
 from .clock import utcnow
 from .exceptions import open_exception, reopen
 
@@ -160,15 +162,44 @@ def _call(rt: Runtime, conn: Connection, envelope: Envelope, message_type: str) 
     gated = _gate(conn, message_type)
     if gated is not None:
         return gated, False
+    adapter = rt.adapter_factory(conn)
+    fetches = getattr(adapter, "capability_fetches", 0)
     try:
-        return rt.adapter_factory(conn).deliver(envelope), True
+        outcome, contacted = adapter.deliver(envelope), True
     except AdapterError as exc:  # refused before anything was sent (configuration, validation)
-        return exc.to_outcome(), False
+        outcome, contacted = exc.to_outcome(), False
     except Exception as exc:  # an adapter bug after the request may have left: treat as unknown
         log.exception("adapter raised", extra={"message_id": envelope.message_id})
-        return Outcome(
-            AttemptOutcome.UNKNOWN, Category.UNKNOWN_OUTCOME, detail=f"adapter error: {exc!r}"
-        ), True
+        outcome = Outcome(AttemptOutcome.UNKNOWN, Category.UNKNOWN_OUTCOME, detail=f"adapter error: {exc!r}")
+        contacted = True
+    if getattr(adapter, "capability_fetches", 0) != fetches:
+        # This attempt read the CapabilityStatement: compared with the last one seen (drift).
+        outcome.capability = adapter.capability_summary
+    return outcome, contacted
+
+
+def _note_capability(s: so.Session, conn: Connection, outcome: Outcome, message_id: str) -> None:
+    """A CapabilityStatement different from the last one seen on this connection is drift."""
+    if not outcome.capability or outcome.capability == conn.capability_summary:
+        return
+    if conn.capability_summary:
+        change = capability_difference(conn.capability_summary, outcome.capability)
+        drift.record(
+            s,
+            conn.id,
+            message_id,
+            [Observation("capability_change", "CapabilityStatement", change)],
+            utcnow(),
+        )
+        audit.record(
+            s,
+            actor="system:worker",
+            action="connection.capability_change",
+            subject_type="connection",
+            subject_id=conn.id,
+            details={"change": change},
+        )
+    conn.capability_summary = outcome.capability
 
 
 def _note_circuit(s: so.Session, conn: Connection, outcome: Outcome) -> None:
@@ -327,6 +358,7 @@ def deliver_attempt(rt: Runtime, attempt_id: int) -> str:
         conn = s.get(Connection, message.connection_id)
         if contacted:
             _note_circuit(s, conn, outcome)
+        _note_capability(s, conn, outcome, message_id)
         item = s.scalar(
             sa.select(ExceptionItem).where(
                 ExceptionItem.message_id == message.id, ExceptionItem.state == ExceptionState.RETRYING.value
@@ -647,8 +679,10 @@ def run_replay(rt: Runtime, replay_id: int) -> str:
         replay = s.get(Replay, replay_id)
         item = s.get(ExceptionItem, replay.exception_id)
         message = s.get(Message, message_id)
+        conn = s.get(Connection, message.connection_id)
         if contacted:
-            _note_circuit(s, s.get(Connection, message.connection_id), outcome)
+            _note_circuit(s, conn, outcome)
+        _note_capability(s, conn, outcome, message_id)
         if outcome.delivered:
             message.status = "delivered"
             message.current_payload_id = replay.payload_version_id

@@ -16,6 +16,17 @@ from app.db.models import Connection, DriftCount, DriftKind, ExceptionItem
 from app.domain.payloads import DRIFT_KINDS, Observation
 from app.services import audit
 
+KIND_LABELS = {
+    "decode_fallback": "not UTF-8, decoded by a fallback",
+    "mojibake": "double-encoded text (mojibake)",
+    "unknown_segment": "unknown HL7 segment",
+    "z_segment": "custom Z-segment",
+    "missing_required_field": "required field empty",
+    "unknown_code_system": "unknown code system",
+    "new_fhir_element": "element FHIR does not define",
+    "capability_change": "CapabilityStatement changed",
+}
+
 
 def _insert(session: so.Session, model):
     dialect = session.get_bind().dialect.name
@@ -137,6 +148,25 @@ def acknowledge(session: so.Session, flag_id: int, actor: str, now: datetime) ->
         details={"kind": kind.kind, "first_seen_at": kind.first_seen_at.isoformat()},
     )
     return kind
+
+
+def recent_by_connection(session: so.Session, now: datetime) -> list[tuple[str, str, int, int]]:
+    """(connection, kind, last 24 h, last 7 days) for every kind seen on a connection this week."""
+    hour = hour_of(now)
+    day, week = hour - timedelta(hours=23), hour - timedelta(days=7) + timedelta(hours=1)
+    rows = session.execute(
+        sa.select(
+            Connection.name,
+            DriftCount.kind,
+            sa.func.sum(sa.case((DriftCount.hour >= day, DriftCount.count), else_=0)),
+            sa.func.sum(DriftCount.count),
+        )
+        .join(Connection, Connection.id == DriftCount.connection_id)
+        .where(DriftCount.hour >= week)
+        .group_by(Connection.name, DriftCount.kind)
+        .order_by(Connection.name, DriftCount.kind)
+    )
+    return [(name, kind, int(d or 0), int(w or 0)) for name, kind, d, w in rows]
 
 
 def counts_by_connection(session: so.Session) -> list[tuple[str, str, int]]:

@@ -11,6 +11,7 @@ from app.domain.delivery import Category
 from app.domain.liveness import HandoffPolicy
 from app.domain.states import FINAL_STATES
 
+from . import drift
 from .clock import utcnow
 from .connections import circuit_state
 from .liveness import handoff_report
@@ -94,6 +95,23 @@ def render_metrics(session: so.Session, policy: HandoffPolicy | None = None) -> 
         shape_counts[(name, kind_name)] = shape_counts.get((name, kind_name), 0) + n
     for (name, kind_name), n in sorted(shape_counts.items()):
         lines.append(f'recon_data_shape_exceptions{{connection="{_label(name)}",kind="{kind_name}"}} {n}')
+
+    family(
+        "recon_drift_observations_total",
+        "counter",
+        "Messages showing a kind of data-shape drift (decode fallback, mojibake, Z-segment, ...) per connection.",
+    )
+    for name, kind_name, n in drift.counts_by_connection(session):
+        lines.append(f'recon_drift_observations_total{{connection="{_label(name)}",kind="{kind_name}"}} {n}')
+    family(
+        "recon_drift_unacknowledged",
+        "gauge",
+        "1 per kind first seen on a connection and not yet acknowledged.",
+    )
+    for flag in drift.open_flags(session, now, limit=1000):
+        lines.append(
+            f'recon_drift_unacknowledged{{connection="{_label(flag.connection)}",kind="{flag.kind}"}} 1'
+        )
 
     report = handoff_report(session, policy or HandoffPolicy(), now)
     family(

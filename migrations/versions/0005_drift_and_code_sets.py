@@ -1,6 +1,7 @@
 """Drift made visible: per-connection hourly counters of data-shape observations by kind, the
 first sighting of each kind (flagged until acknowledged), and the diagnosis code system each
-connection expects (ICD-9 sent to an ICD-10 EHR is a code_set exception).
+connection expects (ICD-9 sent to an ICD-10 EHR is a code_set exception), and the EHR's
+CapabilityStatement as last seen (a change is drift).
 
 Revision ID: 0005
 Revises: 0004
@@ -20,6 +21,7 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("diagnosis_code_system", sa.String(length=10), nullable=False, server_default="icd-10")
         )
+        batch_op.add_column(sa.Column("capability_summary", sa.Text(), nullable=True))
     op.create_table(
         "drift_counts",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -58,3 +60,4 @@ def downgrade() -> None:
     # Plain DROP COLUMN (SQLite ≥ 3.35): batch mode would recreate `connections`, which the
     # messages table references.
     op.execute("ALTER TABLE connections DROP COLUMN diagnosis_code_system")
+    op.execute("ALTER TABLE connections DROP COLUMN capability_summary")

@@ -31,6 +31,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 from pydantic import ValidationError
 
+from app.domain.capability import capability_summary
 from app.domain.categorize import categorize_fhir_status, operation_outcome_issues
 from app.domain.delivery import AttemptOutcome, Category, ConnectionSettings, Envelope, Outcome
 
@@ -477,6 +478,8 @@ class FhirR4Adapter(EhrAdapter):
         self._client = client
         self._version_lock = threading.Lock()
         self._version_checked = False
+        self.capability_summary = ""  # of the last CapabilityStatement fetched (domain/capability.py)
+        self.capability_fetches = 0
         self._token_lock = threading.Lock()
         self._token: str | None = None
         self._token_expires_at = 0.0
@@ -597,6 +600,8 @@ class FhirR4Adapter(EhrAdapter):
                     detail="the metadata endpoint did not return a CapabilityStatement with fhirVersion",
                 )
             )
+        self.capability_summary = capability_summary(doc)
+        self.capability_fetches += 1
         return str(version), response
 
     def _version_matches(self, reported: str) -> bool:

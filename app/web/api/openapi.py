@@ -231,6 +231,24 @@ OPENAPI = {
                 "responses": {"200": _resp("The exception"), **_errors("401", "403", "404")},
             }
         },
+        "/drift": {
+            "get": {
+                "summary": "Data drift per connection: unacknowledged first sightings of a kind, counts by kind",
+                "responses": {
+                    "200": _resp(
+                        "Flags and counts",
+                        {
+                            "type": "object",
+                            "properties": {
+                                "flags": {"type": "array", "items": {"type": "object"}},
+                                "counts": {"type": "array", "items": {"type": "object"}},
+                            },
+                        },
+                    ),
+                    **_errors("401", "403"),
+                },
+            }
+        },
         "/exceptions/{id}/decisions": {
             "post": {
                 "summary": "Record a decision (four-eyes enforced on approve)",

@@ -15,8 +15,9 @@ from app.domain.errors import Conflict, DomainError, Invalid, NotFound
 from app.domain.idempotency import request_fingerprint, valid_key
 from app.domain.roles import Permission, Role
 from app.domain.timeparse import parse_utc
-from app.services import audit, audit_export, queries
+from app.services import audit, audit_export, drift, queries
 from app.services.audit_export import event_json
+from app.services.clock import utcnow
 from app.services.exceptions import DecisionInput, decide, view_payload
 from app.services.intake import find_existing, replay_response, submit_message
 from app.services.intake import report_exception as report_failed_message
@@ -171,6 +172,37 @@ def list_exceptions():
             cursor=args.get("cursor") or None,
         )
         return jsonify({"items": [queries.exception_summary(i) for i in items], "next_cursor": next_cursor})
+
+
+@bp.get("/drift")
+@requires(Permission.VIEW_QUEUES)
+def drift_report():
+    """Drift per connection: unacknowledged first sightings and counts by kind (24 h, 7 days)."""
+    with unit_of_work(read_only=True) as s:
+        now = utcnow()
+        flags = drift.open_flags(s, now, limit=200)
+        recent = drift.recent_by_connection(s, now)
+    return jsonify(
+        {
+            "flags": [
+                {
+                    "id": f.id,
+                    "connection": f.connection,
+                    "kind": f.kind,
+                    "first_seen_at": _iso(f.first_seen_at),
+                    "where": f.where,
+                    "detail": f.detail,
+                    "example_exception_id": f.example_exception_id,
+                    "count_24h": f.count_24h,
+                }
+                for f in flags
+            ],
+            "counts": [
+                {"connection": name, "kind": kind, "last_24h": day, "last_7d": week}
+                for name, kind, day, week in recent
+            ],
+        }
+    )
 
 
 def _decision_json(d: Decision) -> dict:

@@ -1,11 +1,12 @@
 """Dashboard: exceptions by category × SLA status, per customer/connection, trends, circuits, throughput."""
 
-from flask import current_app, render_template
+from flask import current_app, flash, redirect, render_template, url_for
 
 from app.domain.roles import Permission
-from app.services import liveness, queries
+from app.services import drift, liveness, queries
+from app.services.clock import utcnow
 
-from ..access import requires
+from ..access import current_actor, requires
 from ..extensions import unit_of_work
 from . import bp
 from .charts import bar_widths, line_chart
@@ -21,12 +22,17 @@ def index():
         handoffs = liveness.handoff_report(
             s, current_app.config["RECON_SETTINGS"].handoff_policy(), board.now
         )
+        drift_flags = drift.open_flags(s, board.now)
+        drift_recent = drift.recent_by_connection(s, board.now)
     return render_template(
         "dashboard/index.html",
         board=board,
         running=running,
         handoffs=handoffs,
         handoff_labels=liveness.STAGE_LABELS,
+        drift_flags=drift_flags,
+        drift_recent=drift_recent,
+        drift_labels=drift.KIND_LABELS,
         depth_chart=line_chart(board.depth_series, board.series_times),
         breach_chart=line_chart(board.breach_series, board.series_times),
         attempt_bars=bar_widths(board.attempts_24h),
@@ -34,3 +40,17 @@ def index():
         categories=queries.CATEGORIES,
         statuses=queries.SLA_STATUSES,
     )
+
+
+@bp.route("/drift/<int:flag_id>/acknowledge", methods=["POST"])
+@requires(Permission.DECIDE)
+def acknowledge_drift(flag_id: int):
+    """Someone has looked at a new kind of data on a connection: it stops being flagged (audited)."""
+    with unit_of_work() as s:
+        kind = drift.acknowledge(s, flag_id, current_actor().username, utcnow())
+        found = kind is not None
+    if not found:
+        flash("That drift flag does not exist.", "error")
+    else:
+        flash("Drift acknowledged.", "success")
+    return redirect(url_for(".index") + "#drift", code=303)
