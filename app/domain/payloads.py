@@ -48,6 +48,7 @@ class DecodedPayload:
     repair: Repair | None = None  # a proposed repair, never applied by itself
     document: dict | None = None  # the FHIR resource, parsed once for everything intake reads from it
     observations: tuple[Observation, ...] = ()  # drift: counted per connection, never a refusal alone
+    code_set_problem: str | None = None  # the other ICD revision than the connection expects (code_set)
 
 
 def sha256_hex(raw: bytes) -> str:
@@ -263,13 +264,25 @@ def parse_fhir_json(text: str) -> tuple[dict | None, str | None]:
     return doc, None
 
 
-def decode_payload(raw: bytes, content_type: str, message_type: str) -> DecodedPayload:
+def decode_payload(
+    raw: bytes, content_type: str, message_type: str, *, diagnosis_code_system: str | None = None
+) -> DecodedPayload:
     """Decode and shape-check a payload; never raises for bad content. Mojibake is detected and a
-    repair proposed (`repair`), never applied: the caller makes it a data_shape exception."""
+    repair proposed (`repair`), never applied: the caller makes it a data_shape exception. HL7 v2 is
+    checked segment by segment (app/domain/hl7_parse.py: a problem names segment, field and byte
+    offset). With `diagnosis_code_system` (what the connection's EHR expects), codes are checked
+    too (app/domain/codesets.py): `code_set_problem`, and unknown code systems observed."""
+    # Imported here: both modules build on this one's Observation and content types.
+    from .codesets import check_codes, new_fhir_elements
+    from .hl7_parse import check_er7
+
     decoded = decode_text(raw, content_type)
     text, problem = decoded.text, decoded.problem
     kind = "decode" if problem else None
     doc = None
+    observations = []
+    if decoded.encoding not in ("utf-8", "utf-8-sig") and not decoded.rule.startswith("MSH-18"):
+        observations.append(Observation("decode_fallback", "", decoded.rule))
     if "\x00" in text:
         # Databases cannot hold NUL in text columns; the raw bytes keep it, the text shows U+FFFD.
         text = text.replace("\x00", "\ufffd")
@@ -280,8 +293,11 @@ def decode_payload(raw: bytes, content_type: str, message_type: str) -> DecodedP
         if doc is not None and doc["resourceType"] != message_type:
             problem = f"resourceType {doc['resourceType']!r} does not match message_type {message_type!r}"
             kind = "shape"
-    elif problem is None and content_type == HL7_ER7 and not text.lstrip().startswith("MSH"):
-        problem, kind = "HL7 v2 payload does not start with an MSH segment", "parse"
+        observations.extend(new_fhir_elements(doc))
+    elif problem is None and content_type == HL7_ER7:
+        check = check_er7(text, message_type=message_type, encoding=decoded.encoding)
+        problem, kind = check.problem, check.kind
+        observations.extend(check.observations)
     repair = detect_mojibake(text, content_type, doc) if problem is None else None
     if repair is not None:
         problem = (
@@ -289,11 +305,13 @@ def decode_payload(raw: bytes, content_type: str, message_type: str) -> DecodedP
             "a repaired version is proposed as a correction"
         )
         kind = "mojibake"
-    observations = []
-    if decoded.encoding not in ("utf-8", "utf-8-sig") and not decoded.rule.startswith("MSH-18"):
-        observations.append(Observation("decode_fallback", "", decoded.rule))
-    if repair is not None:
         observations.append(Observation("mojibake", repair.where, repair.explanation))
+    code_set_problem = None
+    if diagnosis_code_system is not None and kind != "decode":
+        code_set_problem, found = check_codes(
+            content_type, text, doc, diagnosis_code_system, encoding=decoded.encoding
+        )
+        observations.extend(found)
     return DecodedPayload(
         raw,
         text,
@@ -305,6 +323,7 @@ def decode_payload(raw: bytes, content_type: str, message_type: str) -> DecodedP
         repair,
         doc,
         tuple(observations),
+        code_set_problem,
     )
 
 
