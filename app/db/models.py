@@ -94,6 +94,8 @@ class Connection(Base):
     circuit_cooldown_seconds: so.Mapped[float] = so.mapped_column(default=60.0)
     consecutive_failures: so.Mapped[int] = so.mapped_column(default=0)
     circuit_open_until: so.Mapped[datetime | None]
+    # Half-open: the one call allowed through to probe the EHR holds this until it settles.
+    circuit_probe_until: so.Mapped[datetime | None]
     created_at: so.Mapped[datetime]
     customer: so.Mapped[Customer] = so.relationship()
 

@@ -85,6 +85,7 @@ class Outcome:
     provably_not_applied: bool = False  # the EHR told us it did not process the request
     issues: list[dict] = field(default_factory=list)  # OperationOutcome issues / HL7 ERR parsed
     capability: str = ""  # the EHR's CapabilityStatement summary, when this attempt fetched it
+    held: bool = False  # never sent: the circuit was open (or another worker probes); not a try
 
     @property
     def delivered(self) -> bool:
@@ -112,6 +113,27 @@ def auto_retry_eligible(outcome: Outcome, settings: ConnectionSettings) -> bool:
     if outcome.category is Category.EHR_UNAVAILABLE:
         return outcome.provably_not_applied or settings.supports_conditional_create
     return False
+
+
+RETRY_CAP_SECONDS = 3600.0  # no automatic retry waits longer than this after a failure
+
+
+def retry_delay(
+    base_seconds: float,
+    retries_done: int,
+    *,
+    retry_after: float | None = None,
+    draw: float = 1.0,
+    cap: float = RETRY_CAP_SECONDS,
+) -> float:
+    """Seconds until the next automatic retry: full jitter (a uniform draw in [0, min(cap,
+    base·2^n)], so a fleet of failures does not come back in one wave); the EHR's Retry-After,
+    capped, is a floor. `draw` is the caller's random number in [0, 1)."""
+    ceiling = min(cap, base_seconds * 2 ** min(max(retries_done, 0), 40))
+    delay = min(max(draw, 0.0), 1.0) * ceiling
+    if retry_after:
+        delay = max(delay, min(retry_after, cap))
+    return delay
 
 
 HIGH_RISK_MESSAGE_TYPES = frozenset(

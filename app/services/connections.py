@@ -153,18 +153,22 @@ def circuit_state(conn: Connection, now=None) -> str:
     return "open" if conn.circuit_open_until > now else "half_open"
 
 
-def note_outcome_for_circuit(conn: Connection, outcome: Outcome) -> bool:
-    """Update the breaker after an attempt; return True when this attempt opened it."""
+def note_outcome_for_circuit(conn: Connection, outcome: Outcome) -> str | None:
+    """Update the breaker after a real call. Returns the transition to audit: "opened" (from
+    closed), "reopened" (the half-open probe failed), "closed" (a call succeeded while open or
+    half-open), or None. A failure of a call that left before the circuit opened only extends it."""
+    before = circuit_state(conn)
     if outcome.delivered or outcome.category not in (Category.TRANSPORT, Category.EHR_UNAVAILABLE):
         conn.consecutive_failures = 0
         conn.circuit_open_until = None
-        return False
+        conn.circuit_probe_until = None
+        return "closed" if before != "closed" else None
     conn.consecutive_failures += 1
     if conn.consecutive_failures >= conn.circuit_failure_threshold:
-        was_open = conn.circuit_open_until is not None
         conn.circuit_open_until = utcnow() + timedelta(seconds=conn.circuit_cooldown_seconds)
-        return not was_open
-    return False
+        conn.circuit_probe_until = None
+        return {"closed": "opened", "half_open": "reopened"}.get(before)
+    return None
 
 
 def sla_policy(session: so.Session) -> SlaPolicy:

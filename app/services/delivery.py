@@ -10,6 +10,7 @@ turns into `unknown_outcome` — never into a silent re-send.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from app.domain.delivery import (
     Outcome,
     auto_retry_eligible,
     reconcile_not_before,
+    retry_delay,
     routing_refusal,
 )
 from app.domain.liveness import HandoffPolicy
@@ -109,19 +111,58 @@ def envelope_for(message: Message, payload: PayloadVersion) -> Envelope:
     )
 
 
-def _gate(conn: Connection, message_type: str) -> Outcome | None:
-    """Reasons not to call the EHR at all: circuit open, connection disabled, type not enabled."""
+def _gate(rt: Runtime, conn: Connection, message_type: str) -> Outcome | None:
+    """Reasons not to call the EHR at all: connection disabled, type not enabled (config), or the
+    circuit open — or half-open with another worker's probe in flight (held: not a try)."""
     refusal = routing_refusal(connections.settings_for(conn), message_type)
     if refusal:
         return Outcome(AttemptOutcome.REJECTED, Category.CONFIG, detail=refusal, provably_not_applied=True)
-    if connections.circuit_state(conn) == "open":
+    state = connections.circuit_state(conn)
+    if state == "open":
         return Outcome(
             AttemptOutcome.TRANSIENT,
             Category.EHR_UNAVAILABLE,
             provably_not_applied=True,
-            detail=f"circuit open for {conn.name} until {conn.circuit_open_until:%H:%M:%S} UTC",
+            held=True,
+            detail=f"held: circuit open for {conn.name} until {conn.circuit_open_until:%H:%M:%S} UTC "
+            "(not sent; no retry spent)",
+        )
+    if state == "half_open" and not _claim_probe(rt, conn):
+        return Outcome(
+            AttemptOutcome.TRANSIENT,
+            Category.EHR_UNAVAILABLE,
+            provably_not_applied=True,
+            held=True,
+            detail=f"held: circuit half-open for {conn.name}, another call is probing the EHR "
+            "(not sent; no retry spent)",
         )
     return None
+
+
+def _claim_probe(rt: Runtime, conn: Connection) -> bool:
+    """Half-open lets exactly one call through across all workers: compare-and-set on the
+    connection row (the claim lapses after the call's own timeouts if its worker dies)."""
+    now = utcnow()
+    window = timedelta(seconds=conn.connect_timeout + conn.read_timeout + 5)
+    with transaction(rt.sessions) as s:
+        won = s.execute(
+            sa.update(Connection)
+            .where(
+                Connection.id == conn.id,
+                sa.or_(
+                    Connection.circuit_open_until.is_(None),  # closed meanwhile: go ahead
+                    sa.and_(
+                        Connection.circuit_open_until <= now,
+                        sa.or_(
+                            Connection.circuit_probe_until.is_(None), Connection.circuit_probe_until < now
+                        ),
+                    ),
+                ),
+            )
+            .values(circuit_probe_until=now + window)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+    return won == 1
 
 
 def attempt_result_values(outcome: Outcome, *, late: bool = False) -> dict:
@@ -155,11 +196,14 @@ def _finish_attempt(s: so.Session, attempt_id: int, outcome: Outcome) -> bool:
     return done == 1
 
 
-def _call(rt: Runtime, conn: Connection, envelope: Envelope, message_type: str) -> tuple[Outcome, bool]:
-    """Deliver through the connection's adapter. Returns (outcome, whether the EHR was contacted)."""
+def _call(
+    rt: Runtime, conn: Connection, envelope: Envelope, message_type: str, *, gate_passed: bool = False
+) -> tuple[Outcome, bool]:
+    """Deliver through the connection's adapter. Returns (outcome, whether the EHR was contacted).
+    gate_passed: the caller already passed `_gate` for this call (and may hold the probe)."""
     from app.adapters.ehr.errors import AdapterError
 
-    gated = _gate(conn, message_type)
+    gated = None if gate_passed else _gate(rt, conn, message_type)
     if gated is not None:
         return gated, False
     adapter = rt.adapter_factory(conn)
@@ -203,16 +247,26 @@ def _note_capability(s: so.Session, conn: Connection, outcome: Outcome, message_
 
 
 def _note_circuit(s: so.Session, conn: Connection, outcome: Outcome) -> None:
-    """Breaker bookkeeping for a real call (never for a call the open circuit itself blocked)."""
-    if connections.note_outcome_for_circuit(conn, outcome):
-        audit.record(
-            s,
-            actor="system:worker",
-            action="circuit.open",
-            subject_type="connection",
-            subject_id=conn.id,
-            details={"failures": conn.consecutive_failures},
-        )
+    """Breaker bookkeeping for a real call (never for a call the open circuit itself held);
+    every opening, re-opening after a failed probe, and closing is audited."""
+    failures = conn.consecutive_failures + (0 if outcome.delivered else 1)
+    transition = connections.note_outcome_for_circuit(conn, outcome)
+    if transition is None:
+        return
+    details = {"failures": failures}
+    if transition != "closed":
+        details["until"] = conn.circuit_open_until.isoformat() + "Z"
+    audit.record(
+        s,
+        actor="system:worker",
+        action="circuit.close" if transition == "closed" else "circuit.open",
+        subject_type="connection",
+        subject_id=conn.id,
+        reason={"opened": None, "reopened": "the half-open probe failed", "closed": "a call succeeded"}[
+            transition
+        ],
+        details=details,
+    )
 
 
 class _Heartbeat:
@@ -402,13 +456,28 @@ def _settle_delivery(
     detail = outcome.detail or f"{outcome.category} ({outcome.status_code})"
     may_have_applied = not outcome.provably_not_applied
     retries_done = item.retry_count if item is not None else 0
-    if auto_retry_eligible(outcome, connections.settings_for(conn)) and retries_done < conn.max_auto_retries:
-        delay = conn.retry_backoff_seconds * (2**retries_done)
-        if outcome.retry_after_seconds:
-            delay = max(delay, outcome.retry_after_seconds)
-        if conn.circuit_open_until:
-            delay = max(delay, (conn.circuit_open_until - now).total_seconds())
-        next_at = now + timedelta(seconds=delay)
+    eligible = auto_retry_eligible(outcome, connections.settings_for(conn))
+    if outcome.held or (eligible and retries_done < conn.max_auto_retries):
+        refund = {}
+        if outcome.held:
+            # Never sent: the retry this attempt used is given back, and the item waits for the
+            # circuit (held items drain oldest due first: schedule_due_retries' order).
+            retries_done = max(retries_done - 1, 0)
+            refund = {"retry_count": retries_done}
+            if conn.circuit_open_until and conn.circuit_open_until > now:
+                next_at = conn.circuit_open_until
+            else:  # half-open and another call is probing: look again shortly
+                next_at = now + timedelta(seconds=min(2.0, conn.connect_timeout + conn.read_timeout))
+        else:
+            delay = retry_delay(
+                conn.retry_backoff_seconds,
+                retries_done,
+                retry_after=outcome.retry_after_seconds,
+                draw=random.random(),
+            )
+            if conn.circuit_open_until:
+                delay = max(delay, (conn.circuit_open_until - now).total_seconds())
+            next_at = now + timedelta(seconds=delay)
         if item is None:
             open_exception(
                 s,
@@ -431,6 +500,7 @@ def _settle_delivery(
                     detail=detail[:4000],
                     version=ExceptionItem.version + 1,
                     updated_at=now,
+                    **refund,
                 )
             ).rowcount
             == 1
@@ -444,7 +514,11 @@ def _settle_delivery(
                 from_state="retrying",
                 to_state="retrying",
                 reason=detail[:500],
-                details={"next_retry_at": next_at.isoformat() + "Z", "retry_count": retries_done},
+                details={
+                    "next_retry_at": next_at.isoformat() + "Z",
+                    "retry_count": retries_done,
+                    "held": outcome.held,
+                },
             )
         return "retrying"
     if item is None:
@@ -478,7 +552,7 @@ def schedule_due_retries(rt: Runtime, limit: int = 100) -> int:
         due = s.scalars(
             sa.select(ExceptionItem)
             .where(ExceptionItem.state == "retrying", ExceptionItem.next_retry_at <= now)
-            .order_by(ExceptionItem.next_retry_at)
+            .order_by(ExceptionItem.next_retry_at, ExceptionItem.id)
             .limit(limit)
         ).all()
         for item in due:
@@ -553,6 +627,15 @@ def _defer_if_too_early(rt: Runtime, replay_id: int) -> str | None:
             s, message.id, message.connection.read_timeout, rt.reconcile_grace_seconds
         )
         now = utcnow()
+        # Nothing can reach the EHR while its circuit is open or another call probes it: the
+        # replay waits (not failed, not sent) and runs when the circuit lets it.
+        conn = message.connection
+        if conn.circuit_open_until is not None:
+            hold = conn.circuit_open_until
+            if hold <= now and conn.circuit_probe_until is not None and conn.circuit_probe_until > now:
+                hold = now + timedelta(seconds=2)
+            if hold > now and (not_before is None or hold > not_before):
+                not_before = hold
         if not_before is None or not_before <= now:
             return None
         deferred = s.execute(
@@ -573,7 +656,7 @@ def _defer_if_too_early(rt: Runtime, replay_id: int) -> str | None:
             )
         )
     log.info(
-        "replay %s deferred until %s UTC: an earlier request's window is still open",
+        "replay %s deferred until %s UTC: an earlier request's window is open, or the circuit is",
         replay_id,
         f"{not_before:%H:%M:%S}",
         extra={"replay_id": replay_id},
@@ -622,9 +705,10 @@ def run_replay(rt: Runtime, replay_id: int) -> str:
     faults.checkpoint("claimed")
     found: bool | None = None
     contacted = False
-    outcome: Outcome | None = None
     with _Heartbeat(rt, attempt_id=attempt_id, replay_id=replay_id):
-        if conn.supports_identifier_search and _gate(conn, message_type) is None:
+        # One gate for the search and the send: in half-open, this replay's search is the probe.
+        outcome = _gate(rt, conn, message_type)
+        if outcome is None and conn.supports_identifier_search:
             try:
                 found = rt.adapter_factory(conn).find_applied(envelope)
             except Exception:  # cannot tell
@@ -655,7 +739,7 @@ def run_replay(rt: Runtime, replay_id: int) -> str:
                     detail="found already applied by identifier search; not re-sent",
                 )
         if outcome is None:
-            outcome, contacted = _call(rt, conn, envelope, message_type)
+            outcome, contacted = _call(rt, conn, envelope, message_type, gate_passed=True)
     faults.checkpoint("called")
 
     with transaction(rt.sessions) as s:

@@ -1,7 +1,8 @@
 """Drift made visible: per-connection hourly counters of data-shape observations by kind, the
 first sighting of each kind (flagged until acknowledged), and the diagnosis code system each
 connection expects (ICD-9 sent to an ICD-10 EHR is a code_set exception), and the EHR's
-CapabilityStatement as last seen (a change is drift).
+CapabilityStatement as last seen (a change is drift); and the half-open probe's claim, so
+only one call across all workers probes an EHR whose circuit is half-open.
 
 Revision ID: 0005
 Revises: 0004
@@ -22,6 +23,7 @@ def upgrade() -> None:
             sa.Column("diagnosis_code_system", sa.String(length=10), nullable=False, server_default="icd-10")
         )
         batch_op.add_column(sa.Column("capability_summary", sa.Text(), nullable=True))
+        batch_op.add_column(sa.Column("circuit_probe_until", sa.DateTime(), nullable=True))
     op.create_table(
         "drift_counts",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -61,3 +63,4 @@ def downgrade() -> None:
     # messages table references.
     op.execute("ALTER TABLE connections DROP COLUMN diagnosis_code_system")
     op.execute("ALTER TABLE connections DROP COLUMN capability_summary")
+    op.execute("ALTER TABLE connections DROP COLUMN circuit_probe_until")

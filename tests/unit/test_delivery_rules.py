@@ -73,3 +73,36 @@ def test_replay_waits_out_an_earlier_uncertain_requests_deadline_plus_grace():
     assert reconcile_not_before(None, 30, 15) is None  # nothing uncertain came before: go at once
     assert reconcile_not_before(start, 30, 15) == datetime(2026, 1, 1, 12, 0, 45)
     assert reconcile_not_before(start, 2.5, 0) == datetime(2026, 1, 1, 12, 0, 2, 500000)
+
+
+# --- issue 6: retry backoff with full jitter --------------------------------------------------
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from app.domain.delivery import RETRY_CAP_SECONDS, retry_delay  # noqa: E402
+
+
+def test_full_jitter_spans_zero_to_the_exponential_ceiling():
+    assert retry_delay(30, 0, draw=0.0) == 0.0
+    assert retry_delay(30, 0, draw=0.5) == 15.0
+    assert retry_delay(30, 2, draw=0.5) == 60.0  # ceiling 120
+    assert retry_delay(30, 40, draw=0.999) <= RETRY_CAP_SECONDS  # capped
+    assert retry_delay(30, 1, draw=0.0, retry_after=45) == 45  # Retry-After is a floor
+    assert retry_delay(30, 1, draw=0.0, retry_after=10**6) == RETRY_CAP_SECONDS  # …capped too
+
+
+@given(
+    base=st.floats(0, 600),
+    n=st.integers(-3, 10_000),
+    draw=st.floats(0, 1, exclude_max=True),
+    after=st.none() | st.floats(0, 10**7),
+)
+def test_retry_delay_stays_within_its_bounds(base, n, draw, after):
+    delay = retry_delay(base, n, retry_after=after, draw=draw)
+    assert 0 <= delay <= RETRY_CAP_SECONDS
+    assert delay <= max(
+        min(RETRY_CAP_SECONDS, base * 2 ** min(max(n, 0), 40)), min(after or 0, RETRY_CAP_SECONDS)
+    )
+    if after:
+        assert delay >= min(after, RETRY_CAP_SECONDS)
