@@ -107,7 +107,12 @@ def _store(
 ):
     """The message and its first payload version, stored byte-for-byte whatever they hold."""
     now = utcnow()
-    decoded = decode_payload(raw, body["content_type"], message_type)
+    decoded = decode_payload(
+        raw,
+        body["content_type"],
+        message_type,
+        diagnosis_code_system=connections.settings_for(conn).diagnosis_code_system,
+    )
     message = Message(
         id=str(uuid.uuid4()),
         client_id=client.id,
@@ -245,6 +250,12 @@ def report_exception(session: so.Session, client: User, key: str, body: dict) ->
     else:
         category, may_have_applied = categorize_reported_error(error)
         detail = f"reported by {client.username}: {error}"
+        if decoded.code_set_problem:
+            # The engine's words say whether the EHR may have applied it, and that stands. Only a
+            # plain rejection becomes code_set: the payload carries a code the EHR does not read.
+            if category is Category.EHR_REJECTED:
+                category = Category.CODE_SET
+            detail = f"{detail} — code set: {decoded.code_set_problem}"
     message.status = "exception"
     exception = open_exception(
         session,
@@ -265,8 +276,11 @@ def _control_id(key: str, client: User) -> str:
 
 
 def _refusal(conn, message_type: str, decoded) -> tuple[Category, str] | None:
-    """Why this message cannot be sent as it is, or None."""
+    """Why this message cannot be sent as it is, or None: what is wrong with the payload (its shape,
+    then its codes) before where it is going (the connection's configuration)."""
     if decoded.problem:
         return Category.DATA_SHAPE, f"{decoded.problem_kind}: {decoded.problem}"
+    if decoded.code_set_problem:
+        return Category.CODE_SET, decoded.code_set_problem
     refusal = routing_refusal(connections.settings_for(conn), message_type)
     return (Category.CONFIG, refusal) if refusal else None
