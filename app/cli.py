@@ -285,7 +285,14 @@ def sim(host: str, fhir_port: int, mllp_port: int, profile: str) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=int)
 @click.option("--sim-port", default=8090, show_default=True, type=int)
-def run(host: str, port: int, sim_port: int) -> None:
+@click.option(
+    "--mllp-port",
+    default=2575,
+    show_default=True,
+    type=int,
+    help="The simulated EHR's HL7 v2 MLLP listener (the demo's MLLP connections point at it).",
+)
+def run(host: str, port: int, sim_port: int, mllp_port: int) -> None:
     """Everything for a local demo: migrate, seed, simulated EHR, a worker and the console."""
     from app.adapters.redis_conn import redis_url, stop_embedded
     from app.db.migrate import upgrade
@@ -293,7 +300,7 @@ def run(host: str, port: int, sim_port: int) -> None:
 
     settings = _settings()
     upgrade(settings.database_url)
-    result = load_demo(_sessions(settings), sim_base_url=f"http://127.0.0.1:{sim_port}")
+    result = load_demo(_sessions(settings), sim_base_url=f"http://127.0.0.1:{sim_port}", mllp_port=mllp_port)
     env = dict(
         os.environ,
         REDIS_URL=redis_url(settings),
@@ -302,13 +309,14 @@ def run(host: str, port: int, sim_port: int) -> None:
     )
     exe = [sys.executable, "-m", "app.cli"]
     children = [
-        subprocess.Popen([*exe, "sim", "--fhir-port", str(sim_port)], env=env),
+        subprocess.Popen([*exe, "sim", "--fhir-port", str(sim_port), "--mllp-port", str(mllp_port)], env=env),
         subprocess.Popen([*exe, "worker"], env=env),
         subprocess.Popen([*exe, "web", "--host", host, "--port", str(port)], env=env),
     ]
     _print_logins(result)
     click.echo(
-        f"\nConsole: http://{host}:{port}   simulated EHR: http://127.0.0.1:{sim_port}   Ctrl-C stops all"
+        f"\nConsole: http://{host}:{port}   simulated EHR: http://127.0.0.1:{sim_port}"
+        f" (HL7 v2 MLLP on 127.0.0.1:{mllp_port})   Ctrl-C stops all"
     )
     stopping = False
 

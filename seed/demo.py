@@ -28,6 +28,7 @@ How the history is played:
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import random
@@ -38,6 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import sqlalchemy as sa
@@ -45,17 +47,21 @@ import sqlalchemy.orm as so
 
 from app.adapters.ehr.errors import ValidationFailed
 from app.adapters.ehr.fhir_r4 import CREATE, classify, prepare_resource
+from app.adapters.ehr.hl7v2_mllp import Hl7MllpAdapter
 from app.db.models import (
     Attempt,
     AuditEvent,
+    Connection,
     Customer,
     ExceptionItem,
     Message,
     OutboxEntry,
+    PayloadVersion,
     Replay,
     User,
 )
 from app.db.session import transaction
+from app.domain.categorize import categorize_reported_error
 from app.domain.delivery import (
     AttemptOutcome,
     Category,
@@ -64,13 +70,17 @@ from app.domain.delivery import (
     auto_retry_eligible,
     clinical_risk,
 )
+from app.domain.hl7 import frame, msh_field, unframe
+from app.domain.payloads import HL7_ER7, decode_payload, decode_text, encode_text
 from app.domain.sla import SlaPolicy, sla_status
 from app.domain.states import FINAL_STATES, ExceptionState
 from app.services import audit, clock, connections, delivery, exceptions, users
+from app.services.delivery import envelope_for
 from app.services.exceptions import DecisionInput, decide, open_exception, reopen
-from app.services.intake import DELIVERY_SYSTEM_PREFIX, submit_message
+from app.services.intake import DELIVERY_SYSTEM_PREFIX, report_exception, submit_message
+from app.simulator.mllp_server import _ack, _field_empty
 
-from . import corpus
+from . import corpus, hl7_corpus
 
 DEMO_PASSWORD = "demo-password-2026"
 CONSOLE_USERS: tuple[tuple[str, str], ...] = (
@@ -87,6 +97,8 @@ LEADS = ("lena", "leo")
 WORKER_NAME = "recon-demo-worker"
 REPLAY_LEASE = timedelta(minutes=15)
 HISTORY = timedelta(days=3)
+FHIR_R4, HL7_MLLP = "fhir-r4", "hl7v2-mllp"
+DEFAULT_MLLP_PORT = 2575
 
 
 # --------------------------------------------------------------------------- the demo estate
@@ -107,8 +119,13 @@ class DemoConnection:
     conditional_create: bool = True
     identifier_search: bool = True
     enabled_message_types: tuple[str, ...] = ()
+    protocol: str = FHIR_R4
 
-    def endpoint(self, base_url: str) -> str:
+    def endpoint(self, base_url: str, mllp_port: int = DEFAULT_MLLP_PORT) -> str:
+        """FHIR: the simulator's base URL for this tenant. HL7 v2: HOST:PORT of the simulator's MLLP
+        listener on the same host (its tenant is MSH-6, which every message here names)."""
+        if self.protocol == HL7_MLLP:
+            return f"{urlsplit(base_url).hostname or '127.0.0.1'}:{mllp_port}"
         return f"{base_url.rstrip('/')}/fhir/{self.tenant}"
 
 
@@ -171,8 +188,38 @@ CONNECTIONS: tuple[DemoConnection, ...] = (
         conditional_create=False,
         identifier_search=False,
     ),
+    # HL7 v2 over MLLP through Mercy's interface engine: ADT, orders and results, no scheduling.
+    # MLLP cannot be searched, so anything that may have arrived needs a lead's confirm_not_applied.
+    DemoConnection(
+        name="mercy-adt-mllp",
+        customer="Mercy Health System",
+        vendor="epic",
+        environment="prod",
+        tenant="mercy-adt",
+        organization="Mercy Health System",
+        mrn_system="MERCY",
+        weight=10,
+        conditional_create=False,
+        identifier_search=False,
+        enabled_message_types=("ADT^A01", "ADT^A04", "ADT^A08", "ORM^O01", "ORU^R01"),
+        protocol=HL7_MLLP,
+    ),
+    DemoConnection(
+        name="stbrendans-lab-mllp",
+        customer="St. Brendan's Regional",
+        vendor="oracle-health",
+        environment="prod",
+        tenant="stbrendans-lab",
+        organization="St. Brendan's Regional Medical Center",
+        mrn_system="STBRENDANS",
+        weight=8,
+        conditional_create=False,
+        identifier_search=False,
+        protocol=HL7_MLLP,
+    ),
 )
 _CONN = {c.name: c for c in CONNECTIONS}
+HL7_CONNS = tuple(c.name for c in CONNECTIONS if c.protocol == HL7_MLLP)
 
 TYPE_WEIGHTS = {
     "MedicationRequest": 30,
@@ -182,6 +229,8 @@ TYPE_WEIGHTS = {
     "Encounter": 8,
     "Patient": 6,
 }
+HL7_TYPE_WEIGHTS = {"ADT^A01": 12, "ADT^A04": 10, "ADT^A08": 14, "ORM^O01": 12, "ORU^R01": 18, "SIU^S12": 6}
+ALL_TYPE_WEIGHTS = {**TYPE_WEIGHTS, **HL7_TYPE_WEIGHTS}
 ORDER_TYPES = ("MedicationRequest", "ServiceRequest")
 WITH_SUBJECT = ("MedicationRequest", "ServiceRequest", "Observation", "DiagnosticReport", "Encounter")
 
@@ -216,7 +265,9 @@ class Scenario:
     quirk: str | None = None  # a seed.corpus quirk
     paths: tuple[tuple[str, int], ...] = RESUBMITTABLE
     discard: tuple[str, ...] = ("superseded", "other")  # reason codes that fit
-    conns: tuple[str, ...] = ()  # connections it happens on; empty: any, by weight
+    conns: tuple[str, ...] = ()  # connections it happens on; empty: any of its protocol, by weight
+    protocol: str = FHIR_R4
+    report: str | None = None  # an interface engine reports it (POST /exceptions) with this error
 
 
 MR, SR, OBS = ("MedicationRequest",), ("ServiceRequest",), ("Observation",)
@@ -238,7 +289,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("rejected_dosage", 7, "422_dosage", "ehr_rejected", MR, "no_dosage", discard=MANUAL),
     Scenario("rejected_prescriber", 6, "422_prescriber", "ehr_rejected", MR, "prescriber", discard=MANUAL),
     Scenario("rejected_merged", 5, "422_merged", "ehr_rejected", WITH_SUBJECT, "merged", discard=("patient_merged",)),
-    Scenario("code_set_icd9", 9, "422_icd9", "code_set", ("ServiceRequest", "Encounter"), "icd9", discard=("superseded",)),
+    Scenario("code_set_icd9", 9, None, "code_set", ("ServiceRequest", "Encounter"), "icd9", discard=("superseded",)),
     Scenario("code_set_ndc", 5, "422_ndc", "code_set", MR, "ndc", discard=("superseded",)),
     Scenario("code_set_local_lab", 5, "422_local", "code_set", OBS, "local_lab"),
     Scenario("unknown_timeout", 10, "timeout", "unknown_outcome", discard=LANDED),
@@ -260,6 +311,48 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("data_shape_missing", 5, "validation", "data_shape", WITH_SUBJECT, "missing"),
     Scenario("data_shape_bad_date", 3, "validation", "data_shape", MR, "bad_date", discard=("superseded",)),
 )}
+# fmt: on
+
+# HL7 v2 over MLLP (seed.hl7_corpus payloads): what the simulator's MLLP half answers (signals
+# "mllp_*", played through the real adapter, see _Runner._settle), what intake refuses, and what the
+# interface engine reports itself through POST /exceptions. Quirks are seed.hl7_corpus's own.
+HL7_TYPES = tuple(HL7_TYPE_WEIGHTS)
+ADT = ("ADT^A01", "ADT^A04", "ADT^A08")
+WITH_DG1 = hl7_corpus.WITH_DG1
+REPORT_ICD9 = "Receiving interface rejected DG1-3: ICD-9 code system (I9C) is not accepted; send ICD-10-CM"
+REPORT_DUPLICATE = "Duplicate message: the EHR interface says this visit number was already processed"
+REPORT_UNAVAILABLE = (
+    "503 Service Unavailable from the EHR's inbound HL7 listener; channel queued, then gave up"
+)
+
+
+def _hl7(name, weight, signal, category, types=HL7_TYPES, quirk=None, **kw) -> Scenario:
+    return Scenario(name, weight, signal, category, types, quirk, protocol=HL7_MLLP,
+                    conns=kw.pop("conns", HL7_CONNS), **kw)  # fmt: skip
+
+
+# fmt: off
+for _scenario in (
+    _hl7("hl7_delivered", 24, "mllp_aa", "", paths=()),
+    _hl7("hl7_delivered_latin1", 3, "mllp_aa", "", quirk="latin1_declared", paths=()),
+    _hl7("hl7_refused", 5, "mllp_refused", "transport", paths=AUTO_RETRIED, discard=MANUAL),
+    _hl7("hl7_no_ack", 5, "mllp_no_ack", "unknown_outcome", discard=LANDED),
+    _hl7("hl7_late_ack", 3, "mllp_late_ack", "unknown_outcome", discard=LANDED),
+    _hl7("hl7_reset", 2, "mllp_reset", "unknown_outcome", discard=LANDED),
+    _hl7("hl7_wrong_msa2", 2, "mllp_wrong_msa2", "malformed_response", discard=LANDED),
+    _hl7("hl7_ae_pid3", 4, "mllp_ae", "ehr_rejected", ADT, "empty_pid3", discard=("superseded",)),
+    _hl7("hl7_ar", 2, "mllp_ar", "ehr_rejected", discard=("superseded", "other")),
+    _hl7("hl7_mojibake", 3, None, "data_shape", quirk="double_encoded_utf8", discard=("superseded",)),
+    _hl7("hl7_batch_file", 1, None, "data_shape", ("ADT^A04",), "batch_file", paths=NOT_RESUBMITTABLE, discard=("other",)),
+    _hl7("hl7_type_disabled", 2, None, "config", ("SIU^S12",), paths=NOT_RESUBMITTABLE, discard=("other",),
+         conns=("mercy-adt-mllp",)),
+    _hl7("hl7_code_set_icd9", 3, None, "code_set", WITH_DG1, "dg1_icd9", discard=("superseded",)),
+    _hl7("hl7_reported_icd9", 3, None, "code_set", WITH_DG1, "dg1_icd9", report=REPORT_ICD9, discard=("superseded",)),
+    _hl7("hl7_reported_duplicate", 2, None, "duplicate_suspected", ADT, report=REPORT_DUPLICATE,
+         paths=DUPLICATE_PATHS, discard=("duplicate",)),
+    _hl7("hl7_reported_503", 2, None, "ehr_unavailable", report=REPORT_UNAVAILABLE, discard=MANUAL),
+):
+    SCENARIOS[_scenario.name] = _scenario
 # fmt: on
 
 # (scenario, path, connection or None): each appears at least once, so every category, every
@@ -303,6 +396,26 @@ REQUIRED: tuple[tuple[str, str, str | None], ...] = (
     ("data_shape_bad_date", "escalated_discard", None),
     ("error_500", "discard:superseded", None),
     ("unavailable_503", "discard:test_message", "mercy-epic-tst"),
+    # HL7 v2 over MLLP: every category it can reach, and its flows.
+    ("hl7_delivered", "delivered", "mercy-adt-mllp"),
+    ("hl7_delivered", "delivered", "stbrendans-lab-mllp"),
+    ("hl7_delivered_latin1", "delivered", None),
+    ("hl7_refused", "retrying", None),
+    ("hl7_refused", "retry_recovered", None),
+    ("hl7_no_ack", "confirm_only", None),
+    ("hl7_no_ack", "resolved", None),
+    ("hl7_late_ack", "open", None),
+    ("hl7_reset", "discard:applied_manually", None),
+    ("hl7_wrong_msa2", "open", None),
+    ("hl7_ae_pid3", "resolved", None),
+    ("hl7_ar", "escalated", None),
+    ("hl7_mojibake", "pending", None),
+    ("hl7_batch_file", "discard:other", None),
+    ("hl7_type_disabled", "open", None),
+    ("hl7_code_set_icd9", "resolved", None),
+    ("hl7_reported_icd9", "open", None),
+    ("hl7_reported_duplicate", "discard:duplicate", None),
+    ("hl7_reported_503", "open", None),
 )
 # fmt: on
 
@@ -335,7 +448,17 @@ SIGNAL_CATEGORY = {
     "403": "auth",
     "404": "config",
     "validation": "data_shape",
+    "mllp_aa": None,
+    "mllp_refused": "transport",
+    "mllp_no_ack": "unknown_outcome",
+    "mllp_late_ack": "unknown_outcome",
+    "mllp_reset": "unknown_outcome",
+    "mllp_wrong_msa2": "malformed_response",
+    "mllp_ae": "ehr_rejected",
+    "mllp_ar": "ehr_rejected",
 }
+# MLLP answers after which the message may have been applied (the receiver cannot be searched).
+MLLP_MAY_HAVE_APPLIED = ("mllp_no_ack", "mllp_late_ack", "mllp_reset", "mllp_wrong_msa2")
 RETRY_AFTER = {"503": 600.0, "429": 30.0}
 MAX_AUTO_RETRIES = 3  # the connection default
 RETRY_BACKOFF = 30.0  # the connection default
@@ -415,6 +538,9 @@ RESUBMIT_REASONS = {
     "duplicate_suspected": "Second look: the existing resource is a different order; resend.",
 }
 CORRECTION_REASONS = {
+    "empty_pid3": "Filled PID-3 with the MRN from the registration system; the receiver requires it.",
+    "double_encoded_utf8": "Undid the engine's double encoding (UTF-8 read as Windows-1252); name checked against the chart.",
+    "dg1_icd9": "Mapped the DG1 diagnosis from ICD-9-CM to its ICD-10-CM equivalent.",
     "icd9": "Mapped ICD-9-CM reason to its ICD-10-CM equivalent.",
     "ndc": "Replaced the NDC package code with the RxNorm clinical drug.",
     "local_lab": "Added the LOINC code for the lab's local test code.",
@@ -446,6 +572,10 @@ OTHER_REASONS = {
     "config_404": "Sent to the pre-upgrade base URL; the clinic re-entered it after the endpoint was fixed.",
     "code_set_local_lab": "Reference lab retired this test code; the result was re-reported under the new test.",
 }
+MLLP_CONFIRM_REASONS = (
+    "Interface analyst checked the EHR's inbound HL7 log: no message with this MSH-10. Safe to resend.",
+    "Searched the receiving system's message archive for the control id: not received.",
+)
 CONFIRM_REASONS = (
     "Called the Riverside clinic: the order is not in the chart. Safe to resend.",
     "Clinic searched the patient's orders for the last 24h: not applied.",
@@ -469,6 +599,7 @@ class DemoResult:
     by_state: dict[str, int]  # exceptions per state
     by_sla: dict[str, int]  # non-final exceptions per SLA status at `now`
     now: datetime
+    by_protocol: dict[str, dict[str, int]] = field(default_factory=dict)  # protocol -> category -> n
 
 
 # --------------------------------------------------------------------------- the story model
@@ -501,6 +632,7 @@ class _Story:
     body: dict | None = None
     corrected: str | None = None
     ctx: corpus.Context | None = None
+    needs_confirm: bool = False  # its exception will wait for a lead's confirm_not_applied
     # filled in while running
     message_id: str | None = None
     exception_id: int | None = None
@@ -559,7 +691,11 @@ class _Planner:
         scenario = SCENARIOS[scenario_name]
         rng = self.rng
         if conn_name is None:
-            pool = [c for c in CONNECTIONS if not scenario.conns or c.name in scenario.conns]
+            pool = [
+                c
+                for c in CONNECTIONS
+                if c.protocol == scenario.protocol and (not scenario.conns or c.name in scenario.conns)
+            ]
             if scenario.category == "unknown_outcome":  # enough of them on the no-search connection
                 weights = [c.weight * (3 if not c.identifier_search else 1) for c in pool]
             else:
@@ -567,10 +703,12 @@ class _Planner:
             conn = rng.choices(pool, weights=weights)[0]
         else:
             conn = _CONN[conn_name]
-        types = [t for t in scenario.types if t in TYPE_WEIGHTS]
-        if conn.enabled_message_types and scenario.name != "config_type_disabled":
-            types = [t for t in types if t in conn.enabled_message_types] or ["MedicationRequest"]
-        message_type = rng.choices(types, weights=[TYPE_WEIGHTS[t] for t in types])[0]
+        types = [t for t in scenario.types if t in ALL_TYPE_WEIGHTS]
+        if conn.enabled_message_types and scenario.category != "config":
+            types = [t for t in types if t in conn.enabled_message_types] or [
+                "ADT^A08" if conn.protocol == HL7_MLLP else "MedicationRequest"
+            ]
+        message_type = rng.choices(types, weights=[ALL_TYPE_WEIGHTS[t] for t in types])[0]
         client = "orders-service" if message_type in ORDER_TYPES else "interface-engine"
         if client == "orders-service":
             key = f"ord-{conn.tenant}-{index:05d}-{rng.getrandbits(32):08x}"
@@ -587,6 +725,12 @@ class _Planner:
             clinical_risk(message_type),
             category=scenario.category,
         )
+        if scenario.protocol == HL7_MLLP:  # MLLP cannot be searched: uncertain means a lead confirms
+            story.needs_confirm = (
+                categorize_reported_error(scenario.report)[1]
+                if scenario.report
+                else scenario.signal in MLLP_MAY_HAVE_APPLIED
+            )
         self._steps(story)
         return story
 
@@ -598,9 +742,9 @@ class _Planner:
         return step
 
     def _latency(self, signal: str) -> float:
-        if signal == "timeout":
+        if signal in ("timeout", "mllp_late_ack"):  # the read (ACK) timeout
             return 30.0
-        if signal in ("refused", "dns", "validation"):  # refused locally or at once
+        if signal in ("refused", "dns", "validation", "mllp_refused"):  # refused locally or at once
             return self.rng.uniform(0.002, 0.05)
         return self.rng.uniform(0.08, 2.5)
 
@@ -619,23 +763,24 @@ class _Planner:
         else:
             self._add(story, 0, "intake")
             signal = scenario.signal
-            retried = signal != "created" and self._auto_retried(story, signal)
+            ok = "mllp_aa" if story.conn.protocol == HL7_MLLP else "created"
+            retried = signal != ok and self._auto_retried(story, signal)
             self._add(
                 story,
                 rng.uniform(0.2, 1.5) + self._latency(signal),
                 "deliver",
                 signal=signal,
-                restarts_sla=signal != "created",
+                restarts_sla=signal != ok,
                 args={"retried": retried},
             )
-            if signal == "created":
+            if signal == ok:
                 return
             if retried:
                 if story.path == "retrying":
                     self._retries(story, signal, failures=rng.randint(0, 2), then=None)
                     return
                 if story.path == "retry_recovered":
-                    self._retries(story, signal, failures=rng.randint(0, 2), then="created")
+                    self._retries(story, signal, failures=rng.randint(0, 2), then=ok)
                     return
                 self._retries(story, signal, failures=MAX_AUTO_RETRIES, then=None)
         self._human(story)
@@ -645,7 +790,7 @@ class _Planner:
         signals = [signal] * failures + ([then] if then else [])
         for n, sig in enumerate(signals):
             delay = max(RETRY_BACKOFF * (2**n), RETRY_AFTER.get(signals[n - 1] if n else signal, 0.0))
-            exhausted = sig != "created" and n + 1 >= MAX_AUTO_RETRIES
+            exhausted = sig not in ("created", "mllp_aa") and n + 1 >= MAX_AUTO_RETRIES
             step = self._add(story, delay + self._latency(sig), "retry", signal=sig, restarts_sla=exhausted)
             step.args["exhausted"] = exhausted
         if not then and failures < MAX_AUTO_RETRIES:
@@ -688,7 +833,10 @@ class _Planner:
             return
         if path == "confirm_only":
             decision(
-                rng.choice(LEADS), minutes(5, 40), "confirm_not_applied", reason=rng.choice(CONFIRM_REASONS)
+                rng.choice(LEADS),
+                minutes(5, 40),
+                "confirm_not_applied",
+                reason=rng.choice(self._confirm_reasons(story)),
             )
             return
         if path.startswith("discard") or path == "escalated_discard":
@@ -715,9 +863,14 @@ class _Planner:
         approver = rng.choice([lead for lead in LEADS if lead != requester])
         if rng.random() < 0.6:
             decision(requester, minutes(3, 30), "claim")
-        if category == "unknown_outcome" and not story.conn.identifier_search:
+        if story.needs_confirm or (category == "unknown_outcome" and not story.conn.identifier_search):
             confirmer = rng.choice(LEADS)
-            decision(confirmer, minutes(5, 40), "confirm_not_applied", reason=rng.choice(CONFIRM_REASONS))
+            decision(
+                confirmer,
+                minutes(5, 40),
+                "confirm_not_applied",
+                reason=rng.choice(self._confirm_reasons(story)),
+            )
         if story.scenario.quirk in CORRECTION_REASONS:
             self._add(story, minutes(1, 8), "view_payload", args={"actor": requester})
             decision(
@@ -757,6 +910,8 @@ class _Planner:
             choices.append("search_failed")
         if story.message_type == "MedicationRequest" and story.scenario.quirk is None:
             choices.append("422_prescriber")
+        if story.conn.protocol == HL7_MLLP:
+            choices = ["mllp_no_ack", "mllp_ar", "mllp_refused"]
         signal = rng.choice(choices)
         self._add(
             story,
@@ -766,7 +921,13 @@ class _Planner:
             restarts_sla=True,
         )
 
+    @staticmethod
+    def _confirm_reasons(story: _Story) -> tuple[str, ...]:
+        return MLLP_CONFIRM_REASONS if story.conn.protocol == HL7_MLLP else CONFIRM_REASONS
+
     def _created(self, story: _Story) -> str:
+        if story.conn.protocol == HL7_MLLP:
+            return "mllp_aa"
         return "created_200" if story.conn.vendor == "oracle-health" else "created"
 
     def _discard_code(self, story: _Story) -> str:
@@ -819,6 +980,9 @@ class _Planner:
     # -- payloads and outcomes
 
     def _materialize(self, story: _Story) -> None:
+        if story.conn.protocol == HL7_MLLP:
+            self._materialize_hl7(story)
+            return
         rng, scenario = self.rng, story.scenario
         story.ctx = ctx = self._context(story)
         mt, quirk = story.message_type, scenario.quirk
@@ -864,6 +1028,68 @@ class _Planner:
             if step.kind == "decide" and step.args["input"]["action"] == "approve":
                 step.args["input"]["password"] = DEMO_PASSWORD
 
+    def _materialize_hl7(self, story: _Story) -> None:
+        """An HL7 v2 message from seed.hl7_corpus, addressed to the connection's simulator tenant
+        (MSH-6); for a correctable quirk, the same message without it is the correction."""
+        rng, scenario, conn = self.rng, story.scenario, story.conn
+        quirk = scenario.quirk
+        corrected = None
+        if quirk == "batch_file":  # a whole batch file (FHS/BHS ... BTS/FTS) posted as one message
+            raw = hl7_corpus.PUBLISHED_SAMPLES[1].raw
+        else:
+            quirks = [quirk] if quirk else []
+            if scenario.signal == "mllp_aa" and rng.random() < 0.3:  # harmless production flavour
+                quirks.append(rng.choice(("z_segment", "date_offset", "crlf_terminators")))
+            pool = hl7_corpus.patients_for(quirks)
+            if quirk == "double_encoded_utf8":  # Latin names: the damage reads as "MÃ¼ller"
+                pool = tuple(p for p in pool if p.key not in hl7_corpus.NATIVE_NAMES)
+            patient = rng.choice(pool)
+            parties = hl7_corpus.Parties(
+                sending_application="RECON",
+                sending_facility=conn.mrn_system,
+                receiving_application="EHR",
+                receiving_facility=conn.tenant.upper(),
+            )
+            state = rng.getstate()
+            bad = hl7_corpus.build_message(
+                story.message_type, rng, quirks=quirks, patient=patient, parties=parties
+            )
+            raw = bad.raw
+            if quirk in CORRECTION_REASONS:  # the same draws without the quirk: only it differs
+                again = random.Random()
+                again.setstate(state)
+                fixed = hl7_corpus.build_message(
+                    story.message_type,
+                    again,
+                    quirks=[q for q in quirks if q != quirk],
+                    patient=patient,
+                    parties=parties,
+                )
+                corrected = fixed.raw.decode("utf-8")
+        body: dict[str, Any] = {
+            "connection": conn.name,
+            "message_type": story.message_type,
+            "content_type": HL7_ER7,
+        }
+        try:
+            body["payload"] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            body["payload_base64"] = base64.b64encode(raw).decode("ascii")
+        if scenario.report:
+            body["error"] = scenario.report
+        if scenario.signal is None and not scenario.report and scenario.category == "data_shape":
+            decoded = decode_payload(raw, HL7_ER7, story.message_type)
+            if decoded.problem is None:
+                raise RuntimeError(f"story {story.index}: the {quirk} message passes intake")
+        story.body, story.corrected = body, corrected
+        for step in story.steps:
+            if step.signal:
+                step.outcome = self._outcome(story, step.signal, "", step.at)
+            if step.kind == "decide" and step.args["input"]["action"] == "resubmit_corrected":
+                step.args["input"]["payload"] = corrected
+            if step.kind == "decide" and step.args["input"]["action"] == "approve":
+                step.args["input"]["password"] = DEMO_PASSWORD
+
     def _context(self, story: _Story) -> corpus.Context:
         rng = self.rng
         pool = corpus.PATIENTS
@@ -886,6 +1112,13 @@ class _Planner:
     def _outcome(self, story: _Story, signal: str, payload_text: str, at: datetime) -> Outcome:
         """The Outcome the FHIR adapter would produce for this signal, from its own classify()."""
         rng, conn, rtype = self.rng, story.conn, story.message_type
+        if signal.startswith("mllp_"):  # a stand-in with the timing: the runner plays the real one
+            category = SIGNAL_CATEGORY[signal]
+            return Outcome(
+                AttemptOutcome.DELIVERED if category is None else AttemptOutcome.UNKNOWN,
+                Category(category) if category else None,
+                latency_ms=int(self._latency(signal) * 1000),
+            )
         url = f"{conn.endpoint(self.base_url)}/{rtype}"
         summary = f"POST {url} {rtype}"
         latency = int(self._latency(signal) * 1000)
@@ -979,6 +1212,66 @@ def _resource_id(conn: DemoConnection, rng: random.Random) -> str:
     return f"{rng.getrandbits(64):016x}"
 
 
+# --------------------------------------------------------------------------- HL7 v2 over MLLP, without a network
+
+# The fields the demo's HL7 receivers require (the simulator's hl7_required_fields): AE when empty.
+HL7_REQUIRED_FIELDS = ("PID-3", "PID-5")
+
+
+class _MllpReceiver:
+    """A socket for Hl7MllpAdapter that answers the way the simulator's MLLP half does for one
+    signal (the simulator's own ACK builder), so the outcome comes from the adapter's own code:
+    framing, our MSH-10, reading the ACK and judging it (app.domain.hl7.ack_outcome)."""
+
+    def __init__(self, signal: str):
+        self.signal = signal
+        self.pending = b""
+
+    def sendall(self, data: bytes) -> None:
+        raw, _ = unframe(data)
+        text = decode_text(raw or b"", HL7_ER7).text
+        control_id = msh_field(text, 10)
+        ack = None
+        if self.signal == "mllp_aa":
+            ack = _ack(text, "AA", control_id)
+        elif self.signal == "mllp_wrong_msa2":  # an ACK for another message
+            ack = _ack(text, "AA", f"X{control_id}"[:20])
+        elif self.signal == "mllp_ar":
+            ack = _ack(text, "AR", control_id)
+        elif self.signal == "mllp_ae":
+            missing = [loc for loc in HL7_REQUIRED_FIELDS if _field_empty(text, loc)]
+            ack = _ack(text, "AE", control_id, [(loc, f"{loc} is required") for loc in missing])
+        self.pending = frame(encode_text(ack, HL7_ER7)) if ack else b""
+
+    def settimeout(self, seconds: float) -> None:
+        pass
+
+    def recv(self, size: int) -> bytes:
+        if self.signal == "mllp_reset":
+            raise ConnectionResetError(104, "Connection reset by peer")
+        if self.signal == "mllp_late_ack":  # the ACK comes after our read timeout
+            raise TimeoutError("timed out")
+        out, self.pending = self.pending, b""
+        return out  # b"": the receiver closed the connection without an ACK (applied, then dropped)
+
+    def close(self) -> None:
+        pass
+
+
+def mllp_outcome(signal: str, envelope: Envelope, settings) -> Outcome:
+    """The Outcome Hl7MllpAdapter.deliver produces when the receiver answers with `signal`."""
+    adapter = Hl7MllpAdapter(settings)
+    if signal == "mllp_refused":
+
+        def refuse():
+            raise ConnectionRefusedError(111, "Connection refused")
+
+        adapter._connect = refuse
+    else:
+        adapter._sock = _MllpReceiver(signal)
+    return adapter.deliver(envelope)
+
+
 # --------------------------------------------------------------------------- running the stories
 
 
@@ -996,6 +1289,20 @@ class _Runner:
 
     def run(self, step: _Step, story: _Story) -> None:
         getattr(self, f"_{step.kind}")(step, story)
+
+    def _settle(self, step: _Step, story: _Story, payload_version_id: int) -> Outcome:
+        """The step's outcome; for MLLP, played through the real adapter now that the message (and
+        so its MSH-10) exists, keeping the planned latency."""
+        if not (step.signal or "").startswith("mllp_"):
+            return step.outcome
+        message = self.s.get(Message, story.message_id)
+        envelope = envelope_for(message, self.s.get(PayloadVersion, payload_version_id))
+        outcome = mllp_outcome(step.signal, envelope, connections.settings_for(message.connection))
+        if (outcome.category.value if outcome.category else None) != SIGNAL_CATEGORY[step.signal]:
+            raise RuntimeError(f"story {story.index}: {step.signal} gave {outcome}")
+        outcome.latency_ms = step.outcome.latency_ms
+        step.outcome = outcome
+        return outcome
 
     # -- helpers
 
@@ -1042,7 +1349,8 @@ class _Runner:
     # -- steps
 
     def _intake(self, step: _Step, story: _Story) -> None:
-        result = submit_message(self.s, self.user(story.client), story.key, story.body)
+        intake = report_exception if story.scenario.report else submit_message
+        result = intake(self.s, self.user(story.client), story.key, story.body)
         story.message_id = result.body["id"]
         if result.body.get("category", "") != (
             story.scenario.category if story.scenario.signal is None else ""
@@ -1058,7 +1366,7 @@ class _Runner:
     def _deliver(self, step: _Step, story: _Story) -> None:
         attempt = self.s.get(Attempt, story.attempt_id)
         message = self.s.get(Message, story.message_id)
-        outcome = step.outcome
+        outcome = self._settle(step, story, attempt.payload_version_id)
         self._record(attempt, outcome, step.at)
         if outcome.delivered:
             self._delivered(message, attempt, outcome, step.at)
@@ -1086,9 +1394,10 @@ class _Runner:
 
     def _retry(self, step: _Step, story: _Story) -> None:
         """One automatic retry: the scheduler queues it, the worker runs it and settles it."""
-        s, at, outcome = self.s, step.at, step.outcome
+        s, at = self.s, step.at
         item = s.get(ExceptionItem, story.exception_id)
         message = item.message
+        outcome = self._settle(step, story, message.current_payload_id)
         queued_at = at - timedelta(milliseconds=outcome.latency_ms)
         self._exception_cas(
             item, "retrying", next_retry_at=None, retry_count=item.retry_count + 1, updated_at=queued_at
@@ -1172,6 +1481,18 @@ class _Runner:
 
     def _decide(self, step: _Step, story: _Story) -> None:
         data = DecisionInput(**step.args["input"])
+        if data.action in ("resubmit", "resubmit_corrected"):
+            item = exceptions.get(self.s, story.exception_id)
+            if item.needs_not_applied_confirmation:
+                # The plan did not foresee it (a failure that may have applied, on a connection
+                # that cannot search): a lead checks first, as the four-eyes rules require.
+                reasons = _Planner._confirm_reasons(story)
+                decide(
+                    self.s,
+                    item.id,
+                    self.user(LEADS[story.index % len(LEADS)]),
+                    DecisionInput("confirm_not_applied", reason=reasons[story.index % len(reasons)]),
+                )
         decision = decide(self.s, story.exception_id, self.user(step.args["actor"]), data)
         if "replay_id" in decision.details:
             story.replay_id = decision.details["replay_id"]
@@ -1214,7 +1535,8 @@ class _Runner:
 
     def _replay_finish(self, step: _Step, story: _Story) -> None:
         """The worker's replay, claim to settlement, as `run_replay` does it."""
-        s, at, outcome = self.s, step.at, step.outcome
+        s, at = self.s, step.at
+        outcome = self._settle(step, story, s.get(Replay, story.replay_id).payload_version_id)
         started = at - timedelta(milliseconds=outcome.latency_ms)
         replay, attempt = self._claim_replay(story, started, started + timedelta(seconds=90))
         self._record(attempt, outcome, at)
@@ -1329,13 +1651,15 @@ def load_demo(
     now: datetime | None = None,
     size: int = 300,
     seed: int = 7,
+    mllp_port: int = DEFAULT_MLLP_PORT,
 ) -> DemoResult:
     """Load the demo data set once; when the demo users already exist, change nothing.
 
     `size` is the number of messages (at least `len(REQUIRED)`, the coverage list); `now` (naive
     UTC, default the current time) is the end of the three-day history: not in the future, and
     events older than the newest existing audit event are moved up to it. Deterministic for a
-    given seed, apart from ids and tokens.
+    given seed, apart from ids and tokens. FHIR connections point at the simulator's FHIR half at
+    `sim_base_url`, HL7 v2 ones at its MLLP listener on the same host at `mllp_port`.
     """
     real_now = clock.utcnow()
     now = now or real_now
@@ -1370,7 +1694,7 @@ def load_demo(
                 if start == 0:
                     if _already_loaded(s):
                         return _summary(s, now, created=False)
-                    tokens = _create_estate(s, sim_base_url)
+                    tokens = _create_estate(s, sim_base_url, mllp_port)
                 runner = _Runner(s)
                 for step, story in steps[start : start + batch]:
                     seed_clock.at = step.at
@@ -1410,7 +1734,7 @@ def _already_loaded(s: so.Session) -> bool:
     )
 
 
-def _create_estate(s: so.Session, base_url: str) -> dict[str, str]:
+def _create_estate(s: so.Session, base_url: str, mllp_port: int = DEFAULT_MLLP_PORT) -> dict[str, str]:
     """Users, API tokens, customers and connections; returns the service users' tokens."""
     users.create_user(s, "adam", "admin", DEMO_PASSWORD, actor="system:seed")
     for name, role in CONSOLE_USERS:
@@ -1427,8 +1751,8 @@ def _create_estate(s: so.Session, base_url: str) -> dict[str, str]:
             s,
             conn.name,
             customer=conn.customer,
-            protocol="fhir-r4",
-            endpoint=conn.endpoint(base_url),
+            protocol=conn.protocol,
+            endpoint=conn.endpoint(base_url, mllp_port),
             environment=conn.environment,
             conditional_create=conn.conditional_create,
             identifier_search=conn.identifier_search,
@@ -1456,6 +1780,21 @@ def _summary(s: so.Session, now: datetime, *, created: bool) -> DemoResult:
         )
     ):
         by_sla[sla_status(now, started, due).value] += 1
+    by_protocol: dict[str, dict[str, int]] = {}
+    for protocol, category, n in s.execute(
+        sa.select(Connection.protocol, ExceptionItem.category, sa.func.count())
+        .join(Connection, Connection.id == ExceptionItem.connection_id)
+        .group_by(Connection.protocol, ExceptionItem.category)
+    ):
+        by_protocol.setdefault(protocol, {})[category] = n
+    for protocol, n in s.execute(
+        sa.select(Connection.protocol, sa.func.count())
+        .select_from(Message)
+        .join(Connection, Connection.id == Message.connection_id)
+        .where(Message.status == "delivered")
+        .group_by(Connection.protocol)
+    ):
+        by_protocol.setdefault(protocol, {})["delivered"] = n
     existing = set(
         s.scalars(sa.select(User.username).where(User.username.in_([n for n, _ in CONSOLE_USERS])))
     )
@@ -1473,4 +1812,5 @@ def _summary(s: so.Session, now: datetime, *, created: bool) -> DemoResult:
         by_state=by_state,
         by_sla=by_sla,
         now=now,
+        by_protocol=by_protocol,
     )

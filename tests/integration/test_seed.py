@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import random
+import re
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -141,15 +142,24 @@ def test_decision_history_has_every_action_and_four_eyes_approvals(demo):
 def test_unknown_outcome_on_no_search_connection_is_confirmed_before_replay(demo):
     sessions, _ = demo
     with transaction(sessions) as s:
-        no_search = s.scalars(
-            sa.select(Connection.id).where(Connection.supports_identifier_search.is_(False))
-        ).all()
-        assert len(no_search) == 1
+        no_search = dict(
+            s.execute(
+                sa.select(Connection.id, Connection.protocol).where(
+                    Connection.supports_identifier_search.is_(False)
+                )
+            ).all()
+        )
+        # One FHIR EHR without identifier search, and every MLLP connection (MLLP cannot be searched).
+        assert sorted(no_search.values()) == ["fhir-r4", "hl7v2-mllp", "hl7v2-mllp"]
         waiting = s.scalars(
             sa.select(ExceptionItem).where(
-                ExceptionItem.connection_id == no_search[0], ExceptionItem.needs_not_applied_confirmation
+                ExceptionItem.connection_id.in_(no_search), ExceptionItem.needs_not_applied_confirmation
             )
         ).all()
+        assert {no_search[e.connection_id] for e in waiting if e.category == "unknown_outcome"} == {
+            "fhir-r4",
+            "hl7v2-mllp",
+        }
         # Anything that may have reached the EHR waits for a lead there, not only unknown_outcome.
         assert waiting and "unknown_outcome" in {e.category for e in waiting}
         assert {e.category for e in waiting} <= {
@@ -309,9 +319,76 @@ def test_other_seed_and_size_still_cover_everything(sessions):
     assert all(result.by_category.values()) and all(result.by_state.values())
     with transaction(sessions) as s:
         assert audit.verify(s).ok
-        endpoints = s.scalars(sa.select(Connection.endpoint)).all()
+        endpoints = dict(s.execute(sa.select(Connection.endpoint, Connection.protocol)).all())
         assert s.scalar(sa.select(sa.func.count()).select_from(User)) == 8  # 6 console + 2 service
-    assert all(e.startswith("http://sim.example:9000/fhir/") for e in endpoints)
+    assert all(e.startswith("http://sim.example:9000/fhir/") for e, p in endpoints.items() if p == "fhir-r4")
+    assert {e for e, p in endpoints.items() if p == "hl7v2-mllp"} == {"sim.example:2575"}  # one listener
+
+
+# --------------------------------------------------------------------------- HL7 v2 over MLLP
+
+HL7_REACHABLE = {c.value for c in Category} - {"auth"}  # MLLP has no credentials to expire
+
+
+def test_demo_has_hl7_v2_over_mllp_delivered_and_in_every_category_it_can_reach(demo):
+    _, result = demo
+    hl7 = result.by_protocol["hl7v2-mllp"]
+    assert hl7["delivered"] > 0 and all(hl7.get(c, 0) > 0 for c in HL7_REACHABLE), hl7
+    assert set(result.by_protocol) == {"fhir-r4", "hl7v2-mllp"}
+    for category, n in result.by_category.items():
+        assert n == sum(p.get(category, 0) for p in result.by_protocol.values())
+
+
+def test_hl7_outcomes_come_from_the_mllp_adapter_with_our_msh10(demo):
+    sessions, _ = demo
+    with transaction(sessions) as s:
+        rows = s.execute(
+            sa.select(Attempt, Message)
+            .join(Message, Message.id == Attempt.message_id)
+            .join(Connection, Connection.id == Message.connection_id)
+            .where(Connection.protocol == "hl7v2-mllp", Attempt.finished_at.is_not(None))
+        ).all()
+        outcomes = Counter((a.outcome, a.category) for a, _ in rows)
+        for attempt, message in rows:
+            assert f"MSH-10={message.control_id}" in attempt.request_summary  # ours, on every attempt
+            assert attempt.request_summary.startswith("MLLP 127.0.0.1:2575 ")
+        rejected = [a for a, _ in rows if a.outcome == "rejected"]
+        assert rejected and all(re.search(r"\rMSA\|A[ER]\|R", a.response_excerpt) for a in rejected)
+        ae = [a for a in rejected if "MSA|AE|" in a.response_excerpt]
+        assert ae and all(i["expression"] == ["PID-3"] for a in ae for i in a.issues)  # names the field
+    assert {("delivered", None), ("unknown", "unknown_outcome"), ("unknown", "malformed_response")} <= set(
+        outcomes
+    )
+    assert ("transient", "transport") in outcomes and ("rejected", "ehr_rejected") in outcomes
+
+
+def test_hl7_payloads_are_kept_as_sent_in_their_own_character_sets(demo):
+    sessions, _ = demo
+    with transaction(sessions) as s:
+        versions = s.execute(
+            sa.select(Message, PayloadVersion)
+            .join(PayloadVersion, PayloadVersion.message_id == Message.id)
+            .where(Message.content_type == "x-application/hl7-v2+er7", PayloadVersion.version == 1)
+        ).all()
+        kinds = Counter()
+        for message, v1 in versions:
+            assert hashlib.sha256(v1.raw).hexdigest() == v1.sha256
+            if b"|8859/1\r" in v1.raw or v1.raw.split(b"\r")[0].endswith(b"|8859/1"):
+                kinds["latin-1"] += 1
+                assert v1.encoding == "iso-8859-1" and v1.raw.decode("latin-1") == v1.text
+                assert message.status == "delivered"
+            if v1.raw.startswith(b"FHS|"):
+                kinds["batch"] += 1
+            if "Ã" in v1.text:
+                kinds["mojibake"] += 1
+                proposal = s.scalar(
+                    sa.select(PayloadVersion).where(
+                        PayloadVersion.message_id == message.id,
+                        PayloadVersion.reason.like("proposed repair%"),
+                    )
+                )
+                assert proposal is not None and "Ã" not in proposal.text
+    assert kinds["latin-1"] and kinds["batch"] and kinds["mojibake"], kinds
 
 
 def test_a_worker_started_after_loading_sends_nothing(sessions, runtime, run_worker):
