@@ -87,6 +87,14 @@ HL7_SYSTEMS: dict[str, tuple[str, str | None]] = {
     "MVX": ("MVX", None),
     "NUCC": ("NUCC", None),
     "DCM": ("DICOM", None),
+    "ISO639": ("ISO 639 languages", None),
+    "ISO3166": ("ISO 3166 countries", None),
+    "ISO4217": ("ISO 4217 currencies", None),
+    "CDCREC": ("CDC race and ethnicity", None),
+    "NUBC": ("NUBC", None),
+    "CDT": ("CDT dental", None),
+    "UMLS": ("UMLS", None),
+    "MDC": ("ISO/IEEE 11073", None),
     "L": ("local", None),  # table 0396 sanctions local codes: L or 99zzz
 }
 _HL7_TABLE = re.compile(r"HL7\d{4}|99[A-Z0-9]{0,3}")  # HL7-defined tables (HL70357), local (99zzz)

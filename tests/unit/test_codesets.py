@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.domain.codesets import check_codes, new_fhir_elements
+from app.domain.codesets import check_codes, hl7_system, new_fhir_elements
 from app.domain.payloads import FHIR_JSON, HL7_ER7, decode_payload
 from tests.samples_fhir import ICD9, ICD10, medication_request, observation, patient
 
@@ -199,3 +199,21 @@ def test_a_deeply_nested_document_is_walked_only_so_far():
     for _ in range(500):
         deep = {"x": deep}
     assert check_codes(FHIR_JSON, "", {"resourceType": "Condition", "code": deep}, "icd-10") == (None, [])
+
+
+@pytest.mark.parametrize(
+    ("name", "known"),
+    [
+        ("LN", True),
+        ("I10C", True),
+        ("ISO639", True),  # PID-15 languages
+        ("CDCREC", True),  # PID-10 race
+        ("HL70357", True),  # an HL7 table
+        ("99LAB", True),  # local, as table 0396 allows
+        ("L", True),
+        ("MYLAB", False),
+        ("POST 12H CFST:MCNC:PT:SER/PLAS:QN", False),  # text where the system belongs
+    ],
+)
+def test_hl7_coding_system_names(name, known):
+    assert bool(hl7_system(name)[0]) is known
