@@ -17,8 +17,8 @@ from wtforms.validators import AnyOf, DataRequired, Length, Optional
 from wtforms.widgets import HiddenInput
 
 from app.domain.errors import DomainError
-from app.domain.hl7_view import hl7_segments
-from app.domain.payloads import FHIR_JSON
+from app.domain.hl7_view import hl7_view
+from app.domain.payloads import FHIR_JSON, HL7_ER7
 from app.domain.roles import Permission
 from app.domain.states import Action, DiscardReason
 from app.services import exceptions, queries
@@ -66,13 +66,26 @@ class CorrectionForm(FlaskForm):
     submit = SubmitField("Request replay with this correction")
 
 
-def payload_context(item, text: str | None, issues: list[dict]) -> dict:
-    """Template variables for the payload viewer."""
+def payload_context(item, payload, issues: list[dict]) -> dict:
+    """Template variables for the full payload viewer; `payload` was shown through the audited
+    exceptions.view_payload (or is None: not shown)."""
+    text = payload.text if payload is not None else None
     if text is None:
         return {"payload_text": None}
     if item.message.content_type == FHIR_JSON:
         return {"payload_text": text, "json_lines": fhir_lines(text, issues)}
-    return {"payload_text": text, "segments": hl7_segments(text, issues)}
+    view = hl7_view(text, issues=issues, detail=item.detail, raw=payload.raw)
+    return {"payload_text": text, "hl7": view}
+
+
+def masked_payload_context(item, issues: list[dict]) -> dict:
+    """An HL7 message's field table with every patient value masked: the structure and the flagged
+    field, for anyone who may see the exception. It shows no PHI, so it records no PHI view.
+    Call inside the session: the current payload version is loaded here."""
+    current = item.message.current_payload if item.message.content_type == HL7_ER7 else None
+    if current is None or current.text is None:
+        return {}
+    return {"hl7": hl7_view(current.text, issues=issues, detail=item.detail, raw=current.raw, masked=True)}
 
 
 def _render_detail(
@@ -88,10 +101,12 @@ def _render_detail(
     with unit_of_work(read_only=not show_payload) as s:
         detail = queries.exception_detail(s, exception_id)
         payload = exceptions.view_payload(s, detail.item, actor, channel="console") if show_payload else None
-        # Read while the session is open: the version list deferred the text column.
-        payload_text = payload.text if payload else None
+        # Built while the session is open: the version list deferred the text column.
+        if payload is not None:
+            context = payload_context(detail.item, payload, detail.latest_issues)
+        else:
+            context = {"payload_text": None, **masked_payload_context(detail.item, detail.latest_issues)}
         users = queries.assignable_users(s) if can(Permission.DECIDE) else []
-    context = payload_context(detail.item, payload_text, detail.latest_issues)
     return (
         render_template(
             "exceptions/detail.html",
@@ -128,8 +143,7 @@ def payload(exception_id: int):
     with unit_of_work() as s:
         detail = queries.exception_detail(s, exception_id)
         shown = exceptions.view_payload(s, detail.item, current_actor(), channel="console")
-        shown_text = shown.text
-    context = payload_context(detail.item, shown_text, detail.latest_issues)
+        context = payload_context(detail.item, shown, detail.latest_issues)
     return render_template(
         "exceptions/_payload.html", d=detail, item=detail.item, payload_version=shown.version, **context
     )
