@@ -1,7 +1,7 @@
 """Demo data: a believable console on first start, built through the real services.
 
-`load_demo` creates demo users, three customers, five FHIR R4 connections and a few hundred
-messages from `seed.corpus`, then plays a three-day history over them: deliveries, failures
+`load_demo` creates demo users, three customers, five FHIR R4 connections, two HL7 v2 MLLP
+connections and a few hundred messages from `seed.corpus` and `seed.hl7_corpus`, then plays a three-day history over them: deliveries, failures
 of every category, automatic retries, and a decision history (claims, comments,
 escalations, discards with every reason code, resubmits, four-eyes approvals, rejected and
 failed replays). Every row is written by the service that owns it, so every change has its
@@ -19,8 +19,9 @@ How the history is played:
   SLA timers and audit `occurred_at` are spread over the last three days in id order.
 * What the worker would do after a network call is done here directly, without a network:
   the delivery outcome comes from the FHIR adapter's own `classify` (fed a synthetic HTTP
-  response or exception) or its own validation, and is recorded the way the worker records
-  it. Outbox rows of seeded messages and replays are marked relayed, so starting a worker
+  response or exception) or its own validation, or from the MLLP adapter's own `deliver` on a
+  socket stand-in that answers with the simulator's own ACKs (or none), and is recorded the way
+  the worker records it. Interface-engine reports go through `report_exception`. Outbox rows of seeded messages and replays are marked relayed, so starting a worker
   does not send the seeded history to the simulator. Items left in `retrying` are due a few
   minutes after `now` and items left in `replaying` hold a lease that expires fifteen
   minutes after their claim: a running demo worker then shows a retry and the lease reaper.
