@@ -67,6 +67,7 @@ STATE_CHANGING = [
     ("lena", "/exceptions/{id}/diff", {"payload": "{}"}),
     ("lena", "/queues/bulk", {"ids": "{id}", "action": "claim", "confirm": "1"}),
     ("lena", "/approvals/{id}", {"action": "reject", "reason": "x"}),
+    ("lena", "/drift/1/acknowledge", {}),
     ("adam", "/admin/users", {"username": "eve", "role": "reviewer", "password": "longenough1"}),
     ("adam", "/admin/users/1/active", {"active": "0"}),
     ("adam", "/admin/tokens", {"user_id": "1"}),
@@ -109,6 +110,7 @@ def test_every_state_changing_console_route_refuses_a_missing_csrf_token(login, 
         .replace("<int:token_id>", "1")
         .replace("<int:connection_id>", "1")
         .replace("<int:rule_id>", "1")
+        .replace("<int:flag_id>", "1")
         for r in app.url_map.iter_rules()
         if "POST" in r.methods and r.endpoint.split(".")[0] in console
     }
