@@ -137,6 +137,7 @@ def _err_issue(err) -> dict:
     return {
         "severity": {"E": "error", "W": "warning", "I": "information"}.get(field(4), "error"),
         "code": code_parts[0],
+        "location": location,  # ERR-2 as sent (`OBX^2^5`): the viewer flags that OBX, not every one
         "expression": [where] if where else [],
         "diagnostics": f"{where}: {text}" if where and text else text or where,
     }

@@ -940,6 +940,11 @@ def hl7_view(
 
     for label, texts in sources:
         locations = set().union(*(_locations(t) for t in texts))
+        # `OBX-5` beside `OBX^2^5` (our ACK issues carry both): the located one wins.
+        located = {(loc.segment, loc.field) for loc in locations if loc.sequence is not None}
+        locations = {
+            loc for loc in locations if loc.sequence is not None or (loc.segment, loc.field) not in located
+        }
         for loc in locations:
             for segment in segments:
                 if segment.name == loc.segment and loc.sequence in (None, segment.sequence):

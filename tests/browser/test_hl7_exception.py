@@ -95,3 +95,5 @@ def test_the_viewer_fits_a_phone_sized_page(page, live_server, client, users, se
     assert fits("#payload")
     # the raw block scrolls inside itself instead
     assert page.locator("pre.hl7-raw").evaluate("el => el.scrollWidth > el.clientWidth")
+    # …and so do the versions and audit tables: the page itself never scrolls sideways
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390

@@ -221,3 +221,21 @@ def test_the_viewer_never_raises(text, detail, raw, masked):
         assert "".join(p.text for line in view.raw_lines for p in line.pieces if not p.control) == "".join(
             c for c in text if ord(c) >= 0x20 and not 0x7F <= ord(c) <= 0x9F and c != "\ufeff"
         )
+
+
+def test_an_ack_issue_flags_only_the_segment_its_err2_locates():
+    import hl7
+
+    from app.domain.hl7 import _err_issue
+
+    ack = hl7.parse(
+        "MSH|^~\\&|EHR|X|R|Y|20261202||ACK|A1|P|2.5.1\rMSA|AE|C1\rERR||OBX^2^5|207^bad value^HL70357|E"
+    )
+    issue = _err_issue(ack.segments("ERR")[0])
+    message = (
+        "MSH|^~\\&|LAB|X|EHR|Y|20261202||ORU^R01|C1|P|2.5.1\rPID|1||42\rOBR|1|O1||GLU^Glucose\r"
+        "OBX|1|NM|GLU^Glucose||95|mg/dL\rOBX|2|NM|K^Potassium||x|mmol/L"
+    )
+    view = hl7_view(message, issues=[issue])
+    flagged = [(seg.name, seg.sequence) for seg in view.segments if seg.flagged]
+    assert flagged == [("OBX", 2)]
