@@ -10,6 +10,7 @@ code, a FHIR CodeableConcept with a translation) is fine: the EHR gets what it r
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -143,7 +144,9 @@ _CODED_VALUE_TYPES = {"CE", "CWE", "CNE"}  # OBX-2 values under which OBX-5 is c
 @dataclass(frozen=True)
 class _Coding:
     where: str  # short, for drift: "DG1-3", "Condition.code.coding[0]"
-    described: str  # for the problem: "DG1-3 (Diagnosis Code) at byte offset 120"
+    # For the problem: "DG1-3 (Diagnosis Code) at byte offset 120". Worked out only when needed:
+    # a byte offset costs a pass over the text, and a big result message has thousands of codings.
+    described: Callable[[], str]
     system: str  # as sent
     code: str
     label: str  # "ICD-9-CM (I9C)"; '' when we do not know the system
@@ -160,31 +163,26 @@ class _Findings:
         self.observations: list[Observation] = []
         self._noted: set[tuple[str, str]] = set()
 
-    def note(self, kind: str, where: str, detail: str) -> None:
+    def note(self, kind: str, where: str, detail: Callable[[], str]) -> None:
         if (kind, where) not in self._noted and len(self.observations) < MAX_OBSERVATIONS:
             self._noted.add((kind, where))
-            self.observations.append(Observation(kind, where, detail))
+            self.observations.append(Observation(kind, where, detail()))
 
     def concept(self, codings: list[_Coding]) -> None:
         """One coded value (an HL7 CWE repetition, a FHIR CodeableConcept), judged as a whole."""
         for coding in codings:
             if not coding.label:
-                self.note(
-                    "unknown_code_system",
-                    coding.where,
-                    f"coding system {coding.system[:200]!r} is not one we know"
-                    + ("" if coding.described == coding.where else f" ({coding.described})"),
-                )
+                self.note("unknown_code_system", coding.where, lambda coding=coding: _unknown(coding))
         if self.expected not in EXPECTED_LABELS or self.expected in {c.revision for c in codings}:
             return
         wanted = EXPECTED_LABELS[self.expected]
         other = next((c for c in codings if c.revision is not None), None)
         if other is None:
             return
-        self.note("unknown_code_system", other.where, f"{other.label} where {wanted} is expected")
+        self.note("unknown_code_system", other.where, lambda: f"{other.label} where {wanted} is expected")
         if self.problem is None:
             self.problem = (
-                f"{other.described} is {other.label} {other.code[:40]}; this connection expects {wanted}"
+                f"{other.described()} is {other.label} {other.code[:40]}; this connection expects {wanted}"
             )
         else:
             self.more += 1
@@ -194,6 +192,12 @@ class _Findings:
         if problem and self.more:
             problem += f" (and {self.more} more coded value{'s' if self.more > 1 else ''} like it)"
         return problem, self.observations
+
+
+def _unknown(coding: _Coding) -> str:
+    described = coding.described()
+    where = "" if described == coding.where else f" ({described})"
+    return f"coding system {coding.system[:200]!r} is not one we know{where}"
 
 
 def check_codes(
@@ -262,7 +266,9 @@ def _hl7_field(findings, segment: Er7Segment, number: int, seps: Separators, tex
             codings.append(
                 _Coding(
                     where,
-                    f"{described} {offset_phrase(text, position, encoding)}",
+                    lambda described=described, at=position: (
+                        f"{described} {offset_phrase(text, at, encoding)}"
+                    ),
                     system,
                     code,
                     f"{label} ({system})" if label else "",
@@ -292,7 +298,7 @@ def _coding(path: str, coding: dict) -> _Coding | None:
         return None
     code = coding.get("code")
     label, revision = fhir_system(system)
-    return _Coding(path, path, system, code if isinstance(code, str) else "", label, revision)
+    return _Coding(path, lambda: path, system, code if isinstance(code, str) else "", label, revision)
 
 
 def _walk(findings: _Findings, value, path: str, depth: int, budget: list[int]) -> None:
