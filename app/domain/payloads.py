@@ -21,6 +21,8 @@ DRIFT_KINDS = (
     "unknown_segment",  # an HL7 v2 segment we do not know
     "z_segment",  # a custom Z-segment
     "missing_required_field",  # an empty field the message type requires
+    "field_too_long",  # an HL7 field over its v2.5.1 length
+    "bad_escape",  # an HL7 escape sequence that is not closed or not known
     "unknown_code_system",  # a coding system we do not recognise, or the other ICD revision
     "new_fhir_element",  # an element the FHIR resource does not define
     "capability_change",  # the EHR's CapabilityStatement changed

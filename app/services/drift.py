@@ -22,6 +22,8 @@ KIND_LABELS = {
     "unknown_segment": "unknown HL7 segment",
     "z_segment": "custom Z-segment",
     "missing_required_field": "required field empty",
+    "field_too_long": "field over its HL7 length",
+    "bad_escape": "bad HL7 escape sequence",
     "unknown_code_system": "unknown code system",
     "new_fhir_element": "element FHIR does not define",
     "capability_change": "CapabilityStatement changed",

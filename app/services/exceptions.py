@@ -365,10 +365,14 @@ def _new_payload_version(
 ) -> PayloadVersion:
     """A corrected payload is a new version; the original bytes are never overwritten."""
     decoded = decode_payload(
-        encode_text(text, message.content_type), message.content_type, message.message_type
+        encode_text(text, message.content_type),
+        message.content_type,
+        message.message_type,
+        diagnosis_code_system=message.connection.diagnosis_code_system or "icd-10",
     )
-    if decoded.problem:
-        raise Invalid(f"the corrected payload cannot be used: {decoded.problem}", code="invalid_payload")
+    problem = decoded.problem or decoded.code_set_problem
+    if problem:
+        raise Invalid(f"the corrected payload cannot be used: {problem}", code="invalid_payload")
     latest = (
         session.scalar(
             sa.select(sa.func.max(PayloadVersion.version)).where(PayloadVersion.message_id == message.id)

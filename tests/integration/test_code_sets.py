@@ -279,3 +279,43 @@ def test_a_reported_rejection_with_icd9_is_code_set_and_a_reported_timeout_stays
         assert item.detail.startswith(
             "reported by svc: no ACK within 30 s — code set: DG1-3 (Diagnosis Code)"
         )
+
+
+def test_a_correction_must_fix_the_code_set_and_one_that_does_goes_through(
+    client, users, sessions, connection
+):
+    from app.domain.errors import Invalid
+    from app.services.exceptions import DecisionInput, decide
+
+    connection("mercy-fhir", "fhir-r4")
+    accepted = post(
+        client,
+        users,
+        "messages",
+        "cond-correct",
+        connection="mercy-fhir",
+        message_type="Condition",
+        content_type=FHIR,
+        payload=json.dumps(condition()),
+    )
+    assert accepted["category"] == "code_set"
+    still_icd9 = json.dumps({**condition(), "note": [{"text": "recoded?"}]})
+    with transaction(sessions) as s, pytest.raises(Invalid, match="ICD-9-CM 250.00"):
+        decide(
+            s,
+            accepted["exception_id"],
+            s.merge(users["rita"]),
+            DecisionInput("resubmit_corrected", reason="add a note", payload=still_icd9),
+        )
+    with transaction(sessions) as s:
+        decision = decide(
+            s,
+            accepted["exception_id"],
+            s.merge(users["rita"]),
+            DecisionInput(
+                "resubmit_corrected",
+                reason="recoded to ICD-10",
+                payload=json.dumps(condition(ICD10, "E11.9")),
+            ),
+        )
+        assert decision.action == "resubmit_corrected"
