@@ -386,13 +386,20 @@ def audit_export(fmt: str, since: str | None, until: str | None, out: Path | Non
 
 
 @audit.command("verify")
-def audit_verify() -> None:
-    """Recompute the chain: exit 0 'OK <n> events head <hash>', else name the first broken event."""
-    from app.db.session import transaction
-    from app.services.audit import verify
+@click.option(
+    "--jobs",
+    type=int,
+    default=lambda: min(os.cpu_count() or 1, 4),
+    show_default="CPUs, at most 4",
+    help="PostgreSQL: processes checking ranges of a large chain in one snapshot.",
+)
+def audit_verify(jobs: int) -> None:
+    """Recompute the chain: exit 0 'OK <n> events head <hash>', else name the first broken event.
 
-    with transaction(_sessions(_settings())) as s:
-        result = verify(s)
+    Reads one read-only snapshot (REPEATABLE READ on PostgreSQL): no writer waits for it."""
+    from app.services.audit import verify_database
+
+    result = verify_database(_sessions(_settings()).kw["bind"], jobs=jobs)
     if result.ok:
         click.echo(f"OK {result.count} events head {result.head}")
         return
@@ -400,6 +407,31 @@ def audit_verify() -> None:
         f"BROKEN at event {result.broken_id}: {result.problem} ({result.count} events verified before it)"
     )
     sys.exit(1)
+
+
+@audit.command("seal")
+def audit_seal() -> None:
+    """Seal recorded events into the chain now (normally done right after each commit and by
+    the worker's housekeeping); prints how many were sealed and how many are still pending."""
+    import sqlalchemy as sa
+
+    from app.db.models import AuditPending
+    from app.db.session import transaction
+    from app.services.audit import pending_summary, seal
+
+    sessions = _sessions(_settings())
+    with transaction(sessions, read_only=True) as s:
+        newest = s.scalar(sa.select(sa.func.max(AuditPending.seq)))
+    # Another sealer at work: wait for it (up to 30 s) rather than report its events as stuck.
+    sealed = seal(sessions, wait_for=newest, timeout=30.0) if newest is not None else 0
+    with transaction(sessions, read_only=True) as s:
+        left = pending_summary(s)
+    click.echo(
+        f"sealed {sealed}; pending {left.count}"
+        + (f" (oldest {left.oldest_at:%Y-%m-%d %H:%M:%S} UTC)" if left.oldest_at else "")
+    )
+    if left.count:
+        sys.exit(1)
 
 
 # --- batch import -------------------------------------------------------------------------------

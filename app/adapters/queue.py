@@ -24,7 +24,7 @@ from rq.utils import str_to_date
 
 from app.domain.liveness import JobStatus as LiveStatus
 from app.domain.liveness import JobView, requeue_reason
-from app.services import delivery, liveness
+from app.services import audit, delivery, liveness
 from app.services.clock import utcnow
 
 log = logging.getLogger("recon.queue")
@@ -58,6 +58,11 @@ def relay_outbox(rt: delivery.Runtime, queue: Queue) -> int:
         done.append(entry.id)
     delivery.mark_relayed(rt, done)
     return len(done)
+
+
+def seal_audit(rt: delivery.Runtime) -> int:
+    """Seal recorded audit events into the chain (the sealer's backstop; see services/audit.py)."""
+    return audit.seal(rt.sessions)
 
 
 def _guarded(step, *args) -> int:
@@ -195,6 +200,7 @@ class Housekeeping:
         """One pass. Every step is guarded: a database or Redis hiccup never stops the others."""
         rt, queue = self.rt, self.queue
         _guarded(beat, rt, queue)
+        _guarded(seal_audit, rt)  # backstop: events are normally sealed right after each commit
         counts = {
             "relayed": _guarded(relay_outbox, rt, queue),
             "retries": _guarded(delivery.schedule_due_retries, rt),

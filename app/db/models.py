@@ -7,6 +7,8 @@ from datetime import datetime
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
+from app.domain.audit_chain import canonical_value
+
 
 class Base(so.DeclarativeBase):
     metadata = sa.MetaData(
@@ -289,6 +291,22 @@ class OutboxEntry(Base):
     available_at: so.Mapped[datetime | None]
 
 
+class CanonicalJSON(sa.types.TypeDecorator):
+    """JSON written in the audit chain's canonical form (sorted keys, no whitespace, UTF-8
+    kept): the stored text is then the very substring that was hashed, so `recon audit
+    verify` and exports use it as it is, and the staging row and its sealed event compare
+    equal as text. Reads as ordinary JSON."""
+
+    impl = sa.JSON
+    cache_ok = True
+
+    def bind_processor(self, dialect):
+        def process(value):
+            return None if value is None else canonical_value(value)
+
+        return process
+
+
 class AuditEvent(Base):
     __tablename__ = "audit_events"
     id: so.Mapped[int] = so.mapped_column(primary_key=True, autoincrement=False)
@@ -301,11 +319,17 @@ class AuditEvent(Base):
     to_state: so.Mapped[str | None] = so.mapped_column(sa.String(20))
     reason: so.Mapped[str | None] = so.mapped_column(sa.Text)
     reason_code: so.Mapped[str | None] = so.mapped_column(sa.String(40))
-    details: so.Mapped[dict] = so.mapped_column(sa.JSON, default=dict)
+    details: so.Mapped[dict] = so.mapped_column(CanonicalJSON, default=dict)
     prev_hash: so.Mapped[str] = so.mapped_column(sa.String(64))
     hash: so.Mapped[str] = so.mapped_column(sa.String(64))
+    # The audit_pending sequence number the event was recorded under (NULL for events sealed
+    # before migration 0006). Not hashed: it links a sealed event to its staging row.
+    seq: so.Mapped[int | None] = so.mapped_column(sa.BigInteger)
 
-    __table_args__ = (sa.Index("ix_audit_subject", "subject_type", "subject_id"),)
+    __table_args__ = (
+        sa.Index("ix_audit_subject", "subject_type", "subject_id"),
+        sa.Index("ux_audit_events_seq", "seq", unique=True),
+    )
 
     def as_dict(self) -> dict:
         return {
@@ -326,12 +350,36 @@ class AuditEvent(Base):
 
 
 class AuditHead(Base):
-    """The single row writers lock to serialize on the chain head."""
+    """The chain's end: id and hash of the last sealed event. Only the sealer (one at a time)
+    moves it, in the same transaction as the events it appends."""
 
     __tablename__ = "audit_head"
     id: so.Mapped[int] = so.mapped_column(primary_key=True)
     last_id: so.Mapped[int] = so.mapped_column(default=0)
     last_hash: so.Mapped[str] = so.mapped_column(sa.String(64))
+
+
+class AuditPending(Base):
+    """Events recorded but not yet sealed into the chain (SPEC 6; docs/ARCHITECTURE.md "Audit
+    log"). `record()` inserts here in the use case's transaction, without any lock; the sealer
+    moves rows into audit_events in `seq` order. Triggers: no UPDATE, and DELETE only of a row
+    whose sealed event (same seq, same content) exists."""
+
+    __tablename__ = "audit_pending"
+    __table_args__ = {"sqlite_autoincrement": True}  # never reuse a seq (audit_events.seq is unique)
+    seq: so.Mapped[int] = so.mapped_column(
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    occurred_at: so.Mapped[datetime]
+    actor: so.Mapped[str] = so.mapped_column(sa.String(80))
+    action: so.Mapped[str] = so.mapped_column(sa.String(60))
+    subject_type: so.Mapped[str] = so.mapped_column(sa.String(40))
+    subject_id: so.Mapped[str] = so.mapped_column(sa.String(64))
+    from_state: so.Mapped[str | None] = so.mapped_column(sa.String(20))
+    to_state: so.Mapped[str | None] = so.mapped_column(sa.String(20))
+    reason: so.Mapped[str | None] = so.mapped_column(sa.Text)
+    reason_code: so.Mapped[str | None] = so.mapped_column(sa.String(40))
+    details: so.Mapped[dict] = so.mapped_column(CanonicalJSON, default=dict)
 
 
 class SlaRuleRow(Base):

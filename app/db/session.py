@@ -1,23 +1,26 @@
 """Engines, sessions and the one transaction helper.
 
 SQLite: WAL, busy timeout, and BEGIN IMMEDIATE so writers serialize instead of
-failing on lock upgrades. PostgreSQL: READ COMMITTED with row locks on the
-audit chain head.
+failing on lock upgrades. PostgreSQL: READ COMMITTED; no lock is common to all writers
+(the audit chain is extended after commit by one sealer at a time: app/services/audit.py).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
+log = logging.getLogger(__name__)
+
 _engines: dict[str, sa.Engine] = {}
-_LOCK_HEAD = sa.text("SELECT last_id FROM audit_head WHERE id = 1 FOR UPDATE")
 _lock = threading.Lock()
+_AFTER_COMMIT = "recon_after_commit"
 
 
 def is_sqlite(url: str) -> bool:
@@ -74,7 +77,8 @@ def session_factory(url: str) -> so.sessionmaker[so.Session]:
 
 @contextmanager
 def transaction(factory: so.sessionmaker[so.Session], *, read_only: bool = False) -> Iterator[so.Session]:
-    """One unit of work: commit on success, roll back on any error.
+    """One unit of work: commit on success, roll back on any error; then, after a commit, run
+    the hooks registered with `after_commit` (the audit sealer).
 
     read_only: a reader on SQLite does not take the write lock (it must not write).
     """
@@ -88,19 +92,28 @@ def transaction(factory: so.sessionmaker[so.Session], *, read_only: bool = False
     writer_lock = _sqlite_writer_lock(engine) if not read_only else None
     if writer_lock is not None:
         writer_lock.acquire()
+    hooks: dict = {}
     try:
         with session.begin():
-            if not read_only and session.get_bind().dialect.name == "postgresql":
-                # Every writer takes the audit chain head first. Almost every write appends to
-                # the chain anyway, so this costs no concurrency — and one lock order for all
-                # transactions means no deadlocks (row lock, then head / head, then row).
-                # SQLite's BEGIN IMMEDIATE already gives writers that single order.
-                session.execute(_LOCK_HEAD)
+            # No lock common to every writer: each use case takes the row locks of its own
+            # compare-and-set updates only (docs/ARCHITECTURE.md "Concurrency on two databases").
             yield session
+        hooks = session.info.get(_AFTER_COMMIT) or {}
     finally:
         session.close()
         if writer_lock is not None:
             writer_lock.release()
+    for key, hook in hooks.items():
+        try:
+            hook(factory)
+        except Exception:  # the unit of work is committed; a backstop redoes what the hook missed
+            log.exception("after-commit hook %s failed", key)
+
+
+def after_commit(session: so.Session, key: str, hook: Callable[[so.sessionmaker], None]) -> None:
+    """Run `hook(factory)` once after this session's transaction commits (never on rollback),
+    outside it and holding no lock. One hook per key: a later registration replaces it."""
+    session.info.setdefault(_AFTER_COMMIT, {})[key] = hook
 
 
 _writer_locks: dict[str, threading.RLock] = {}

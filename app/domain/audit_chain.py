@@ -32,6 +32,19 @@ def format_timestamp(value: datetime) -> str:
     return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
+def canonical_value(value: Any) -> str:
+    """One JSON value in canonical form (sorted keys, no whitespace, UTF-8 kept): exactly the
+    text `canonical_json` embeds for it. A string holding a lone surrogate cannot be stored as
+    UTF-8; it is written with ASCII escapes instead (same value, and verify falls back to
+    parsing it)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return text
+
+
 def canonical_json(event: Mapping[str, Any]) -> str:
     """Sorted keys, no whitespace, UTF-8 kept: the byte form that is hashed."""
     body = {}
@@ -43,8 +56,94 @@ def canonical_json(event: Mapping[str, Any]) -> str:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
+def _digest(text: str) -> str:
+    # surrogatepass: a lone surrogate (only ever inside details) hashes instead of raising.
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def chain_hash(prev_hash: str, event: Mapping[str, Any]) -> str:
-    return hashlib.sha256((prev_hash + canonical_json(event)).encode("utf-8")).hexdigest()
+    return _digest(prev_hash + canonical_json(event))
+
+
+# --- verification over plain rows ------------------------------------------------------------
+
+# A stored row as verify and export read it, in this column order: occurred_at already formatted
+# as `format_timestamp` does, details as the stored JSON text.
+ROW_COLUMNS = (
+    "id",
+    "occurred_at",
+    "actor",
+    "action",
+    "subject_type",
+    "subject_id",
+    "from_state",
+    "to_state",
+    "reason",
+    "reason_code",
+    "details",
+    "prev_hash",
+    "hash",
+)
+Row = tuple  # (id, occurred_at text, actor, ..., details text, prev_hash, hash)
+
+_esc = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) uses for a str
+
+
+def _opt(value: str | None) -> str:
+    return "null" if value is None else _esc(value)
+
+
+def canonical_json_of_row(row: Row) -> str:
+    """canonical_json of a stored row, built from its text columns without parsing details.
+
+    Equal to canonical_json(event) whenever the stored details text is canonical (the sealer
+    writes it so); callers compare the resulting hash and, on a mismatch, retry with
+    `canonical_json_parsed` before calling the event broken — so this is only ever a shortcut.
+    """
+    (
+        id_,
+        occurred_at,
+        actor,
+        action,
+        subject_type,
+        subject_id,
+        from_state,
+        to_state,
+        reason,
+        reason_code,
+        details,
+        *_,
+    ) = row
+    return (
+        f'{{"action":{_esc(action)},"actor":{_esc(actor)},"details":{details},'
+        f'"from_state":{_opt(from_state)},"id":{id_},"occurred_at":{_esc(occurred_at)},'
+        f'"reason":{_opt(reason)},"reason_code":{_opt(reason_code)},"subject_id":{_esc(subject_id)},'
+        f'"subject_type":{_esc(subject_type)},"to_state":{_opt(to_state)}}}'
+    )
+
+
+def row_event(row: Row) -> dict:
+    """A stored row as the event mapping `canonical_json` hashes (details parsed, time as text)."""
+    event = dict(zip(ROW_COLUMNS, row, strict=True))
+    if isinstance(event["details"], str):
+        event["details"] = json.loads(event["details"])
+    when = event["occurred_at"]
+    if isinstance(when, str):
+        try:
+            event["occurred_at"] = datetime.fromisoformat(when.removesuffix("Z").replace(" ", "T"))
+        except ValueError:
+            pass  # hashed as it is: it will not match
+    return event
+
+
+def row_hash_ok(prev_hash: str, row: Row) -> bool:
+    """Does the row's stored hash match its content chained onto prev_hash?"""
+    if _digest(prev_hash + canonical_json_of_row(row)) == row[12]:
+        return True
+    try:
+        return chain_hash(prev_hash, row_event(row)) == row[12]
+    except ValueError:  # details that are not JSON at all
+        return False
 
 
 @dataclass(frozen=True)
@@ -54,6 +153,85 @@ class VerifyResult:
     head: str
     broken_id: int | None = None
     problem: str = ""
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """One contiguous run of rows checked on its own: its first row's id and stored prev_hash,
+    its last row's id and hash, how many rows passed, and the first failure in it (if any)."""
+
+    first_id: int | None
+    first_prev: str | None
+    last_id: int | None
+    last_hash: str | None
+    count: int
+    broken_id: int | None = None
+    problem: str = ""
+
+
+def verify_rows(
+    rows: Iterable[Row], *, prev_hash: str | None = GENESIS_HASH, first_id: int | None = 1
+) -> ChunkResult:
+    """Check a run of stored rows in id order: consecutive ids, each prev_hash the hash before it,
+    each hash its content. prev_hash/first_id None: take them from the run's first row (a chunk
+    in the middle of the chain; the caller joins chunks with `join_chunks`)."""
+    prev, expected_id = prev_hash, first_id
+    start_id = start_prev = None
+    count = 0
+    for row in rows:
+        row_id = row[0]
+        if start_id is None:
+            start_id, start_prev = row_id, row[11]
+            if prev is None:
+                prev = row[11]
+            if expected_id is None:
+                expected_id = row_id
+        if row_id != expected_id:
+            return ChunkResult(
+                start_id, start_prev, row_id, prev, count, row_id, f"gap: expected event {expected_id}"
+            )
+        if row[11] != prev:
+            return ChunkResult(
+                start_id,
+                start_prev,
+                row_id,
+                prev,
+                count,
+                row_id,
+                "prev_hash does not match the previous event",
+            )
+        if not row_hash_ok(prev, row):
+            return ChunkResult(
+                start_id, start_prev, row_id, prev, count, row_id, "hash does not match the event's content"
+            )
+        prev = row[12]
+        count += 1
+        expected_id = row_id + 1
+    return ChunkResult(start_id, start_prev, expected_id - 1 if expected_id else None, prev, count)
+
+
+def join_chunks(chunks: Iterable[ChunkResult]) -> VerifyResult:
+    """Chunks of consecutive id ranges, in order, into one result naming the first broken event:
+    the first chunk must start at event 1 on the genesis hash, and each chunk must start at the
+    event after the previous chunk's last, on that event's hash."""
+    prev, expected_id, count = GENESIS_HASH, 1, 0
+    for chunk in chunks:
+        if chunk.first_id is None:  # an empty range
+            if chunk.broken_id is None:
+                continue
+        elif chunk.first_id != expected_id:
+            return VerifyResult(False, count, prev, chunk.first_id, f"gap: expected event {expected_id}")
+        elif chunk.first_prev != prev:
+            return VerifyResult(
+                False, count, prev, chunk.first_id, "prev_hash does not match the previous event"
+            )
+        if chunk.broken_id is not None:
+            return VerifyResult(
+                False, count + chunk.count, chunk.last_hash or prev, chunk.broken_id, chunk.problem
+            )
+        count += chunk.count
+        prev, expected_id = chunk.last_hash, chunk.last_id + 1
+    return VerifyResult(True, count, prev)
 
 
 def verify_chain(events: Iterable[Mapping[str, Any]]) -> VerifyResult:

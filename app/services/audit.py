@@ -1,23 +1,71 @@
-"""Audit log writer, verifier and streaming reader (SPEC 6).
+"""Audit log writer, sealer, verifier and readers (SPEC 6; docs/ARCHITECTURE.md "Audit log").
 
-`record` must be called inside the transaction of the state change it records.
-Writers serialize on the chain head row (FOR UPDATE on PostgreSQL; SQLite's
-BEGIN IMMEDIATE already serializes writers).
+`record` is called inside the transaction of the state change it records. It only inserts
+the event into `audit_pending` — no lock, so audited writers never wait for each other. After
+that transaction commits, `seal` moves pending events into the hash chain (`audit_events`) in
+sequence order: one sealer at a time (PostgreSQL: a transaction-scoped advisory try-lock;
+SQLite: BEGIN IMMEDIATE already serializes writers), each batch one short transaction that
+appends the events, deletes their staging rows and advances `audit_head`. The committing
+thread waits (briefly, bounded) until its own events are sealed, so it reads its own events
+in the chain; the worker's housekeeping and the web app seal as a backstop.
+
+Readers (console, API, export) show sealed events only; `pending_summary` tells them how many
+recorded events are not sealed yet.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
-from app.db.models import AuditEvent, AuditHead
-from app.domain.audit_chain import VerifyResult, chain_hash, verify_chain
+from app.db.models import AuditEvent, AuditHead, AuditPending
+from app.db.session import after_commit, is_sqlite
+from app.domain.audit_chain import (
+    GENESIS_HASH,
+    ChunkResult,
+    VerifyResult,
+    chain_hash,
+    join_chunks,
+    verify_rows,
+)
 
 from .clock import utcnow
+
+log = logging.getLogger(__name__)
+
+SEALER_LOCK_KEY = 0x61756469745F73  # pg advisory lock: one sealer at a time ("audit_s")
+SEAL_BATCH = 1000
+SEAL_WAIT_SECONDS = 2.0  # how long a committer waits for another sealer to seal its events
+BACKSTOP_SECONDS = 10.0  # the web app's backstop: at most one seal per process this often
+
+_PENDING = AuditPending.__table__
+_EVENTS = AuditEvent.__table__
+_HEAD = AuditHead.__table__
+_EVENT_COLUMNS = (
+    "occurred_at",
+    "actor",
+    "action",
+    "subject_type",
+    "subject_id",
+    "from_state",
+    "to_state",
+    "reason",
+    "reason_code",
+    "details",
+)
+_RECORDED = "recon_audit_recorded"
+_TRY_LOCK = sa.select(sa.func.pg_try_advisory_xact_lock(SEALER_LOCK_KEY))
+
+
+# --- writing -------------------------------------------------------------------------------------
 
 
 def record(
@@ -32,15 +80,10 @@ def record(
     reason: str | None = None,
     reason_code: str | None = None,
     details: dict[str, Any] | None = None,
-) -> AuditEvent:
-    """Append one event to the chain in the caller's transaction."""
-    head = session.info.get("audit_head")
-    if head is None:
-        # Lock the head once per transaction; later events in it extend the chain in memory.
-        head = session.execute(sa.select(AuditHead).where(AuditHead.id == 1).with_for_update()).scalar_one()
-        session.info["audit_head"] = head
-    event = AuditEvent(
-        id=head.last_id + 1,
+) -> AuditPending:
+    """Record one event in the caller's transaction (no lock). It enters the chain when the
+    transaction has committed (`seal`, run right after the commit); a rollback drops it."""
+    event = AuditPending(
         occurred_at=utcnow(),
         actor=actor,
         action=action,
@@ -51,13 +94,139 @@ def record(
         reason=reason,
         reason_code=reason_code,
         details=details or {},
-        prev_hash=head.last_hash,
     )
-    event.hash = chain_hash(head.last_hash, event.as_dict())
     session.add(event)
-    head.last_id = event.id
-    head.last_hash = event.hash
+    recorded = session.info.setdefault(_RECORDED, [])
+    recorded.append(event)
+    if len(recorded) == 1:
+        after_commit(session, "audit.seal", lambda factory: _seal_after_commit(factory, recorded))
     return event
+
+
+def _seal_after_commit(factory: so.sessionmaker, recorded: list[AuditPending]) -> None:
+    seqs = [e.seq for e in recorded if e.seq is not None]
+    if seqs:
+        seal(factory, wait_for=max(seqs))
+
+
+def seal(
+    factory: so.sessionmaker,
+    *,
+    wait_for: int | None = None,
+    timeout: float = SEAL_WAIT_SECONDS,
+    batch: int = SEAL_BATCH,
+) -> int:
+    """Seal committed pending events into the chain, batch by batch, until none is left or
+    another sealer holds the lock. Returns how many this call sealed.
+
+    wait_for: a seq this caller recorded. If another sealer is at work, wait (polling, at most
+    `timeout` seconds) until that event is sealed, sealing it ourselves once the lock is free.
+    No wake-up is lost: every committer either seals after its commit (its rows are visible to
+    it) or waits for its rows; what a timeout leaves is sealed by the next seal or a backstop.
+    """
+    sealed = 0
+    deadline = None
+    delay = 0.0005
+    while True:
+        done = _seal_batch(factory, batch)
+        if done is None:  # another sealer holds the lock
+            if wait_for is None or not _is_pending(factory, wait_for):
+                return sealed
+            now = time.monotonic()
+            deadline = deadline or now + timeout
+            if now > deadline:
+                log.warning(
+                    "audit event %s not sealed after %.1f s; a backstop will seal it", wait_for, timeout
+                )
+                return sealed
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+            continue
+        sealed += done
+        if done < batch:
+            return sealed
+
+
+def _seal_batch(factory: so.sessionmaker, batch: int) -> int | None:
+    """One short transaction: the oldest `batch` committed pending events, chained onto the head.
+    None when another sealer holds the lock (PostgreSQL)."""
+    from app.db.session import transaction
+
+    with transaction(factory) as s:
+        conn = s.connection()
+        # PostgreSQL: the lock is taken before anything is read, so READ COMMITTED then sees every
+        # event the previous holder sealed (it committed before releasing the lock).
+        if conn.dialect.name == "postgresql" and not conn.execute(_TRY_LOCK).scalar():
+            return None
+        rows = conn.execute(
+            sa.select(_PENDING.c.seq, *(_PENDING.c[name] for name in _EVENT_COLUMNS))
+            .order_by(_PENDING.c.seq)
+            .limit(batch)
+        ).all()
+        if not rows:
+            return 0
+        last_id, prev = conn.execute(
+            sa.select(_HEAD.c.last_id, _HEAD.c.last_hash).where(_HEAD.c.id == 1).with_for_update()
+        ).one()
+        events = []
+        for row in rows:
+            last_id += 1
+            event = {name: getattr(row, name) for name in _EVENT_COLUMNS}
+            event["id"] = last_id
+            event["seq"] = row.seq
+            event["prev_hash"] = prev
+            event["hash"] = prev = chain_hash(prev, event)
+            events.append(event)
+        conn.execute(sa.insert(_EVENTS), events)
+        # Accepted by the trigger only because each row's sealed twin now exists.
+        conn.execute(sa.delete(_PENDING).where(_PENDING.c.seq.in_([row.seq for row in rows])))
+        conn.execute(sa.update(_HEAD).where(_HEAD.c.id == 1).values(last_id=last_id, last_hash=prev))
+        return len(rows)
+
+
+def _is_pending(factory: so.sessionmaker, seq: int) -> bool:
+    from app.db.session import transaction
+
+    with transaction(factory, read_only=True) as s:
+        return s.execute(sa.select(_PENDING.c.seq).where(_PENDING.c.seq == seq)).first() is not None
+
+
+_backstop_lock = threading.Lock()
+_backstop_last = 0.0
+
+
+def seal_if_due(factory: so.sessionmaker, every: float = BACKSTOP_SECONDS) -> int:
+    """The web app's backstop: at most one seal per process every `every` seconds, never two at
+    once, never waiting for another sealer."""
+    global _backstop_last
+    now = time.monotonic()
+    if now - _backstop_last < every or not _backstop_lock.acquire(blocking=False):
+        return 0
+    try:
+        _backstop_last = now
+        return seal(factory)
+    finally:
+        _backstop_lock.release()
+
+
+@dataclass(frozen=True)
+class PendingSummary:
+    count: int
+    oldest_at: datetime | None
+
+
+def pending_summary(session: so.Session) -> PendingSummary:
+    """Recorded events not sealed yet (normally none, or the last few milliseconds' worth)."""
+    count, oldest = session.execute(sa.select(sa.func.count(), sa.func.min(_PENDING.c.occurred_at))).one()
+    return PendingSummary(count, oldest)
+
+
+def sealed_event_for(session: so.Session, pending: AuditPending) -> AuditEvent | None:
+    """The chain event a recorded (now committed) event was sealed as, if it is sealed."""
+    return session.scalar(sa.select(AuditEvent).where(AuditEvent.seq == pending.seq))
+
+
+# --- reading -------------------------------------------------------------------------------------
 
 
 def iter_events(
@@ -73,7 +242,8 @@ def iter_events(
     limit: int | None = None,
     batch: int = 500,
 ) -> Iterator[AuditEvent]:
-    """Events oldest first, fetched in keyset batches so memory stays constant."""
+    """Sealed events oldest first, fetched in keyset batches (the API's pages; exports use
+    `app.services.audit_export`, which streams plain rows)."""
     yielded = 0
     last = after_id
     while True:
@@ -101,32 +271,144 @@ def iter_events(
         last = rows[-1].id
 
 
-def _chain_rows(session: so.Session, batch: int = 2000) -> Iterator[dict]:
-    """All events as plain dicts, oldest first, in keyset batches (no ORM objects: verify is hot)."""
-    table = AuditEvent.__table__
-    last = 0
-    while True:
-        rows = session.execute(
-            sa.select(table).where(table.c.id > last).order_by(table.c.id).limit(batch)
-        ).mappings()
-        count = 0
-        for row in rows:
-            count += 1
-            last = row["id"]
-            yield dict(row)
-        if count < batch:
-            return
+# Plain rows in verify's column order (app.domain.audit_chain.ROW_COLUMNS): the timestamp as
+# `format_timestamp` writes it and details as the stored JSON text, so the canonical form is
+# assembled without parsing anything.
+_ROW_SQL = {
+    "postgresql": (
+        'SELECT id, to_char(occurred_at, \'YYYY-MM-DD"T"HH24:MI:SS.US"Z"\'), actor, action, '
+        "subject_type, subject_id, from_state, to_state, reason, reason_code, details::text, "
+        "prev_hash, hash FROM audit_events"
+    ),
+    "sqlite": (
+        "SELECT id, replace(occurred_at, ' ', 'T') || 'Z', actor, action, subject_type, subject_id, "
+        "from_state, to_state, reason, reason_code, details, prev_hash, hash FROM audit_events"
+    ),
+}
+FETCH_ROWS = 5000
+
+
+def stream_rows(
+    conn: sa.Connection, where: str = "", params: dict | None = None, *, name: str = "audit_rows"
+) -> Iterator[tuple]:
+    """Sealed events as plain tuples in id order, straight from the driver (PostgreSQL: a
+    server-side cursor; SQLite streams by itself). `where` uses :name parameters."""
+    dialect = conn.dialect.name
+    sql = _ROW_SQL[dialect] + (f" WHERE {where}" if where else "") + " ORDER BY id"
+    raw = conn.connection.driver_connection
+    if dialect == "postgresql":
+        sql = _pg_params(sql)
+        cursor = raw.cursor(name=name)
+        cursor.itersize = FETCH_ROWS
+    else:
+        cursor = raw.cursor()
+    try:
+        cursor.execute(sql, params or {})
+        while rows := cursor.fetchmany(FETCH_ROWS):
+            yield from rows
+    finally:
+        cursor.close()
+
+
+def _pg_params(sql: str) -> str:
+    import re
+
+    return re.sub(r"(?<!:):([a-z_]+)", r"%(\1)s", sql)
+
+
+def db_time(conn: sa.Connection, value: datetime) -> Any:
+    """A naive UTC datetime as the driver compares it with a stored timestamp."""
+    if conn.dialect.name == "sqlite":  # stored as SQLAlchemy writes it
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+    return value
+
+
+def reader(engine: sa.Engine) -> sa.Connection:
+    """A connection for a long read that blocks no one: PostgreSQL REPEATABLE READ READ ONLY
+    (one snapshot for the whole read, no locks beyond the table's share lock); SQLite a deferred
+    BEGIN (a WAL snapshot from the first read; writers go on)."""
+    if engine.dialect.name == "postgresql":
+        return engine.connect().execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+    return engine.execution_options(recon_read_only=True).connect()
+
+
+# --- verification --------------------------------------------------------------------------------
 
 
 def verify(session: so.Session) -> VerifyResult:
-    """Recompute the whole chain and compare its end with the stored head."""
-    result = verify_chain(_chain_rows(session))
-    if not result.ok:
+    """Recompute the whole chain and compare its end with the stored head.
+
+    PostgreSQL: in a REPEATABLE READ READ ONLY transaction of its own (one snapshot for the
+    head and every event; it blocks no writer). SQLite: in the caller's transaction (a snapshot
+    already, or the write lock)."""
+    engine = session.get_bind()
+    if is_sqlite(str(engine.url)):
+        return _verify_on(session.connection())
+    with reader(engine) as conn, conn.begin():
+        return _verify_on(conn)
+
+
+def verify_database(engine: sa.Engine, *, jobs: int = 1, min_chunk: int = 200_000) -> VerifyResult:
+    """`recon audit verify`: like `verify`, and on PostgreSQL split over `jobs` processes that
+    import the coordinator's snapshot and each check a range of ids (each row stores its
+    predecessor's hash, so ranges are checked independently and joined at their edges)."""
+    with reader(engine) as conn, conn.begin():
+        if engine.dialect.name != "postgresql" or jobs <= 1:
+            return _verify_on(conn)
+        head = _head_row(conn)
+        lo, hi = conn.execute(sa.text("SELECT min(id), max(id) FROM audit_events")).one()
+        if hi is None or hi - lo + 1 < 2 * min_chunk:
+            return _verify_on(conn, head=head)
+        snapshot = conn.execute(sa.text("SELECT pg_export_snapshot()")).scalar()
+        jobs = min(jobs, max((hi - lo + 1) // min_chunk, 1))
+        # The first range starts at id 1: a chain whose first rows are gone is broken there.
+        edges = [1] + [lo + (hi - lo + 1) * k // jobs for k in range(1, jobs)] + [hi + 1]
+        ranges = [(edges[k], edges[k + 1] - 1) for k in range(jobs)]
+        url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            chunks = pool.starmap(_verify_range, [(url, snapshot, a, b) for a, b in ranges])
+        return _against_head(join_chunks(chunks), head)
+
+
+def _verify_range(url: str, snapshot: str, lo: int, hi: int) -> ChunkResult:
+    """A worker process: ids lo..hi in the exported snapshot."""
+    import psycopg
+
+    with psycopg.connect(url) as raw:
+        raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        raw.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+        with raw.cursor(name="audit_verify") as cursor:
+            cursor.itersize = FETCH_ROWS
+            cursor.execute(
+                _pg_params(_ROW_SQL["postgresql"] + " WHERE id BETWEEN :lo AND :hi ORDER BY id"),
+                {"lo": lo, "hi": hi},
+            )
+
+            def rows():
+                while batch := cursor.fetchmany(FETCH_ROWS):
+                    yield from batch
+
+            return verify_rows(rows(), prev_hash=None, first_id=None)
+
+
+def _head_row(conn: sa.Connection) -> tuple[int, str] | None:
+    return conn.execute(sa.select(_HEAD.c.last_id, _HEAD.c.last_hash).where(_HEAD.c.id == 1)).first()
+
+
+def _verify_on(conn: sa.Connection, head: tuple[int, str] | None = None) -> VerifyResult:
+    head = head or _head_row(conn)
+    chunk = verify_rows(stream_rows(conn, name="audit_verify"), prev_hash=GENESIS_HASH, first_id=1)
+    return _against_head(join_chunks([chunk]), head)
+
+
+def _against_head(result: VerifyResult, head: tuple[int, str] | None) -> VerifyResult:
+    if not result.ok or head is None:
         return result
-    head = session.get(AuditHead, 1)
-    if head is not None and (head.last_id != result.count or head.last_hash != result.head):
+    if head[0] != result.count or head[1] != result.head:
         return VerifyResult(
-            False, result.count, result.head, head.last_id, "chain head does not match the last event"
+            False, result.count, result.head, head[0], "chain head does not match the last event"
         )
     return result
 

@@ -1,5 +1,6 @@
 """Audit exports (SPEC 6): CSV, JSON Lines and FHIR R4 AuditEvent NDJSON, streamed in
-constant memory. Each export is itself audited and ends with the chain head it covers."""
+constant memory from plain rows. Each export is itself audited and ends with the chain head it
+covers."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sqlalchemy.orm as so
 
 from app.db.models import AuditEvent
 from app.db.session import transaction
-from app.domain.audit_chain import EVENT_FIELDS, format_timestamp
+from app.domain.audit_chain import EVENT_FIELDS, ROW_COLUMNS, format_timestamp
 
 from . import audit
 
@@ -32,12 +33,15 @@ def event_json(event: AuditEvent) -> dict:
     return out
 
 
-def _fhir_audit_event(event: AuditEvent) -> dict:
-    """One event as a FHIR R4 AuditEvent resource (bulk-data NDJSON line)."""
-    system_actor = event.actor.startswith("system:")
-    outcome = "4" if event.action.endswith("failed") else "0"
+def _fhir_audit_event(event: dict) -> dict:
+    """One event (a stored row as a mapping: time as text, details as JSON text or None) as a
+    FHIR R4 AuditEvent resource (bulk-data NDJSON line)."""
+    system_actor = event["actor"].startswith("system:")
+    outcome = "4" if event["action"].endswith("failed") else "0"
     entity = {
-        "what": {"identifier": {"system": f"urn:recon:{event.subject_type}", "value": event.subject_id}},
+        "what": {
+            "identifier": {"system": "urn:recon:" + event["subject_type"], "value": event["subject_id"]}
+        },
         "type": {
             "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
             "code": "2",
@@ -46,27 +50,27 @@ def _fhir_audit_event(event: AuditEvent) -> dict:
         "detail": [
             {"type": k, "valueString": v if isinstance(v, str) else json.dumps(v, sort_keys=True)}
             for k, v in (
-                ("from_state", event.from_state),
-                ("to_state", event.to_state),
-                ("reason", event.reason),
-                ("reason_code", event.reason_code),
-                ("details", event.details or None),
-                ("prev_hash", event.prev_hash),
-                ("hash", event.hash),
+                ("from_state", event["from_state"]),
+                ("to_state", event["to_state"]),
+                ("reason", event["reason"]),
+                ("reason_code", event["reason_code"]),
+                ("details", event["details"]),
+                ("prev_hash", event["prev_hash"]),
+                ("hash", event["hash"]),
             )
             if v not in (None, "")
         ],
     }
     return {
         "resourceType": "AuditEvent",
-        "id": str(event.id),
-        "type": {"system": "urn:recon:audit-action", "code": event.action},
-        "action": "R" if event.action in ("phi.view", "audit.export") else "U",
-        "recorded": format_timestamp(event.occurred_at).replace("Z", "+00:00"),
+        "id": str(event["id"]),
+        "type": {"system": "urn:recon:audit-action", "code": event["action"]},
+        "action": "R" if event["action"] in ("phi.view", "audit.export") else "U",
+        "recorded": event["occurred_at"].replace("Z", "+00:00"),
         "outcome": outcome,
         "agent": [
             {
-                "who": {"identifier": {"system": "urn:recon:user", "value": event.actor}},
+                "who": {"identifier": {"system": "urn:recon:user", "value": event["actor"]}},
                 "requestor": not system_actor,
             }
         ],
@@ -75,16 +79,73 @@ def _fhir_audit_event(event: AuditEvent) -> dict:
     }
 
 
-def _line(fmt: str, event: AuditEvent) -> str:
-    if fmt == "jsonl":
-        return json.dumps(event_json(event), ensure_ascii=False, sort_keys=True) + "\n"
-    if fmt == "fhir-ndjson":
-        return json.dumps(_fhir_audit_event(event), ensure_ascii=False) + "\n"
-    buf = io.StringIO()
-    row = event_json(event)
-    row["details"] = json.dumps(row["details"], sort_keys=True, ensure_ascii=False)
-    csv.writer(buf).writerow([row[c] if row[c] is not None else "" for c in CSV_COLUMNS])
-    return buf.getvalue()
+_esc = json.encoder.encode_basestring
+
+
+def _opt(value: str | None) -> str:
+    return "null" if value is None else _esc(value)
+
+
+def jsonl_line(row: tuple) -> str:
+    """One stored row (audit.stream_rows) as a JSON Lines record: sorted keys, no whitespace,
+    details as stored (the sealer stores it canonical). Without prev_hash and hash, the record
+    is exactly the canonical JSON that was hashed."""
+    (id_, at, actor, action, subject_type, subject_id, from_state, to_state, reason, reason_code, details) = (
+        row[:11]
+    )
+    return (
+        f'{{"action":{_esc(action)},"actor":{_esc(actor)},"details":{details},'
+        f'"from_state":{_opt(from_state)},"hash":{_esc(row[12])},"id":{id_},"occurred_at":{_esc(at)},'
+        f'"prev_hash":{_esc(row[11])},"reason":{_opt(reason)},"reason_code":{_opt(reason_code)},'
+        f'"subject_id":{_esc(subject_id)},"subject_type":{_esc(subject_type)},"to_state":{_opt(to_state)}}}\n'
+    )
+
+
+def _fhir_line(row: tuple) -> str:
+    event = dict(zip(ROW_COLUMNS, row, strict=True))
+    details = event["details"]
+    event["details"] = None if details in (None, "{}") else details
+    return json.dumps(_fhir_audit_event(event), ensure_ascii=False) + "\n"
+
+
+def _batches(rows: Iterator[tuple], size: int = 1000) -> Iterator[list[tuple]]:
+    batch: list[tuple] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _chunks(fmt: str, rows: Iterator[tuple]) -> Iterator[str]:
+    """The export body, a chunk of lines at a time (one write per chunk, not per line)."""
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        for batch in _batches(rows):
+            writer.writerows(batch)  # columns are CSV_COLUMNS; None is written as ""
+            yield buf.getvalue()
+            buf.seek(0)
+            buf.truncate()
+        return
+    line = jsonl_line if fmt == "jsonl" else _fhir_line
+    for batch in _batches(rows):
+        yield "".join(map(line, batch))
+
+
+def _seal_marker(sessions: so.sessionmaker, marker) -> tuple[int, str, datetime]:
+    """The sealed id and hash of the export's own event (sealed right after its commit; if
+    another sealer was slow, seal again, waiting longer)."""
+    for timeout in (0.0, 30.0):
+        if timeout:
+            audit.seal(sessions, wait_for=marker.seq, timeout=timeout)
+        with transaction(sessions, read_only=True) as s:
+            event = audit.sealed_event_for(s, marker)
+            if event is not None:
+                return event.id, event.hash, event.occurred_at
+    raise RuntimeError("the export's own audit event was not sealed: is the audit sealer failing?")
 
 
 def stream_export(
@@ -95,8 +156,11 @@ def stream_export(
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> Iterator[str]:
-    """Yield the export line by line. The export is audited first; the last line names the
-    chain head (id and hash) that the export covers."""
+    """Yield the export in chunks of whole lines. The export is audited first; the last line
+    names the chain head (id and hash) that the export covers: every sealed event up to its own.
+
+    Rows are streamed as plain tuples in a read-only snapshot (no ORM objects, constant memory,
+    no lock that a writer or the sealer waits for)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}")
     with transaction(sessions) as s:
@@ -112,15 +176,18 @@ def stream_export(
                 "until": until.isoformat() if until else None,
             },
         )
-        head_id, head_hash, head_at = marker.id, marker.hash, marker.occurred_at
+    head_id, head_hash, head_at = _seal_marker(sessions, marker)
     if fmt == "csv":
         yield ",".join(CSV_COLUMNS) + "\r\n"
-    # A read-only transaction: on SQLite a long export must not hold the write lock.
-    with transaction(sessions, read_only=True) as session:
-        for event in audit.iter_events(session, since=since, until=until):
-            if event.id > head_id:
-                break
-            yield _line(fmt, event)
+    with audit.reader(sessions.kw["bind"]) as conn, conn.begin():
+        where, params = ["id <= :head_id"], {"head_id": head_id}
+        if since:
+            where.append("occurred_at >= :since")
+            params["since"] = audit.db_time(conn, since)
+        if until:
+            where.append("occurred_at < :until")
+            params["until"] = audit.db_time(conn, until)
+        yield from _chunks(fmt, audit.stream_rows(conn, " AND ".join(where), params, name="audit_export"))
     trailer = {"chain_head": {"id": head_id, "hash": head_hash}}
     if fmt == "csv":
         yield f"# chain_head id={head_id} hash={head_hash}\r\n"

@@ -28,6 +28,17 @@ def init_app(app: Flask, settings: Settings) -> None:
 
     access.init_app(app)
 
+    @app.teardown_request
+    def _seal_backstop(_exc):
+        # Events are sealed right after each commit; this catches what a killed process or a
+        # timed-out wait left behind, at most once per process every BACKSTOP_SECONDS.
+        from app.services.audit import seal_if_due
+
+        try:
+            seal_if_due(app.extensions["recon_sessions"])
+        except Exception:
+            app.logger.exception("audit seal backstop failed")
+
 
 def sessions():
     return current_app.extensions["recon_sessions"]

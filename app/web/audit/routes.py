@@ -81,6 +81,7 @@ def _render(verify_result=None):
         else:
             status, error = 422, first_error(form)
         head = audit.head(s)
+        pending = audit.pending_summary(s)
     return page_or_fragment(
         "audit/index.html",
         "audit/_rows.html",
@@ -90,6 +91,7 @@ def _render(verify_result=None):
         next_before=next_before,
         error=error,
         head=head,
+        pending=pending,
         verify_result=verify_result,
         formats=list(FORMATS),
     )
