@@ -67,8 +67,8 @@ def chain_hash(prev_hash: str, event: Mapping[str, Any]) -> str:
 
 # --- verification over plain rows ------------------------------------------------------------
 
-# A stored row as verify and export read it, in this column order: occurred_at already formatted
-# as `format_timestamp` does, details as the stored JSON text.
+# A stored row as verify and export read it, in this column order: occurred_at as the stored
+# timestamp's text (see `timestamp_text`), details as the stored JSON text.
 ROW_COLUMNS = (
     "id",
     "occurred_at",
@@ -91,6 +91,17 @@ _esc = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) use
 
 def _opt(value: str | None) -> str:
     return "null" if value is None else _esc(value)
+
+
+def timestamp_text(stored: str) -> str:
+    """A stored timestamp's text ('YYYY-MM-DD HH:MM:SS[.f…]' as PostgreSQL prints it, trailing
+    zeros dropped, or as SQLite stores it) in `format_timestamp`'s form."""
+    if len(stored) == 27 and stored[10] == "T" and stored[26] == "Z":
+        return stored
+    text = stored.replace(" ", "T", 1)
+    if len(text) == 19:
+        return text + ".000000Z"
+    return text + "0" * (26 - len(text)) + "Z"
 
 
 def canonical_json_of_row(row: Row) -> str:
@@ -116,7 +127,7 @@ def canonical_json_of_row(row: Row) -> str:
     ) = row
     return (
         f'{{"action":{_esc(action)},"actor":{_esc(actor)},"details":{details},'
-        f'"from_state":{_opt(from_state)},"id":{id_},"occurred_at":{_esc(occurred_at)},'
+        f'"from_state":{_opt(from_state)},"id":{id_},"occurred_at":{_esc(timestamp_text(occurred_at))},'
         f'"reason":{_opt(reason)},"reason_code":{_opt(reason_code)},"subject_id":{_esc(subject_id)},'
         f'"subject_type":{_esc(subject_type)},"to_state":{_opt(to_state)}}}'
     )

@@ -113,18 +113,20 @@ def seal(
     factory: so.sessionmaker,
     *,
     wait_for: int | None = None,
-    timeout: float = SEAL_WAIT_SECONDS,
+    timeout: float | None = None,
     batch: int = SEAL_BATCH,
 ) -> int:
     """Seal committed pending events into the chain, batch by batch, until none is left or
     another sealer holds the lock. Returns how many this call sealed.
 
     wait_for: a seq this caller recorded. If another sealer is at work, wait (polling, at most
-    `timeout` seconds) until that event is sealed, sealing it ourselves once the lock is free.
+    `timeout` seconds, default SEAL_WAIT_SECONDS) until that event is sealed, sealing it
+    ourselves once the lock is free.
     No wake-up is lost: every committer either seals after its commit (its rows are visible to
     it) or waits for its rows; what a timeout leaves is sealed by the next seal or a backstop.
     """
     sealed = 0
+    timeout = SEAL_WAIT_SECONDS if timeout is None else timeout
     deadline = None
     delay = 0.0005
     while True:
@@ -271,18 +273,16 @@ def iter_events(
         last = rows[-1].id
 
 
-# Plain rows in verify's column order (app.domain.audit_chain.ROW_COLUMNS): the timestamp as
-# `format_timestamp` writes it and details as the stored JSON text, so the canonical form is
-# assembled without parsing anything.
+# Plain rows in verify's column order (app.domain.audit_chain.ROW_COLUMNS): the timestamp and
+# details as stored text, so the canonical form is assembled without parsing anything.
 _ROW_SQL = {
     "postgresql": (
-        'SELECT id, to_char(occurred_at, \'YYYY-MM-DD"T"HH24:MI:SS.US"Z"\'), actor, action, '
-        "subject_type, subject_id, from_state, to_state, reason, reason_code, details::text, "
-        "prev_hash, hash FROM audit_events"
+        "SELECT id, occurred_at::text, actor, action, subject_type, subject_id, from_state, to_state, "
+        "reason, reason_code, details::text, prev_hash, hash FROM audit_events"
     ),
     "sqlite": (
-        "SELECT id, replace(occurred_at, ' ', 'T') || 'Z', actor, action, subject_type, subject_id, "
-        "from_state, to_state, reason, reason_code, details, prev_hash, hash FROM audit_events"
+        "SELECT id, occurred_at, actor, action, subject_type, subject_id, from_state, to_state, "
+        "reason, reason_code, details, prev_hash, hash FROM audit_events"
     ),
 }
 FETCH_ROWS = 5000

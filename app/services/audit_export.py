@@ -14,7 +14,7 @@ import sqlalchemy.orm as so
 
 from app.db.models import AuditEvent
 from app.db.session import transaction
-from app.domain.audit_chain import EVENT_FIELDS, ROW_COLUMNS, format_timestamp
+from app.domain.audit_chain import EVENT_FIELDS, ROW_COLUMNS, format_timestamp, timestamp_text
 
 from . import audit
 
@@ -95,7 +95,7 @@ def jsonl_line(row: tuple) -> str:
     )
     return (
         f'{{"action":{_esc(action)},"actor":{_esc(actor)},"details":{details},'
-        f'"from_state":{_opt(from_state)},"hash":{_esc(row[12])},"id":{id_},"occurred_at":{_esc(at)},'
+        f'"from_state":{_opt(from_state)},"hash":{_esc(row[12])},"id":{id_},"occurred_at":{_esc(timestamp_text(at))},'
         f'"prev_hash":{_esc(row[11])},"reason":{_opt(reason)},"reason_code":{_opt(reason_code)},'
         f'"subject_id":{_esc(subject_id)},"subject_type":{_esc(subject_type)},"to_state":{_opt(to_state)}}}\n'
     )
@@ -103,6 +103,7 @@ def jsonl_line(row: tuple) -> str:
 
 def _fhir_line(row: tuple) -> str:
     event = dict(zip(ROW_COLUMNS, row, strict=True))
+    event["occurred_at"] = timestamp_text(event["occurred_at"])
     details = event["details"]
     event["details"] = None if details in (None, "{}") else details
     return json.dumps(_fhir_audit_event(event), ensure_ascii=False) + "\n"
@@ -125,7 +126,8 @@ def _chunks(fmt: str, rows: Iterator[tuple]) -> Iterator[str]:
         buf = io.StringIO()
         writer = csv.writer(buf)
         for batch in _batches(rows):
-            writer.writerows(batch)  # columns are CSV_COLUMNS; None is written as ""
+            # Columns are CSV_COLUMNS; None is written as "".
+            writer.writerows((r[0], timestamp_text(r[1]), *r[2:]) for r in batch)
             yield buf.getvalue()
             buf.seek(0)
             buf.truncate()

@@ -22,9 +22,11 @@ down_revision = "0005"
 branch_labels = None
 depends_on = None
 
-# One row matches when the event in the chain is the pending row, field for field.
+# One row matches when the event in the chain is the pending row, field for field (the time as
+# the same instant: the sealer writes it back in SQLAlchemy's text form).
 _SAME_EVENT_SQLITE = (
-    "e.seq = OLD.seq AND e.occurred_at IS OLD.occurred_at AND e.actor IS OLD.actor "
+    "e.seq = OLD.seq AND (e.occurred_at IS OLD.occurred_at "
+    "OR julianday(e.occurred_at) = julianday(OLD.occurred_at)) AND e.actor IS OLD.actor "
     "AND e.action IS OLD.action AND e.subject_type IS OLD.subject_type "
     "AND e.subject_id IS OLD.subject_id AND e.from_state IS OLD.from_state "
     "AND e.to_state IS OLD.to_state AND e.reason IS OLD.reason "
