@@ -24,7 +24,7 @@ KIND_LABELS = {
     "missing_required_field": "required field empty",
     "field_too_long": "field over its HL7 length",
     "bad_escape": "bad HL7 escape sequence",
-    "unknown_code_system": "unknown code system",
+    "unknown_code_system": "unexpected code system",
     "new_fhir_element": "element FHIR does not define",
     "capability_change": "CapabilityStatement changed",
 }
@@ -134,6 +134,12 @@ def open_flags(session: so.Session, now: datetime, limit: int = 20) -> list[Drif
         )
         for kind, name in rows
     ]
+
+
+def open_flag_count(session: so.Session) -> int:
+    return session.scalar(
+        sa.select(sa.func.count()).select_from(DriftKind).where(DriftKind.acknowledged_at.is_(None))
+    )
 
 
 def acknowledge(session: so.Session, flag_id: int, actor: str, now: datetime) -> DriftKind | None:

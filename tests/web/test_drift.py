@@ -72,7 +72,9 @@ def test_a_new_kind_is_counted_flagged_with_an_example_and_acknowledged(
 
     login("rita")
     page = client.get("/").get_data(as_text=True)
-    assert "Data drift" in page and "not UTF-8, decoded by a fallback" in page
+    assert (
+        "Data drift" in page and "not UTF-8, decoded by a fallback" in page and "Drift per connection" in page
+    )
     assert f'href="/exceptions/{first["exception_id"]}"' in page
     rita = reader(sessions, users)
     body = client.get("/api/v1/drift", headers=rita).get_json()
@@ -149,3 +151,29 @@ def test_a_changed_capability_statement_is_drift(
     change = next(f for f in flags if f["kind"] == "capability_change")
     assert change["detail"].startswith("fhirVersion 4.0.1 → 4.3.0")
     assert change["example_exception_id"] is not None  # the mismatch itself became a config exception
+
+
+def test_the_drift_page_lists_every_flag_and_the_dashboard_only_the_first_five(
+    client, users, fhir_connection, sessions, login, post
+):
+    from app.db.models import Connection
+    from app.services import drift
+    from app.services.clock import utcnow
+
+    with transaction(sessions) as s:
+        conn_id = s.scalar(sa.select(Connection.id).where(Connection.name == "mercy-epic"))
+        from app.domain.payloads import DRIFT_KINDS, Observation
+
+        drift.record(s, conn_id, None, [Observation(kind, "ZPD", "seen") for kind in DRIFT_KINDS], utcnow())
+    login("rita")
+    page = client.get("/").get_data(as_text=True)
+    assert page.count('class="drift-flag"') == 5
+    assert f"All {len(drift.KIND_LABELS)} new kinds" in page
+    full = client.get("/drift").get_data(as_text=True)
+    assert full.count('class="drift-flag"') == len(drift.KIND_LABELS)
+    flag_id = drift_rows(sessions, "z_segment")[1][0][0]
+    r = post(f"/drift/{flag_id}/acknowledge", {"next": "drift"})
+    assert r.status_code == 303 and r.headers["Location"].endswith("/drift")
+    assert (
+        client.get("/drift").get_data(as_text=True).count('class="drift-flag"') == len(drift.KIND_LABELS) - 1
+    )

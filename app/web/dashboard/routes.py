@@ -1,6 +1,6 @@
 """Dashboard: exceptions by category × SLA status, per customer/connection, trends, circuits, throughput."""
 
-from flask import current_app, flash, redirect, render_template, url_for
+from flask import current_app, flash, redirect, render_template, request, url_for
 
 from app.domain.roles import Permission
 from app.services import drift, liveness, queries
@@ -22,7 +22,8 @@ def index():
         handoffs = liveness.handoff_report(
             s, current_app.config["RECON_SETTINGS"].handoff_policy(), board.now
         )
-        drift_flags = drift.open_flags(s, board.now)
+        drift_flags = drift.open_flags(s, board.now, limit=5)
+        drift_total = drift.open_flag_count(s)
         drift_recent = drift.recent_by_connection(s, board.now)
     return render_template(
         "dashboard/index.html",
@@ -31,6 +32,7 @@ def index():
         handoffs=handoffs,
         handoff_labels=liveness.STAGE_LABELS,
         drift_flags=drift_flags,
+        drift_total=drift_total,
         drift_recent=drift_recent,
         drift_labels=drift.KIND_LABELS,
         depth_chart=line_chart(board.depth_series, board.series_times),
@@ -39,6 +41,23 @@ def index():
         replay_bars=bar_widths(board.replays_24h),
         categories=queries.CATEGORIES,
         statuses=queries.SLA_STATUSES,
+    )
+
+
+@bp.route("/drift")
+@requires(Permission.CONSOLE_LOGIN)
+def drift_page():
+    """Every unacknowledged new kind, and the counts per connection and kind."""
+    with unit_of_work(read_only=True) as s:
+        now = utcnow()
+        flags = drift.open_flags(s, now, limit=500)
+        recent = drift.recent_by_connection(s, now)
+    return render_template(
+        "dashboard/drift.html",
+        now=now,
+        drift_flags=flags,
+        drift_recent=recent,
+        drift_labels=drift.KIND_LABELS,
     )
 
 
@@ -53,4 +72,5 @@ def acknowledge_drift(flag_id: int):
         flash("That drift flag does not exist.", "error")
     else:
         flash("Drift acknowledged.", "success")
-    return redirect(url_for(".index") + "#drift", code=303)
+    back = url_for(".drift_page") if request.form.get("next") == "drift" else url_for(".index") + "#drift"
+    return redirect(back, code=303)
