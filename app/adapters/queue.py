@@ -24,7 +24,7 @@ from rq.utils import str_to_date
 
 from app.domain.liveness import JobStatus as LiveStatus
 from app.domain.liveness import JobView, requeue_reason
-from app.services import audit, delivery, liveness
+from app.services import audit, delivery, liveness, schedule, summaries
 from app.services.clock import utcnow
 
 log = logging.getLogger("recon.queue")
@@ -175,26 +175,64 @@ def requeue_stranded(rt: delivery.Runtime, queue: Queue) -> int:
     return liveness.queue_again(rt.sessions, lost)
 
 
+def refresh_summaries(rt: delivery.Runtime) -> int:
+    """Recount the queue counts and the dashboard's figures (app/services/summaries.py)."""
+    result = summaries.refresh(rt.sessions)
+    if result.milliseconds > 1000:
+        log.warning("summary refresh took %d ms (%d groups)", result.milliseconds, result.groups)
+    return result.groups
+
+
 def worker_name() -> str:
     return f"recon-{socket.gethostname()}-{os.getpid()}"
 
 
 ESCALATE_EVERY_SECONDS = 30.0
 
+# Steps one worker runs per interval for all of them (app/services/schedule.py), not every worker
+# on every pass. Due retries and the re-queue of lost hand-offs become claimable half a pass after
+# their last run, so while any worker lives they run at least every 1.5 passes (the bound's margin
+# M absorbs the extra half pass) and at most twice a pass across the fleet.
+SHARED_STEPS = ("retries", "stranded", "escalate", "summaries")
+
 
 class Housekeeping:
-    """The worker's bookkeeping, on its own cadence: heartbeat, relay the outbox, schedule due
-    retries, reap expired leases, re-queue lost hand-offs, escalate breached SLAs.
+    """The worker's bookkeeping, on its own cadence: heartbeat, relay the outbox, reap expired
+    leases — every pass of every worker; schedule due retries, re-queue lost hand-offs, escalate
+    breached SLAs, refresh the read summaries — each by one worker per interval (the schedule).
 
     In a long-running worker it runs on a thread every `housekeeping_seconds`, whatever job the
     worker is running — the bound on every hand-off depends on that cadence, not on job lengths.
+    A burst run (`shared=False`: one process draining, typically alone) runs retries and the re-queue
+    on every pass and escalation and summaries on its own timers, its first pass included.
     """
 
-    def __init__(self, rt: delivery.Runtime, queue: Queue):
-        self.rt, self.queue = rt, queue
-        self._last_escalation = 0.0
+    def __init__(self, rt: delivery.Runtime, queue: Queue, *, shared: bool = True):
+        self.rt, self.queue, self.shared = rt, queue, shared
+        self._last_local = {"escalate": None, "summaries": None}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def intervals(self) -> dict[str, float]:
+        half_pass = self.rt.housekeeping_seconds / 2
+        return {
+            "retries": half_pass,
+            "stranded": half_pass,
+            "escalate": ESCALATE_EVERY_SECONDS,
+            "summaries": summaries.refresh_seconds(),
+        }
+
+    def _steps_to_run(self) -> set[str]:
+        intervals = self.intervals()
+        if self.shared:
+            return set(_guarded(schedule.claim, self.rt.sessions, intervals, self.rt.worker_name) or [])
+        steps = {"retries", "stranded"}
+        now = time.monotonic()
+        for name, last in self._last_local.items():
+            if last is None or now - last >= intervals[name]:
+                self._last_local[name] = now
+                steps.add(name)
+        return steps
 
     def run_once(self) -> dict:
         """One pass. Every step is guarded: a database or Redis hiccup never stops the others."""
@@ -203,14 +241,21 @@ class Housekeeping:
         _guarded(seal_audit, rt)  # backstop: events are normally sealed right after each commit
         counts = {
             "relayed": _guarded(relay_outbox, rt, queue),
-            "retries": _guarded(delivery.schedule_due_retries, rt),
-            "reaped": _guarded(delivery.reap_expired_leases, rt),
+            "retries": 0,
+            "reaped": 0,
             "escalated": 0,
-            "requeued": _guarded(requeue_stranded, rt, queue),
+            "requeued": 0,
         }
-        if time.monotonic() - self._last_escalation >= ESCALATE_EVERY_SECONDS:
-            self._last_escalation = time.monotonic()
+        steps = self._steps_to_run()
+        if "retries" in steps:
+            counts["retries"] = _guarded(delivery.schedule_due_retries, rt)
+        counts["reaped"] = _guarded(delivery.reap_expired_leases, rt)
+        if "stranded" in steps:
+            counts["requeued"] = _guarded(requeue_stranded, rt, queue)
+        if "escalate" in steps:
             counts["escalated"] = _guarded(delivery.escalate_breached, rt)
+        if "summaries" in steps:
+            _guarded(refresh_summaries, rt)
         if counts["retries"] or counts["requeued"]:
             counts["relayed"] += _guarded(relay_outbox, rt, queue)
         return counts
@@ -253,7 +298,7 @@ def run_worker(rt: delivery.Runtime, queue: Queue, *, burst: bool, poll_seconds:
     until the process is stopped; losing Redis pauses it, never ends it.
     """
     counts = {"relayed": 0, "retries": 0, "reaped": 0, "escalated": 0, "requeued": 0, "jobs": 0}
-    housekeeping = Housekeeping(rt, queue)
+    housekeeping = Housekeeping(rt, queue, shared=not burst)
     worker = _rq_worker(rt, queue)
     if burst:
         while True:

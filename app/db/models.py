@@ -9,6 +9,8 @@ import sqlalchemy.orm as so
 
 from app.domain.audit_chain import canonical_value
 
+from .active import active_where
+
 
 class Base(so.DeclarativeBase):
     metadata = sa.MetaData(
@@ -187,7 +189,60 @@ class DriftKind(Base):
 class ExceptionItem(Base):
     __tablename__ = "exceptions"
     __table_args__ = (
-        sa.Index("ix_exceptions_queue", "state", "category", "sla_due_at", "id"),
+        # Over active rows only (app/db/active.py; migration 0007): the working set, not the history.
+        # Category queues: state = open AND category = X, read in (sla_due_at, id) order.
+        sa.Index(
+            "ix_exceptions_queue",
+            "state",
+            "category",
+            "sla_due_at",
+            "id",
+            postgresql_where=active_where(),
+            sqlite_where=active_where(),
+        ),
+        # The "all" queue, SLA status filters (a range of sla_due_at).
+        sa.Index(
+            "ix_exceptions_active_due",
+            "sla_due_at",
+            "id",
+            postgresql_where=active_where(),
+            sqlite_where=active_where(),
+        ),
+        # One state (escalated, awaiting approval, a state filter; SLA escalation: open, due <= now),
+        # and the customer / connection / category / assignee filters, each in (sla_due_at, id) order.
+        *(
+            sa.Index(
+                f"ix_exceptions_active_{name}",
+                column,
+                "sla_due_at",
+                "id",
+                postgresql_where=active_where(),
+                sqlite_where=active_where(),
+            )
+            for name, column in (
+                ("state", "state"),
+                ("category", "category"),
+                ("customer", "customer_id"),
+                ("connection", "connection_id"),
+                ("assignee", "assignee_id"),
+            )
+        ),
+        # Due retries, oldest due first.
+        sa.Index(
+            "ix_exceptions_retry_due",
+            "next_retry_at",
+            "id",
+            postgresql_where=sa.text("state = 'retrying'"),
+            sqlite_where=sa.text("state = 'retrying'"),
+        ),
+        # The dashboard's 24-hour trend: items resolved in the window (the rest are active).
+        sa.Index(
+            "ix_exceptions_resolved_at",
+            "resolved_at",
+            postgresql_where=sa.text("resolved_at IS NOT NULL"),
+            sqlite_where=sa.text("resolved_at IS NOT NULL"),
+        ),
+        # Unfiltered listings across every state (the API without a state filter).
         sa.Index("ix_exceptions_sla", "sla_due_at", "id"),
     )
     id: so.Mapped[int] = so.mapped_column(primary_key=True)
@@ -216,7 +271,18 @@ class ExceptionItem(Base):
 
 class Attempt(Base):
     __tablename__ = "attempts"
-    __table_args__ = (sa.Index("ix_attempts_outcome_lease", "outcome", "lease_expires_at"),)
+    __table_args__ = (
+        sa.Index("ix_attempts_outcome_lease", "outcome", "lease_expires_at"),
+        # Unclaimed deliveries in id order (the re-queue of lost hand-offs).
+        sa.Index(
+            "ix_attempts_queued",
+            "id",
+            postgresql_where=sa.text("outcome = 'queued'"),
+            sqlite_where=sa.text("outcome = 'queued'"),
+        ),
+        # Attempts by outcome in a time window (the dashboard's 24 hours), index-only.
+        sa.Index("ix_attempts_started", "started_at", "outcome"),
+    )
     id: so.Mapped[int] = so.mapped_column(primary_key=True)
     message_id: so.Mapped[str] = so.mapped_column(sa.ForeignKey("messages.id"), index=True)
     replay_id: so.Mapped[int | None] = so.mapped_column(sa.ForeignKey("replays.id"))
@@ -253,7 +319,11 @@ class Decision(Base):
 
 class Replay(Base):
     __tablename__ = "replays"
-    __table_args__ = (sa.Index("ix_replays_state_lease", "state", "lease_expires_at"),)
+    __table_args__ = (
+        sa.Index("ix_replays_state_lease", "state", "lease_expires_at"),
+        # Replays by state in a time window (the dashboard's 24 hours), index-only.
+        sa.Index("ix_replays_requested", "requested_at", "state"),
+    )
     id: so.Mapped[int] = so.mapped_column(primary_key=True)
     exception_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey("exceptions.id"), index=True)
     message_id: so.Mapped[str] = so.mapped_column(sa.ForeignKey("messages.id"), index=True)

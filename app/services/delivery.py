@@ -19,6 +19,7 @@ from datetime import timedelta
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
+from app.db.active import literal_states
 from app.db.models import Attempt, Connection, ExceptionItem, Message, OutboxEntry, PayloadVersion, Replay
 from app.db.session import transaction
 from app.domain.capability import capability_difference
@@ -549,9 +550,11 @@ def schedule_due_retries(rt: Runtime, limit: int = 100) -> int:
     queued = 0
     with transaction(rt.sessions) as s:
         now = utcnow()
+        # One range of ix_exceptions_retry_due (next_retry_at, id) WHERE state = 'retrying': the
+        # state written into the SQL so the planner can match the index predicate.
         due = s.scalars(
             sa.select(ExceptionItem)
-            .where(ExceptionItem.state == "retrying", ExceptionItem.next_retry_at <= now)
+            .where(literal_states(ExceptionItem.state, ["retrying"]), ExceptionItem.next_retry_at <= now)
             .order_by(ExceptionItem.next_retry_at, ExceptionItem.id)
             .limit(limit)
         ).all()

@@ -12,6 +12,7 @@ from datetime import datetime
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
+from app.db.active import state_in
 from app.db.models import Decision, ExceptionItem, Message, OutboxEntry, PayloadVersion, Replay, User
 from app.domain.delivery import Category
 from app.domain.errors import Conflict, Invalid, NotFound
@@ -139,10 +140,12 @@ def escalate_breached(session: so.Session, *, limit: int = 200) -> int:
     """SPEC 3.3: an open item whose SLA has passed is escalated to the clinical leads, once,
     by the system (a decision and an audit event, like a reviewer's escalation)."""
     now = utcnow()
+    # One range of ix_exceptions_active_state (state, sla_due_at, id), over active rows only.
+    open_state = state_in(ExceptionItem.state, [ExceptionState.OPEN.value], session.get_bind().dialect.name)
     breached = session.scalars(
         sa.select(ExceptionItem)
-        .where(ExceptionItem.state == ExceptionState.OPEN.value, ExceptionItem.sla_due_at <= now)
-        .order_by(ExceptionItem.sla_due_at)
+        .where(open_state, ExceptionItem.sla_due_at <= now)
+        .order_by(ExceptionItem.sla_due_at, ExceptionItem.id)
         .limit(limit)
     ).all()
     escalated = 0

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
+from app.db.active import literal_states
 from app.db.models import Attempt, ExceptionItem, OutboxEntry, Replay
 from app.db.session import transaction
 from app.domain.liveness import HandoffPolicy
@@ -48,9 +49,10 @@ class UnclaimedWork:
 def unclaimed_work(sessions: so.sessionmaker, limit: int = 500) -> list[UnclaimedWork]:
     """Ready, unclaimed work, oldest first. Reads only the active few (index on outcome / state)."""
     with transaction(sessions, read_only=True) as s:
+        # ix_attempts_queued (id) WHERE outcome = 'queued': the unclaimed few, already in id order.
         attempts = s.execute(
             sa.select(Attempt.id, Attempt.started_at)
-            .where(Attempt.outcome == "queued")
+            .where(literal_states(Attempt.outcome, ["queued"]))
             .order_by(Attempt.id)
             .limit(limit)
         ).all()
@@ -169,12 +171,12 @@ def handoff_report(session: so.Session, policy: HandoffPolicy, now: datetime | N
     bound = policy.bound_seconds
     report = HandoffReport(bound_seconds=bound)
     report.stages["queued_delivery"] = _age(
-        session, Attempt.started_at, [Attempt.outcome == "queued"], now, bound
+        session, Attempt.started_at, [literal_states(Attempt.outcome, ["queued"])], now, bound
     )
     report.stages["retrying"] = _age(
         session,
         ExceptionItem.next_retry_at,
-        [ExceptionItem.state == "retrying", ExceptionItem.next_retry_at <= now],
+        [literal_states(ExceptionItem.state, ["retrying"]), ExceptionItem.next_retry_at <= now],
         now,
         bound,
     )

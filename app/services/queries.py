@@ -4,11 +4,20 @@ Nothing here writes. Every listing is ordered by an indexed key and paginated by
 (never OFFSET), and related rows are loaded with joinedload/selectinload so a page costs a
 fixed number of queries however many rows it shows.
 
-The queue order is (sla_due_at, id). A category queue (state = open AND category = X) and a
-cursor position within it are one range of `ix_exceptions_queue (state, category, sla_due_at,
-id)`, read in order; listings over several states use the same index to narrow to active rows
-(a small set next to the resolved history) and sort those. `ix_exceptions_sla (sla_due_at, id)`
-serves unfiltered scans.
+The queue order is (sla_due_at, id). Every queue reads the active rows only, through partial
+indexes declared WHERE <the active states> (app/db/active.py, migration 0007): a category queue
+(state = open AND category = X) and a cursor position within it are one range of
+`ix_exceptions_queue (state, category, sla_due_at, id)`; the "all" queue one range of
+`ix_exceptions_active_due (sla_due_at, id)`; a state, customer, connection, category or assignee
+filter one range of `ix_exceptions_active_<that> (<column>, sla_due_at, id)` — each read in order,
+never sorting, never visiting the resolved history. The state filter is written with its values in
+the SQL (`state_in`) so the planner can prove the index predicate.
+
+Counts never count the queues: they come from `exception_counts`, a per (category, state, customer,
+connection, SLA status) summary the worker refreshes (app/services/summaries.py), shown with its
+time ("counts as of 10:42:05"). Only when there is no recent summary (a fresh install, tests, no
+worker for a while) are the same numbers counted live. Filters the summary has no column for
+(free text, message type, assignee, history states) get an exact count bounded at BOUNDED_COUNT.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -24,6 +34,8 @@ from typing import Any
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
+from app.db.active import ACTIVE_STATES as ACTIVE_INDEX_STATES
+from app.db.active import literal_states, state_in
 from app.db.models import (
     ApiToken,
     Attempt,
@@ -39,6 +51,7 @@ from app.db.models import (
     SlaRuleRow,
     User,
 )
+from app.db.summary_models import ExceptionCount, ReadSummary
 from app.domain.audit_chain import format_timestamp
 from app.domain.delivery import Category
 from app.domain.errors import Invalid, NotFound
@@ -52,6 +65,7 @@ from . import connections
 from .clock import utcnow
 
 ACTIVE_STATES = tuple(s.value for s in ExceptionState if s not in FINAL_STATES)
+assert ACTIVE_STATES == ACTIVE_INDEX_STATES, "app/db/active.py (the partial index predicate) is out of date"
 ALL_STATES = tuple(s.value for s in ExceptionState)
 CATEGORIES = tuple(c.value for c in Category)
 SLA_STATUSES = tuple(s.value for s in SlaStatus)
@@ -59,6 +73,14 @@ DEFAULT_PAGE = 50
 MAX_PAGE = 500  # the API allows up to 500 per page
 UNASSIGNED = "-"  # assignee filter value meaning "nobody"
 MIN_PREFIX = 4  # free-text prefix searches need at least this many characters
+BOUNDED_COUNT = 1000  # exact counts of filters the summary cannot answer stop here ("1000+")
+TREND_BUCKETS = 24  # the dashboard's hourly points, as the summary stores them
+
+
+def summary_max_age_seconds() -> float:
+    """Counts older than this are not shown: the same numbers are counted live instead."""
+    return float(os.environ.get("RECON_SUMMARY_MAX_AGE_SECONDS", "120"))
+
 
 # Replay states in which a worker still has (or is about to have) the replay.
 RUNNING_REPLAY_STATES = ("queued", "running")
@@ -169,7 +191,7 @@ def _filtered(
 ) -> sa.Select:
     states = _as_values(state, ALL_STATES, "state")
     if states:
-        stmt = stmt.where(ExceptionItem.state.in_(states))
+        stmt = stmt.where(state_in(ExceptionItem.state, states, _dialect(session)))
     categories = _as_values(category, CATEGORIES, "category")
     if categories:
         stmt = stmt.where(ExceptionItem.category.in_(categories))
@@ -207,19 +229,30 @@ def _filtered(
             # Prefixes (of a UUID or a key) only from a few characters on: "1" is not a search.
             prefix = _escape_like(text) + "%"
             exact += [Message.id.like(prefix, escape="\\"), Message.idempotency_key.like(prefix, escape="\\")]
-        conditions = [
-            ExceptionItem.message_id.in_(sa.select(Message.id).where(sa.or_(*exact))),
-            # Patient and order identifiers the message carries: `Patient/123456`, an MRN, ORC-2.
-            ExceptionItem.message_id.in_(
-                sa.select(MessageIdentifier.message_id).where(
-                    MessageIdentifier.value.in_(search_values(text))
+        # One IN over a union of the few exceptions that can match (their message by id, control
+        # id or key; by a patient or order identifier it carries: `Patient/123456`, an MRN, ORC-2;
+        # or the exception id itself): the planner starts from those few and fetches them by
+        # primary key, instead of testing every active row against an OR of subqueries.
+        other = so.aliased(ExceptionItem)
+        candidates = [
+            sa.select(other.id).where(other.message_id.in_(sa.select(Message.id).where(sa.or_(*exact)))),
+            sa.select(other.id).where(
+                other.message_id.in_(
+                    sa.select(MessageIdentifier.message_id).where(
+                        MessageIdentifier.value.in_(search_values(text))
+                    )
                 )
             ),
         ]
         if _id_like(text):
-            conditions.append(ExceptionItem.id == int(text))
-        stmt = stmt.where(sa.or_(*conditions))
+            candidates.append(sa.select(sa.literal(int(text), sa.Integer)))
+        found = ExceptionItem.id.in_(sa.union(*candidates))
+        stmt = stmt.where(found)
     return stmt
+
+
+def _dialect(session: so.Session) -> str:
+    return session.get_bind().dialect.name
 
 
 def list_exceptions(
@@ -285,23 +318,122 @@ def list_exceptions(
     return rows, next_cursor
 
 
-def count_exceptions(session: so.Session, *, now: datetime | None = None, **filters: Any) -> int:
-    """How many exceptions match the same filters as list_exceptions (without paging)."""
+def count_exceptions(
+    session: so.Session, *, now: datetime | None = None, limit: int | None = None, **filters: Any
+) -> int:
+    """How many exceptions match the same filters as list_exceptions (without paging).
+
+    limit: stop counting there (the answer is then at most `limit`) — what a page may afford for
+    filters the summary cannot answer. Without it the count is exact and as long as the match.
+    """
     now = now or utcnow()
-    params = {
-        name: filters.get(name)
-        for name in (
-            "state",
-            "category",
-            "connection",
-            "customer",
-            "message_type",
-            "sla_status",
-            "assignee",
-            "q",
+    params = {name: filters.get(name) for name in FILTERS}
+    if limit is None:
+        stmt = _filtered(session, sa.select(sa.func.count()).select_from(ExceptionItem), now=now, **params)
+        return int(session.scalar(stmt) or 0)
+    matches = _filtered(session, sa.select(ExceptionItem.id), now=now, **params).limit(limit).subquery()
+    return int(session.scalar(sa.select(sa.func.count()).select_from(matches)) or 0)
+
+
+FILTERS = ("state", "category", "connection", "customer", "message_type", "sla_status", "assignee", "q")
+
+
+# --- counts: the summary, or the same numbers counted live -----------------------------------------
+
+
+@dataclass(frozen=True)
+class CountSource:
+    """Where counts come from: rows (category, state, customer_id, connection_id, sla_status, n,
+    oldest_created_at) over the active exceptions, as of `as_of`. `live`: counted now, because no
+    summary is recent enough."""
+
+    rows: sa.FromClause
+    as_of: datetime
+    live: bool
+
+
+def active_groups(session: so.Session, now: datetime) -> sa.Select:
+    """The active exceptions grouped as the summary stores them: one pass over the active rows
+    (the partial indexes hold just those), SLA status as of `now`."""
+    per_item = (
+        sa.select(
+            ExceptionItem.category.label("category"),
+            ExceptionItem.state.label("state"),
+            ExceptionItem.customer_id.label("customer_id"),
+            ExceptionItem.connection_id.label("connection_id"),
+            _sla_case(session, now).label("sla_status"),
+            ExceptionItem.created_at.label("created_at"),
         )
-    }
-    stmt = _filtered(session, sa.select(sa.func.count()).select_from(ExceptionItem), now=now, **params)
+        .where(literal_states(ExceptionItem.state, ACTIVE_STATES))
+        .subquery()
+    )
+    c = per_item.c
+    # Group over a subquery: grouping by a CASE with bound parameters is fragile on PostgreSQL.
+    return sa.select(
+        c.category,
+        c.state,
+        c.customer_id,
+        c.connection_id,
+        c.sla_status,
+        sa.func.count().label("n"),
+        sa.func.min(c.created_at).label("oldest_created_at"),
+    ).group_by(c.category, c.state, c.customer_id, c.connection_id, c.sla_status)
+
+
+def count_source(session: so.Session, now: datetime | None = None) -> CountSource:
+    """The summary when it is at most `summary_max_age_seconds()` old, else a live count. Cached
+    on the session, so the sidebar, the page total and the dashboard of one request agree."""
+    now = now or utcnow()
+    cached = session.info.get("recon_count_source")
+    if cached is not None:
+        return cached
+    as_of = session.scalar(sa.select(ReadSummary.counts_as_of).where(ReadSummary.id == 1))
+    if as_of is not None and 0 <= (now - as_of).total_seconds() <= summary_max_age_seconds():
+        table = ExceptionCount.__table__
+        source = CountSource(
+            sa.select(
+                table.c.category,
+                table.c.state,
+                table.c.customer_id,
+                table.c.connection_id,
+                table.c.sla_status,
+                table.c.n,
+                table.c.oldest_created_at,
+            ).subquery("counts"),
+            as_of,
+            live=False,
+        )
+    else:
+        source = CountSource(active_groups(session, now).subquery("counts"), now, live=True)
+    session.info["recon_count_source"] = source
+    return source
+
+
+def summary_total(session: so.Session, source: CountSource, params: dict[str, Any]) -> int | None:
+    """The number of items matching `params` according to the counts, or None when a filter is
+    not one of the summary's columns (free text, message type, assignee, or final states)."""
+    if any(params.get(name) for name in ("q", "message_type", "assignee")):
+        return None
+    states = _as_values(params.get("state"), ALL_STATES, "state")
+    if not states or not set(states) <= set(ACTIVE_STATES):
+        return None
+    c = source.rows.c
+    stmt = sa.select(sa.func.coalesce(sa.func.sum(c.n), 0)).where(c.state.in_(states))
+    categories = _as_values(params.get("category"), CATEGORIES, "category")
+    if categories:
+        stmt = stmt.where(c.category.in_(categories))
+    if params.get("sla_status"):
+        stmt = stmt.where(c.sla_status == _as_values(params["sla_status"], SLA_STATUSES, "SLA status")[0])
+    if params.get("connection"):
+        stmt = stmt.where(
+            c.connection_id
+            == sa.select(Connection.id).where(Connection.name == params["connection"]).scalar_subquery()
+        )
+    if params.get("customer"):
+        stmt = stmt.where(
+            c.customer_id
+            == sa.select(Customer.id).where(Customer.name == params["customer"]).scalar_subquery()
+        )
     return int(session.scalar(stmt) or 0)
 
 
@@ -334,6 +466,9 @@ class QueueView:
     items: list[ExceptionItem]
     next_cursor: str | None
     total: int
+    total_capped: bool = False  # more than `total` match (a bounded count stopped there)
+    counts_as_of: datetime | None = None  # the summary's time (None: counted when the page was made)
+    counts_live: bool = True
 
 
 def queue_states(queue: str, state: str | None) -> str | tuple[str, ...]:
@@ -361,7 +496,11 @@ def queue_page(
     limit: int = DEFAULT_PAGE,
     now: datetime | None = None,
 ) -> QueueView:
-    """One page of a named queue (category, 'escalated', 'awaiting_approval' or 'all')."""
+    """One page of a named queue (category, 'escalated', 'awaiting_approval' or 'all').
+
+    The total comes from the counts (the summary, with its time) when every filter is one of its
+    columns; otherwise it is counted exactly up to BOUNDED_COUNT ("1000+" beyond).
+    """
     if queue not in QUEUES:
         raise NotFound(f"no queue named {queue!r}")
     now = now or utcnow()
@@ -370,22 +509,26 @@ def queue_page(
     if queue in CATEGORIES:
         params["category"] = queue
     items, next_cursor = list_exceptions(session, cursor=cursor, limit=limit, now=now, **params)
-    total = count_exceptions(session, now=now, **params)
-    return QueueView(queue, items, next_cursor, total)
+    source = count_source(session, now)
+    total = summary_total(session, source, params)
+    if total is not None:
+        return QueueView(queue, items, next_cursor, total, False, source.as_of, source.live)
+    counted = count_exceptions(session, now=now, limit=BOUNDED_COUNT + 1, **params)
+    return QueueView(
+        queue, items, next_cursor, min(counted, BOUNDED_COUNT), counted > BOUNDED_COUNT, None, True
+    )
 
 
 def queue_counts(session: so.Session, now: datetime | None = None) -> dict[str, dict[str, int]]:
-    """Per named queue: {"total", "breached"} of the items it holds by default."""
-    now = now or utcnow()
-    breached = sa.func.sum(sa.case((ExceptionItem.sla_due_at <= now, 1), else_=0))
+    """Per named queue: {"total", "breached"} of the items it holds by default (from the counts)."""
+    c = count_source(session, now).rows.c
+    breached = sa.func.sum(sa.case((c.sla_status == SlaStatus.BREACHED.value, c.n), else_=0))
     rows = session.execute(
-        sa.select(ExceptionItem.state, ExceptionItem.category, sa.func.count(), breached)
-        .where(ExceptionItem.state.in_(ACTIVE_STATES))
-        .group_by(ExceptionItem.state, ExceptionItem.category)
+        sa.select(c.state, c.category, sa.func.sum(c.n), breached).group_by(c.state, c.category)
     ).all()
     counts = {q: {"total": 0, "breached": 0} for q in QUEUES}
     for state, category, total, late in rows:
-        late = int(late or 0)
+        total, late = int(total or 0), int(late or 0)
         targets = ["all"]
         if state == ExceptionState.ESCALATED:
             targets.append("escalated")
@@ -736,71 +879,142 @@ class Dashboard:
     series_times: list[datetime] = field(default_factory=list)
     depth_series: list[int] = field(default_factory=list)
     breach_series: list[int] = field(default_factory=list)
+    counts_as_of: datetime | None = None  # when the counts above were taken
+    counts_live: bool = True  # counted for this view (no recent summary)
+    trends_as_of: datetime | None = None  # when the series and the 24-hour figures were taken
 
     @property
     def oldest_age(self) -> timedelta | None:
         return self.now - self.oldest_created_at if self.oldest_created_at else None
 
 
-def dashboard(session: so.Session, now: datetime | None = None, *, buckets: int = 24) -> Dashboard:
-    """All dashboard aggregates: a handful of GROUP BY queries, no per-row work."""
+def dashboard(session: so.Session, now: datetime | None = None, *, buckets: int = TREND_BUCKETS) -> Dashboard:
+    """All dashboard aggregates, from the summaries the worker keeps (app/services/summaries.py):
+    the same counts the queues show, with their time; the trends (hourly series, 24-hour
+    throughput) as the worker last computed them. Without recent summaries the same figures are
+    computed live. Nothing here reads the history row by row."""
     now = now or utcnow()
-    active = ExceptionItem.state.in_(ACTIVE_STATES)
-    # Group over a subquery: grouping by a CASE with bound parameters is fragile on PostgreSQL.
-    per_item = (
-        sa.select(ExceptionItem.category.label("category"), _sla_case(session, now).label("sla"))
-        .where(active)
-        .subquery()
-    )
+    source = count_source(session, now)
+    c = source.rows.c
 
-    matrix = {c: {s: 0 for s in SLA_STATUSES} for c in CATEGORIES}
+    matrix = {cat: {s: 0 for s in SLA_STATUSES} for cat in CATEGORIES}
     for category, sla, n in session.execute(
-        sa.select(per_item.c.category, per_item.c.sla, sa.func.count()).group_by(
-            per_item.c.category, per_item.c.sla
-        )
+        sa.select(c.category, c.sla_status, sa.func.sum(c.n)).group_by(c.category, c.sla_status)
     ):
-        matrix.setdefault(category, {s: 0 for s in SLA_STATUSES})[sla] = int(n)
+        matrix.setdefault(category, {s: 0 for s in SLA_STATUSES})[sla] = int(n or 0)
     status_totals = {s: sum(row[s] for row in matrix.values()) for s in SLA_STATUSES}
 
-    breached_sum = sa.func.sum(sa.case((_sla_condition(session, SlaStatus.BREACHED, now), 1), else_=0))
-    at_risk_sum = sa.func.sum(sa.case((_sla_condition(session, SlaStatus.AT_RISK, now), 1), else_=0))
+    def of_status(status: SlaStatus):
+        return sa.func.sum(sa.case((c.sla_status == status.value, c.n), else_=0))
+
     scope_rows = session.execute(
         sa.select(
             Customer.name,
             Connection.name,
-            sa.func.count(ExceptionItem.id),
-            at_risk_sum,
-            breached_sum,
-            sa.func.min(ExceptionItem.created_at),
+            sa.func.sum(c.n),
+            of_status(SlaStatus.AT_RISK),
+            of_status(SlaStatus.BREACHED),
+            sa.func.min(c.oldest_created_at),
         )
-        .select_from(ExceptionItem)
-        .join(Connection, Connection.id == ExceptionItem.connection_id)
-        .join(Customer, Customer.id == ExceptionItem.customer_id)
-        .where(active)
+        .select_from(source.rows)
+        .join(Connection, Connection.id == c.connection_id)
+        .join(Customer, Customer.id == c.customer_id)
         .group_by(Customer.name, Connection.name)
         .order_by(Customer.name, Connection.name)
     ).all()
     scopes = [
-        ScopeCounts(cust, conn, int(total), int(risk or 0), int(late or 0), oldest)
+        ScopeCounts(cust, conn, int(total or 0), int(risk or 0), int(late or 0), oldest)
         for cust, conn, total, risk, late, oldest in scope_rows
     ]
     oldest = min((s.oldest_created_at for s in scopes if s.oldest_created_at), default=None)
 
     health = [
         ConnectionHealth(
-            c.name,
-            c.customer.name,
-            c.protocol,
-            c.enabled,
-            connections.circuit_state(c, now),
-            c.consecutive_failures,
-            c.circuit_open_until,
+            conn.name,
+            conn.customer.name,
+            conn.protocol,
+            conn.enabled,
+            connections.circuit_state(conn, now),
+            conn.consecutive_failures,
+            conn.circuit_open_until,
         )
-        for c in session.scalars(
+        for conn in session.scalars(
             sa.select(Connection).options(so.joinedload(Connection.customer)).order_by(Connection.name)
         )
     ]
 
+    trends = None
+    if not source.live and buckets == TREND_BUCKETS:
+        trends = stored_trends(session, now)
+    if trends is None:
+        trends = compute_trends(session, now, buckets)
+    return Dashboard(
+        now=now,
+        matrix=matrix,
+        status_totals=status_totals,
+        total_active=sum(status_totals.values()),
+        breached=status_totals[SlaStatus.BREACHED],
+        oldest_created_at=oldest,
+        scopes=scopes,
+        connections=health,
+        attempts_24h=trends.attempts,
+        replays_24h=trends.replays,
+        series_times=trends.times,
+        depth_series=trends.depth,
+        breach_series=trends.breaches,
+        counts_as_of=source.as_of,
+        counts_live=source.live,
+        trends_as_of=trends.as_of,
+    )
+
+
+@dataclass
+class Trends:
+    """The dashboard's figures over time: depth and breaches per hour, 24-hour throughput."""
+
+    as_of: datetime
+    times: list[datetime]
+    depth: list[int]
+    breaches: list[int]
+    attempts: dict[str, int]
+    replays: dict[str, int]
+
+    def to_json(self) -> dict:
+        return {
+            "times": [t.isoformat() for t in self.times],
+            "depth": self.depth,
+            "breaches": self.breaches,
+            "attempts": self.attempts,
+            "replays": self.replays,
+        }
+
+    @classmethod
+    def from_json(cls, as_of: datetime, data: dict) -> Trends:
+        return cls(
+            as_of,
+            [datetime.fromisoformat(t) for t in data["times"]],
+            [int(v) for v in data["depth"]],
+            [int(v) for v in data["breaches"]],
+            {k: int(v) for k, v in data["attempts"].items()},
+            {k: int(v) for k, v in data["replays"].items()},
+        )
+
+
+def stored_trends(session: so.Session, now: datetime) -> Trends | None:
+    """The trends the worker stored, if recent enough to show (same age limit as the counts)."""
+    row = session.execute(
+        sa.select(ReadSummary.trends_as_of, ReadSummary.trends).where(ReadSummary.id == 1)
+    ).first()
+    if row is None or row.trends_as_of is None or not row.trends:
+        return None
+    if not 0 <= (now - row.trends_as_of).total_seconds() <= summary_max_age_seconds():
+        return None
+    return Trends.from_json(row.trends_as_of, row.trends)
+
+
+def compute_trends(session: so.Session, now: datetime, buckets: int = TREND_BUCKETS) -> Trends:
+    """The trends counted now: index range scans over the active rows, the items resolved in the
+    window, and the window's attempts and replays (`ix_attempts_started`, `ix_replays_requested`)."""
     day_ago = now - timedelta(hours=24)
     attempts = {
         outcome: int(n)
@@ -819,21 +1033,7 @@ def dashboard(session: so.Session, now: datetime | None = None, *, buckets: int 
         )
     }
     times, depth, breaches = _history(session, now, buckets)
-    return Dashboard(
-        now=now,
-        matrix=matrix,
-        status_totals=status_totals,
-        total_active=sum(status_totals.values()),
-        breached=status_totals[SlaStatus.BREACHED],
-        oldest_created_at=oldest,
-        scopes=scopes,
-        connections=health,
-        attempts_24h=attempts,
-        replays_24h=replays,
-        series_times=times,
-        depth_series=depth,
-        breach_series=breaches,
-    )
+    return Trends(now, times, depth, breaches, attempts, replays)
 
 
 def _history(
@@ -843,25 +1043,36 @@ def _history(
 
     Reconstructed from created_at / resolved_at / sla_due_at in ONE query (a SUM(CASE) column
     per point); an item whose SLA restarted (new category) counts with its current due time.
+    Only two kinds of rows can count: active ones (ix_exceptions_active_due) and ones resolved
+    within the window (ix_exceptions_resolved_at) — read as a UNION ALL of those two ranges.
     """
     times = [now - step * (buckets - 1 - i) for i in range(buckets)]
-    columns = []
+    since = times[0]
+    columns = (
+        ExceptionItem.created_at,
+        ExceptionItem.resolved_at,
+        ExceptionItem.state,
+        ExceptionItem.sla_due_at,
+    )
+    active = literal_states(ExceptionItem.state, ACTIVE_STATES)
+    rows = sa.union_all(
+        sa.select(*columns).where(active, ExceptionItem.created_at <= now),
+        sa.select(*columns).where(
+            ExceptionItem.resolved_at > since, sa.not_(active), ExceptionItem.created_at <= now
+        ),
+    ).subquery()
+    c = rows.c
+    out = []
     for t in times:
         present = sa.and_(
-            ExceptionItem.created_at <= t,
-            sa.or_(ExceptionItem.resolved_at.is_(None), ExceptionItem.resolved_at > t),
+            c.created_at <= t,
+            sa.or_(c.resolved_at.is_(None), c.resolved_at > t),
             # Resolved items without resolved_at (none today) would otherwise count forever.
-            sa.or_(ExceptionItem.resolved_at.is_not(None), ExceptionItem.state.in_(ACTIVE_STATES)),
+            sa.or_(c.resolved_at.is_not(None), c.state.in_(ACTIVE_STATES)),
         )
-        columns.append(sa.func.sum(sa.case((present, 1), else_=0)))
-        columns.append(sa.func.sum(sa.case((sa.and_(present, ExceptionItem.sla_due_at <= t), 1), else_=0)))
-    since = times[0]
-    row = session.execute(
-        sa.select(*columns).where(
-            ExceptionItem.created_at <= now,
-            sa.or_(ExceptionItem.resolved_at.is_(None), ExceptionItem.resolved_at > since),
-        )
-    ).one()
+        out.append(sa.func.sum(sa.case((present, 1), else_=0)))
+        out.append(sa.func.sum(sa.case((sa.and_(present, c.sla_due_at <= t), 1), else_=0)))
+    row = session.execute(sa.select(*out).select_from(rows)).one()
     values = [int(v or 0) for v in row]
     return times, values[0::2], values[1::2]
 
