@@ -63,6 +63,16 @@ _EVENT_COLUMNS = (
 )
 _RECORDED = "recon_audit_recorded"
 _TRY_LOCK = sa.select(sa.func.pg_try_advisory_xact_lock(SEALER_LOCK_KEY))
+_SEAL_COPY_PG = sa.text(
+    "INSERT INTO audit_events (id, occurred_at, actor, action, subject_type, subject_id, from_state, "
+    "to_state, reason, reason_code, details, prev_hash, hash, seq) "
+    "SELECT v.id, p.occurred_at, p.actor, p.action, p.subject_type, p.subject_id, p.from_state, "
+    "p.to_state, p.reason, p.reason_code, p.details, v.prev_hash, v.hash, p.seq "
+    "FROM unnest(CAST(:seqs AS bigint[]), CAST(:ids AS integer[]), CAST(:prevs AS varchar[]), "
+    "CAST(:hashes AS varchar[])) AS v(seq, id, prev_hash, hash) "
+    "JOIN audit_pending p ON p.seq = v.seq ORDER BY v.id"
+)
+_SEAL_DELETE_PG = sa.text("DELETE FROM audit_pending WHERE seq = ANY(CAST(:seqs AS bigint[]))")
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -179,9 +189,26 @@ def _seal_batch(factory: so.sessionmaker, batch: int) -> int | None:
             event["prev_hash"] = prev
             event["hash"] = prev = chain_hash(prev, event)
             events.append(event)
-        conn.execute(sa.insert(_EVENTS), events)
-        # Accepted by the trigger only because each row's sealed twin now exists.
-        conn.execute(sa.delete(_PENDING).where(_PENDING.c.seq.in_([row.seq for row in rows])))
+        seqs = [row.seq for row in rows]
+        if conn.dialect.name == "postgresql":
+            # The staging rows are copied as stored (time and canonical details text exactly);
+            # only id, prev_hash and hash travel, as four arrays.
+            moved = conn.execute(
+                _SEAL_COPY_PG,
+                {
+                    "seqs": seqs,
+                    "ids": [e["id"] for e in events],
+                    "prevs": [e["prev_hash"] for e in events],
+                    "hashes": [e["hash"] for e in events],
+                },
+            ).rowcount
+            if moved != len(events):
+                raise RuntimeError(f"sealer copied {moved} of {len(events)} pending audit events")
+            # Accepted by the trigger only because each row's sealed twin now exists.
+            conn.execute(_SEAL_DELETE_PG, {"seqs": seqs})
+        else:
+            conn.execute(sa.insert(_EVENTS), events)
+            conn.execute(sa.delete(_PENDING).where(_PENDING.c.seq.in_(seqs)))
         conn.execute(sa.update(_HEAD).where(_HEAD.c.id == 1).values(last_id=last_id, last_hash=prev))
         return len(rows)
 

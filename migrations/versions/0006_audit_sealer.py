@@ -100,6 +100,9 @@ def upgrade() -> None:
             RAISE EXCEPTION 'audit_pending is append-only: % rejected', TG_OP;
         END;
         $$ LANGUAGE plpgsql
+        -- The lookup must use ux_audit_events_seq whatever the statistics say: a plan cached
+        -- while audit_events was small would otherwise scan the whole table for every row.
+        SET enable_seqscan = off
         """
     )
     op.execute(
