@@ -8,15 +8,17 @@ from flask import Flask
 from werkzeug.routing import IntegerConverter
 
 from .config import Settings
+from .web.input_guard import MAX_ROW_ID
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 class BoundedInt(IntegerConverter):
-    """`<int:...>` route parts that fit a database integer."""
+    """`<int:...>` route parts that fit the id columns: past their range is a 404, not a
+    database overflow error."""
 
     def __init__(self, map, *args, **kwargs):
-        kwargs.setdefault("max", 2**63 - 1)
+        kwargs.setdefault("max", MAX_ROW_ID)
         super().__init__(map, *args, **kwargs)
 
 
@@ -44,9 +46,12 @@ def create_app(config: dict | None = None) -> Flask:
         RECON_SETTINGS=settings,
     )
     app.config.update(config)
-    app.url_map.converters["int"] = BoundedInt  # ids past 2**63 are a 404, not an OverflowError
+    app.url_map.converters["int"] = BoundedInt
     register_extensions(app, settings)
     register_blueprints(app)
+    from .web import security
+
+    security.init_app(app, settings)  # after the blueprints: it throttles the login view
     from .web.errors import register_error_handlers
 
     register_error_handlers(app)

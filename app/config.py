@@ -27,6 +27,17 @@ def _secret_key(instance: Path) -> str:
     return path.read_text().strip()
 
 
+def _secure_cookies(value: str) -> str:
+    value = value.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return "always"
+    if value in ("0", "false", "no", "off"):
+        return "never"
+    if value == "auto":
+        return "auto"
+    raise ValueError(f"RECON_SECURE_COOKIES must be auto, true or false, not {value!r}")
+
+
 @dataclass
 class Settings:
     instance_path: Path
@@ -38,6 +49,19 @@ class Settings:
     housekeeping_seconds: float = 2.0
     handoff_margin_seconds: float = 10.0
     reconcile_grace_seconds: float = 15.0
+    # Console sessions (docs/SECURITY.md): idle timeout, absolute lifetime, the Secure flag
+    # ("auto": set unless the request is for localhost).
+    session_idle_minutes: float = 15.0
+    session_lifetime_hours: float = 12.0
+    secure_cookies: str = "auto"
+    hsts_seconds: int = 0
+    # Login throttles (limits notation), counted on failed attempts only.
+    login_limit_account: str = "10 per 15 minutes"
+    login_limit_address: str = "30 per 15 minutes"
+    # /metrics: with a token, scrapers send `Authorization: Bearer <token>`; without one, only
+    # loopback clients may read it.
+    metrics_token: str | None = None
+    trusted_proxies: int = 0
 
     def handoff_policy(self) -> HandoffPolicy:
         """The hand-off timing every worker and monitor shares (docs/ARCHITECTURE.md, 'Liveness')."""
@@ -61,4 +85,12 @@ class Settings:
             housekeeping_seconds=float(os.environ.get("RECON_HOUSEKEEPING_SECONDS", "2")),
             handoff_margin_seconds=float(os.environ.get("RECON_HANDOFF_MARGIN_SECONDS", "10")),
             reconcile_grace_seconds=float(os.environ.get("RECON_RECONCILE_GRACE_SECONDS", "15")),
+            session_idle_minutes=float(os.environ.get("RECON_SESSION_IDLE_MINUTES", "15")),
+            session_lifetime_hours=float(os.environ.get("RECON_SESSION_LIFETIME_HOURS", "12")),
+            secure_cookies=_secure_cookies(os.environ.get("RECON_SECURE_COOKIES", "auto")),
+            hsts_seconds=int(os.environ.get("RECON_HSTS_SECONDS", "0")),
+            login_limit_account=os.environ.get("RECON_LOGIN_LIMIT_ACCOUNT", "10 per 15 minutes"),
+            login_limit_address=os.environ.get("RECON_LOGIN_LIMIT_ADDRESS", "30 per 15 minutes"),
+            metrics_token=os.environ.get("RECON_METRICS_TOKEN") or None,
+            trusted_proxies=int(os.environ.get("RECON_TRUSTED_PROXIES", "0")),
         )

@@ -1,43 +1,73 @@
-"""Structured JSON logs carrying request id, job id and idempotency key; never PHI."""
+"""Structured JSON logs (python-json-logger) carrying request id, job id, idempotency key,
+actor and duration; never PHI: SQL parameters are left out of logged database errors and the
+development server's request lines lose their query strings."""
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 import sys
 import time
 
-_FIELDS = (
-    "request_id",
-    "job_id",
-    "idempotency_key",
-    "message_id",
-    "replay_id",
-    "attempt_id",
-    "path",
-    "status",
-)
+from pythonjsonlogger.json import JsonFormatter as _LibraryJsonFormatter
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for name in _FIELDS:
-            value = getattr(record, name, None)
-            if value is not None:
-                out[name] = value
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+def _hide_sql_parameters(exc: BaseException | None) -> None:
+    """SQLAlchemy prints a failed statement's parameters (patient references, payload text) in the
+    exception's message; mark every database error in the chain to leave them out."""
+    from sqlalchemy.exc import StatementError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, StatementError):
+            exc.hide_parameters = True
+        exc = exc.__cause__ or exc.__context__
+
+
+class JsonFormatter(_LibraryJsonFormatter):
+    """One JSON object per line: ts, level, logger, msg, then every `extra` field given."""
+
+    def __init__(self):
+        super().__init__(
+            "%(levelname)s %(name)s %(message)s",
+            rename_fields={"levelname": "level", "name": "logger", "message": "msg", "exc_info": "exc"},
+            timestamp="ts",
+            json_default=str,
+        )
+
+    def formatTime(self, record, datefmt=None):  # noqa: N802 - logging's name
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+
+    def add_fields(self, log_data, record, message_dict) -> None:
+        super().add_fields(log_data, record, message_dict)
+        log_data["ts"] = self.formatTime(record)
+        log_data["level"] = record.levelname.lower()
+
+    def formatException(self, ei):  # noqa: N802 - logging's name
+        _hide_sql_parameters(ei[1])
+        return super().formatException(ei)
+
+
+_QUERY_IN_REQUEST_LINE = re.compile(r'("[A-Z]+ [^ ?"]*)\?[^ "]*')
+
+
+class DropQueryStrings(logging.Filter):
+    """The development server logs each request line; a query string can carry a token
+    (`?access_token=`) or a search term: keep the path only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "?" in message:
+            record.msg = _QUERY_IN_REQUEST_LINE.sub(r"\1", message)
+            record.args = None
+        return True
 
 
 def configure_logging(app=None, level: int = logging.INFO) -> None:
+    werkzeug_log = logging.getLogger("werkzeug")
+    if not any(isinstance(f, DropQueryStrings) for f in werkzeug_log.filters):
+        werkzeug_log.addFilter(DropQueryStrings())
     logger = logging.getLogger("recon")
     if any(isinstance(h.formatter, JsonFormatter) for h in logger.handlers):
         return

@@ -32,6 +32,7 @@ class User(Base):
     role: so.Mapped[str] = so.mapped_column(sa.String(20))
     active: so.Mapped[bool] = so.mapped_column(default=True)
     created_at: so.Mapped[datetime]
+    session_epoch: so.Mapped[int] = so.mapped_column(default=0, server_default="0")  # migration 0008
 
     # flask-login protocol, kept free of Flask imports
     @property

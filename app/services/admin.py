@@ -15,6 +15,7 @@ from app.domain.errors import Conflict, Invalid, NotFound
 
 from . import audit
 from .clock import utcnow
+from .users import end_sessions
 
 RISKS = ("high", "normal")
 MAX_SLA_MINUTES = 60 * 24 * 30
@@ -244,6 +245,8 @@ def set_user_active(session: so.Session, user_id: int, active: bool, *, actor: U
     if user.active == active:
         return user
     user.active = active
+    if not active:
+        end_sessions(user)  # a later reactivation does not bring old sessions back
     session.flush()
     audit.record(
         session,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 import sqlalchemy.orm as so
@@ -39,6 +41,46 @@ def add_customer(session: so.Session, name: str, *, actor: str = "system:cli") -
     return customer
 
 
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)$")
+
+
+def validated_endpoint(protocol: str, endpoint: str) -> str:
+    """The endpoint, checked for its protocol: FHIR an http(s) URL with a host (no credentials,
+    query or fragment: `javascript:` and `file:` are refused); MLLP a HOST:PORT. The connection's
+    own endpoint is the only place its adapter (and "Test connection") ever calls."""
+    endpoint = (endpoint or "").strip()
+    if not endpoint:
+        raise Invalid("endpoint is required")
+    if any(ch.isspace() or not ch.isprintable() for ch in endpoint) or len(endpoint) > 500:
+        raise Invalid("endpoint must be a single line without spaces (at most 500 characters)")
+    if protocol == Protocol.FHIR_R4:
+        try:
+            parts = urlsplit(endpoint)
+            port = parts.port
+        except ValueError:
+            raise Invalid(f"FHIR endpoint {endpoint!r} is not a valid URL") from None
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or not _HOST.match(parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]")
+            or parts.username is not None
+            or parts.query
+            or parts.fragment
+            or port == 0
+        ):
+            raise Invalid(f"FHIR endpoint {endpoint!r} must be an http:// or https:// base URL with a host")
+        return endpoint
+    from app.adapters.ehr.hl7v2_mllp import parse_endpoint
+
+    try:
+        host, _port = parse_endpoint(endpoint)
+    except Exception as exc:
+        raise Invalid(str(exc)) from None
+    if not _HOST.match(host if ":" not in host else f"[{host}]"):
+        raise Invalid(f"MLLP endpoint {endpoint!r} must be HOST:PORT")
+    return endpoint
+
+
 def add_connection(
     session: so.Session,
     name: str,
@@ -66,8 +108,7 @@ def add_connection(
         raise Invalid(f"unknown protocol {protocol!r}") from None
     if environment not in ENVIRONMENTS:
         raise Invalid(f"environment must be one of {', '.join(ENVIRONMENTS)}")
-    if not endpoint:
-        raise Invalid("endpoint is required")
+    endpoint = validated_endpoint(protocol, endpoint)
     if diagnosis_code_system not in DIAGNOSIS_CODE_SYSTEMS:
         raise Invalid(f"diagnosis code system must be one of {', '.join(DIAGNOSIS_CODE_SYSTEMS)}")
     if session.scalar(sa.select(Connection).where(Connection.name == name)):
@@ -75,12 +116,6 @@ def add_connection(
     if protocol == Protocol.HL7V2_MLLP:
         # MLLP has no query for what was applied and no conditional create: an uncertain outcome
         # always needs a clinical lead's confirm_not_applied before a resend.
-        from app.adapters.ehr.hl7v2_mllp import parse_endpoint
-
-        try:
-            parse_endpoint(endpoint)
-        except Exception as exc:
-            raise Invalid(str(exc)) from None
         conditional_create = identifier_search = False
     conn = Connection(
         name=name,

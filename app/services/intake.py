@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import uuid
 from dataclasses import dataclass
 
@@ -86,6 +87,36 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
+# The widest indexed text a message keeps beside its payload (Message.patient_ref,
+# MessageIdentifier.value).
+STORABLE_LENGTH = 200
+
+
+def _storable(value: str) -> bool:
+    return len(value) <= STORABLE_LENGTH and "\x00" not in value and _is_unicode(value)
+
+
+def _indexed_fields(body: dict, decoded):
+    """The patient reference and identifiers read from the payload, and the decoded payload —
+    marked as a data_shape problem when one of them cannot be stored (longer than its column, a
+    lone surrogate from a JSON escape, a NUL): the payload is kept byte-for-byte all the same."""
+    ref = patient_reference(body["content_type"], decoded.text, decoded.document)
+    identifiers = extract_identifiers(body["content_type"], decoded.text, decoded.document)
+    kept = [(k, v) for k, v in identifiers if _storable(k) and _storable(v)]
+    if (ref is None or _storable(ref)) and len(kept) == len(identifiers):
+        return ref, identifiers, decoded
+    if not decoded.problem:
+        decoded = dataclasses.replace(
+            decoded,
+            problem=(
+                f"the patient reference or an identifier is longer than {STORABLE_LENGTH} characters "
+                "or is not valid Unicode text"
+            ),
+            problem_kind="shape",
+        )
+    return (ref if ref is not None and _storable(ref) else None), kept, decoded
+
+
 def _validated(session: so.Session, client: User, body: dict, *, require_error: bool = False):
     """The connection, message type and raw bytes of a request, or Invalid/NotFound."""
     for name in ("connection", "message_type", "content_type", *(("error",) if require_error else ())):
@@ -113,6 +144,7 @@ def _store(
         message_type,
         diagnosis_code_system=connections.settings_for(conn).diagnosis_code_system,
     )
+    patient_ref, identifiers, decoded = _indexed_fields(body, decoded)
     message = Message(
         id=str(uuid.uuid4()),
         client_id=client.id,
@@ -122,7 +154,7 @@ def _store(
         connection_id=conn.id,
         message_type=message_type,
         content_type=body["content_type"],
-        patient_ref=patient_reference(body["content_type"], decoded.text, decoded.document),
+        patient_ref=patient_ref,
         clinical_risk=clinical_risk(message_type),
         status="queued",
         delivery_system=DELIVERY_SYSTEM_PREFIX + client.username,
@@ -145,8 +177,7 @@ def _store(
     session.flush()  # the unique (client, key) constraint fires here for a racing duplicate
     message.current_payload_id = payload.id
     session.add_all(
-        MessageIdentifier(message_id=message.id, kind=kind, value=value)
-        for kind, value in extract_identifiers(body["content_type"], decoded.text, decoded.document)
+        MessageIdentifier(message_id=message.id, kind=kind, value=value) for kind, value in identifiers
     )
     drift.record(session, conn.id, message.id, decoded.observations, now)
     if decoded.repair is not None:

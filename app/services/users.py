@@ -12,7 +12,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from app.db.models import ApiToken, User
 from app.domain.errors import Conflict, Invalid
-from app.domain.roles import Role
+from app.domain.roles import Permission, Role, has_permission
 
 from . import audit
 from .clock import utcnow
@@ -23,6 +23,62 @@ TOKEN_PREFIX = "rcn_"
 
 def hash_password(password: str) -> str:
     return _hasher.hash(password)
+
+
+_dummy_hash: str | None = None
+
+
+def _hash_for_missing_user() -> str:
+    """A real argon2id hash of a random password, made once per process: unknown users are
+    verified against it, so a login costs the same whether the name exists or not."""
+    global _dummy_hash
+    if _dummy_hash is None:
+        _dummy_hash = _hasher.hash(secrets.token_urlsafe(24))
+    return _dummy_hash
+
+
+def authenticate(session: so.Session, username: str, password: str) -> tuple[User | None, User | None]:
+    """(the user who may log in, or None; the account the name belongs to, or None).
+
+    Exactly one argon2 verification runs on every path — unknown name, service or inactive
+    account, no password, wrong password — so the time taken does not tell which it was."""
+    stored_for_missing = _hash_for_missing_user()  # made before the lookup: the first call costs the same
+    account = by_username(session, username)
+    usable = (
+        account is not None
+        and account.active
+        and bool(account.password_hash)
+        and has_permission(account.role, Permission.CONSOLE_LOGIN)
+    )
+    try:
+        verified = _hasher.verify(account.password_hash if usable else stored_for_missing, password or "-")
+    except (VerificationError, InvalidHashError):
+        verified = False
+    return (account if usable and verified else None), account
+
+
+def end_sessions(user: User) -> None:
+    """End every console session of this user (logout, password change, deactivation): sessions
+    carry the epoch they were opened under, and one that no longer matches is refused."""
+    user.session_epoch = (user.session_epoch or 0) + 1
+
+
+def set_password(session: so.Session, user: User, password: str, *, actor: str) -> None:
+    """Change a console user's password; every session they have open ends."""
+    if user.role == Role.SERVICE.value:
+        raise Invalid("service accounts have no password (API tokens only)")
+    if not password or len(password) < 8:
+        raise Invalid("password must be at least 8 characters")
+    user.password_hash = hash_password(password)
+    end_sessions(user)
+    audit.record(
+        session,
+        actor=actor,
+        action="user.password_change",
+        subject_type="user",
+        subject_id=user.id,
+        details={"username": user.username, "sessions_ended": True},
+    )
 
 
 def check_password(user: User, password: str) -> bool:

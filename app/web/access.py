@@ -1,20 +1,30 @@
 """The one server-side access check every request passes through (SPEC 3.4).
 
-Views declare what they need with @requires(Permission.X) or @public. A view
-that declares nothing is refused: access is denied by default. API requests
-authenticate with a bearer token; console requests with the login session.
+Views declare what they need with @requires(Permission.X), @public or @scrape. A
+view that declares nothing is refused: access is denied by default. API requests
+authenticate with a bearer token; console requests with the login session, which
+must still be current: opened under the user's present session epoch (logout,
+password change and deactivation end every session), used within the idle
+timeout and younger than the absolute lifetime.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
+import time
 from collections.abc import Callable
 
-from flask import Flask, abort, g, jsonify, redirect, request, url_for
-from flask_login import current_user
+from flask import Flask, abort, current_app, flash, g, jsonify, redirect, request, session, url_for
+from flask_login import current_user, logout_user
 
 from app.domain.roles import Permission, has_permission
 
 PUBLIC = "__public__"
+SCRAPE = "__scrape__"
+# How stale the session's last-seen time may get before it is written again: the cookie is not
+# re-sent on every request, at the cost of this much slack in the idle timeout.
+SEEN_RESOLUTION_SECONDS = 10
 
 
 def requires(*permissions: Permission) -> Callable:
@@ -30,6 +40,58 @@ def requires(*permissions: Permission) -> Callable:
 def public(view):
     view.required_permissions = (PUBLIC,)
     return view
+
+
+def scrape(view):
+    """For /metrics: a scraper with RECON_METRICS_TOKEN as its bearer token, or, when no token is
+    configured, a client on this host (loopback) — never the open network."""
+    view.required_permissions = (SCRAPE,)
+    return view
+
+
+def begin_session(user) -> None:
+    """Stamp a fresh login session with the user's session epoch and its start time."""
+    now = time.time()
+    session["epoch"] = user.session_epoch or 0
+    session["auth_at"] = now
+    session["seen_at"] = now
+
+
+def _session_end_reason(user) -> str | None:
+    """Why this console session may no longer be used, or None (and it counts as activity)."""
+    settings = current_app.config["RECON_SETTINGS"]
+    now = time.time()
+    auth_at, seen_at = session.get("auth_at"), session.get("seen_at")
+    if session.get("epoch") != (user.session_epoch or 0):
+        return "Your session was ended. Please log in again."
+    if not isinstance(auth_at, int | float) or not isinstance(seen_at, int | float):
+        return "Please log in again."
+    if now - auth_at > settings.session_lifetime_hours * 3600:
+        return "Your session reached its maximum length. Please log in again."
+    if now - seen_at > settings.session_idle_minutes * 60:
+        return "Your session timed out after inactivity. Please log in again."
+    if now - seen_at > SEEN_RESOLUTION_SECONDS:
+        session["seen_at"] = now
+    return None
+
+
+def bearer_token() -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (scheme case-insensitive, RFC 7235)."""
+    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def _may_scrape() -> bool:
+    expected = current_app.config["RECON_SETTINGS"].metrics_token
+    if expected:
+        sent = bearer_token() or ""
+        return hmac.compare_digest(sent.encode(), expected.encode())
+    try:
+        return ipaddress.ip_address(request.remote_addr or "").is_loopback
+    except ValueError:
+        return False
 
 
 def current_actor():
@@ -64,28 +126,36 @@ def _check_access():
         return None  # 404/405 handled by Flask
     needed = getattr(view, "required_permissions", None)
     is_api = request.blueprint == "api"
+    if needed == (SCRAPE,):
+        return None if _may_scrape() else _api_error(401, "unauthorized", "metrics need the scrape token")
     if is_api:
         from app.services.users import user_for_token
 
         from .extensions import unit_of_work
 
-        header = request.headers.get("Authorization", "")
         if needed == (PUBLIC,):
             return None
-        if not header.startswith("Bearer "):
+        token = bearer_token()
+        if token is None:
             return _api_error(401, "unauthorized", "send Authorization: Bearer <token>")
         with unit_of_work(read_only=True) as s:
-            user = user_for_token(s, header[len("Bearer ") :].strip())
+            user = user_for_token(s, token)
         if user is None:
             return _api_error(401, "unauthorized", "invalid or revoked token")
         g.actor = user
     else:
         if current_user.is_authenticated:
             if not has_permission(current_user.role, Permission.CONSOLE_LOGIN):
-                from flask_login import logout_user
-
                 logout_user()
                 abort(403)
+            ended = _session_end_reason(current_user)
+            if ended is not None:
+                logout_user()
+                session.clear()
+                flash(ended)
+                if needed == (PUBLIC,):
+                    return None
+                return redirect(url_for("auth.login", next=request.full_path))
             g.actor = current_user._get_current_object()
         if needed == (PUBLIC,):
             return None

@@ -1,6 +1,8 @@
 """Bad input gets a clear 4xx with a JSON error or a form message — never a 500 — and intake
 loses nothing."""
 
+import json
+
 import sqlalchemy as sa
 
 from app.db.models import Message, PayloadVersion
@@ -132,3 +134,131 @@ def test_login_redirect_stays_on_this_site(client, users):
         )
         assert r.status_code == 302
         assert "evil" not in r.headers["Location"], target
+
+
+# --- issue 7: the three bodies that used to answer 500, and the ids past the column's range -------
+
+
+def _stored_raw(sessions, message_id: str) -> bytes:
+    with transaction(sessions) as s:
+        return s.scalar(sa.select(PayloadVersion.raw).where(PayloadVersion.message_id == message_id))
+
+
+def test_a_patient_id_longer_than_the_column_is_stored_not_a_500(client, users, fhir_connection, sessions):
+    long_id = "p" * 300
+    for n, resource in enumerate(
+        (
+            {"resourceType": "Patient", "id": long_id, "name": [{"family": "Lee"}]},
+            {
+                "resourceType": "MedicationRequest",
+                "status": "active",
+                "subject": {"reference": f"Patient/{long_id}"},
+            },
+            {
+                "resourceType": "MedicationRequest",
+                "status": "active",
+                "identifier": [{"system": "urn:x:" + "s" * 300, "value": "v" * 300}],
+            },
+        )
+    ):
+        payload = json.dumps(resource)
+        r = _submit_payload(client, users, payload, f"long-{n}")
+        assert r.status_code == 202, r.get_data(as_text=True)
+        assert _stored_raw(sessions, r.json["id"]) == payload.encode()
+
+
+def test_a_lone_surrogate_anywhere_in_the_body_is_never_a_500(client, users, fhir_connection, sessions):
+    headers = {"Authorization": f"Bearer {users['svc_token']}", "Content-Type": "application/json"}
+    raw_payload = '{"resourceType": "Patient", "id": "a\\ud800b"}'
+    body = (
+        '{"connection": "mercy-epic", "message_type": "Patient", '
+        '"content_type": "application/fhir+json", "payload": ' + json.dumps(raw_payload) + "}"
+    )
+    # the JSON string escape travels inside the payload text: kept, data_shape
+    r = client.post("/api/v1/messages", data=body, headers={**headers, "Idempotency-Key": "sur-1"})
+    assert r.status_code == 202 and r.json["category"] == "data_shape", r.get_data(as_text=True)
+    # the payload string itself holds a lone surrogate: kept byte-for-byte (surrogatepass)
+    body = body.replace(json.dumps(raw_payload), '"\\ud800"')
+    r = client.post("/api/v1/messages", data=body, headers={**headers, "Idempotency-Key": "sur-2"})
+    assert r.status_code == 202 and r.json["category"] == "data_shape", r.get_data(as_text=True)
+    assert _stored_raw(sessions, r.json["id"]) == "\ud800".encode("utf-8", "surrogatepass")
+    # in a field that names something: refused, 4xx
+    for field in ("connection", "message_type"):
+        bad = (
+            '{"connection": "mercy-epic", "message_type": "Patient", "content_type": '
+            '"application/fhir+json", "payload": "{}"}'
+        ).replace(f'"{field}": "', f'"{field}": "\\udc80')
+        r = client.post("/api/v1/messages", data=bad, headers={**headers, "Idempotency-Key": f"sur-{field}"})
+        assert 400 <= r.status_code < 500, (field, r.status_code)
+    r = client.post(
+        "/api/v1/exceptions",
+        data=body.replace("}", ', "error": "AE \\udfff"}'),
+        headers={**headers, "Idempotency-Key": "sur-3"},
+    )
+    assert r.status_code == 202, r.get_data(as_text=True)
+
+
+def test_a_body_nested_a_thousand_levels_deep_is_a_4xx(client, users, fhir_connection):
+    headers = {
+        "Authorization": f"Bearer {users['svc_token']}",
+        "Content-Type": "application/json",
+        "Idempotency-Key": "deep-body",
+    }
+    for depth in (1_000, 100_000):
+        body = (
+            '{"connection": "mercy-epic", "message_type": "Patient", "content_type": '
+            '"application/fhir+json", "payload": "{}", "extra": ' + "[" * depth + "]" * depth + "}"
+        )
+        for url in ("/api/v1/messages", "/api/v1/exceptions", "/api/v1/exceptions/1/decisions"):
+            r = client.post(url, data=body, headers=headers)
+            assert 400 <= r.status_code < 500, (url, depth, r.status_code)
+            assert r.json["error"]["code"]
+
+
+def test_ids_past_the_id_columns_are_404_on_every_id_route(client, users, make_tokens):
+    from tests.conftest import PASSWORD, csrf_token
+
+    rita = {"Authorization": f"Bearer {make_tokens('rita')['rita']}"}
+    for huge in (2**31, 2**53, 2**63 - 1):
+        assert client.get(f"/api/v1/exceptions/{huge}", headers=rita).status_code == 404
+        r = client.post(
+            f"/api/v1/exceptions/{huge}/decisions", json={"action": "comment", "reason": "x"}, headers=rita
+        )
+        assert r.status_code == 404
+    auditor = {"Authorization": f"Bearer {make_tokens('audrey')['audrey']}"}
+    for cursor in (2**31, 2**63 - 1, 2**63, -1):
+        r = client.get(f"/api/v1/audit?cursor={cursor}", headers=auditor)
+        assert r.status_code in (200, 422), (cursor, r.status_code)
+    # every console route with an integer id, for an admin (who passes every access rule)
+    token = csrf_token(client, "/login")
+    client.post("/login", data={"username": "adam", "password": PASSWORD, "csrf_token": token})
+    app = client.application
+    for rule in app.url_map.iter_rules():
+        if "int" not in str(rule) or rule.rule.startswith("/api/"):
+            continue
+        url = rule.rule
+        for arg in rule.arguments:
+            url = url.replace(f"<int:{arg}>", str(2**31))
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            r = client.open(url, method=method, data={"csrf_token": csrf_token(client, "/")})
+            assert r.status_code == 404, (method, url, r.status_code)
+
+
+def test_405_names_the_allowed_methods(client):
+    r = client.delete("/login")
+    assert r.status_code == 405
+    assert set(r.headers["Allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
+    r = client.put("/api/v1/messages")
+    assert r.status_code == 405 and "POST" in r.headers["Allow"]
+    assert r.json["error"]["code"] == "method_not_allowed"
+
+
+def test_bearer_scheme_is_case_insensitive(client, users):
+    for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):
+        r = client.get("/api/v1/exceptions", headers={"Authorization": f"{scheme} {users['svc_token']}"})
+        assert r.status_code == 403, scheme  # authenticated (a service account may not list)
+    assert (
+        client.get("/api/v1/exceptions", headers={"Authorization": f"Basic {users['svc_token']}"}).status_code
+        == 401
+    )
+    assert client.get("/api/v1/exceptions", headers={"Authorization": "Bearer"}).status_code == 401

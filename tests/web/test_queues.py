@@ -193,8 +193,8 @@ def sla_of(html: str, exc_id: int) -> tuple[str, str]:
 def test_sla_status_is_rendered_on_track_at_risk_and_breached(login, make, now, status, remaining):
     with freeze_time("2024-05-01 12:00:00"):
         exc_id = make()  # MedicationRequest: high clinical risk, 30 minute window
-        client = login("rita")
     with freeze_time(now):
+        client = login("rita")  # at `now`: a session idle since 12:00 would have timed out
         html = client.get("/queues/all").get_data(as_text=True)
         assert sla_of(html, exc_id) == (status, remaining)
         assert 'data-due="2024-05-01T12:30:00.000000Z"' in html

@@ -401,8 +401,13 @@ def test_connection(connection_id: int):
     try:
         from app.adapters.ehr.base import adapter_for
 
+        # Only the connection's own endpoint, and only one that is valid for its protocol (a row
+        # stored before endpoints were validated is refused, not probed).
+        connections.validated_endpoint(settings.protocol, settings.endpoint)
         with adapter_for(settings) as adapter:
             result = dict(adapter.check_connection())
+    except DomainError as exc:
+        result = {"ok": False, "detail": f"not probed: {exc.message}"}
     except Exception as exc:  # a failed probe is a result to show, not a 500
         result = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
     with unit_of_work() as s:

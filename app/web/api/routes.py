@@ -25,6 +25,7 @@ from app.services.intake import report_exception as report_failed_message
 from ..access import current_actor, public, requires
 from ..errors import error_response
 from ..extensions import csrf, sessions, unit_of_work
+from ..input_guard import MAX_ROW_ID
 from . import bp
 from .openapi import OPENAPI
 
@@ -327,7 +328,7 @@ def audit_events():
     try:
         limit = min(max(int(args.get("limit", 100)), 1), 1000)
         after = int(args.get("cursor") or 0)
-        if not 0 <= after < 2**63:
+        if not 0 <= after <= MAX_ROW_ID:
             raise ValueError
     except ValueError:
         raise Invalid("limit and cursor must be integers", code="invalid_parameter") from None

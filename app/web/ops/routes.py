@@ -8,7 +8,7 @@ from flask import current_app, jsonify
 from app.db.migrate import at_head
 from app.services.metrics import render_metrics
 
-from ..access import public
+from ..access import public, scrape
 from ..extensions import redis_client, sessions, unit_of_work
 from . import bp
 
@@ -40,7 +40,7 @@ def readyz():
 
 
 @bp.get("/metrics")
-@public
+@scrape
 def metrics():
     with unit_of_work() as s:
         body = render_metrics(s, current_app.config["RECON_SETTINGS"].handoff_policy())

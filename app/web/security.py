@@ -1,0 +1,150 @@
+"""Response headers, session cookies and login throttles (docs/SECURITY.md).
+
+* Headers through flask-talisman: a CSP with no inline script or style and no eval (htmx runs
+  with allowEval false, templates/base.html), frame-ancestors 'none', nosniff, Referrer-Policy,
+  HSTS when RECON_HSTS_SECONDS is set; `Cache-Control: no-store` on everything but static files.
+* The session cookie is Secure when configured, and by default for any host but localhost.
+* Failed logins are counted per account and per client address with flask-limiter on the app's
+  Redis (shared by every web process); a throttled login is refused before its password is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from flask import Flask, current_app, request
+from flask.sessions import SecureCookieSessionInterface
+from flask_limiter import Limiter, RequestLimit
+from flask_talisman import Talisman
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from app.config import Settings
+
+log = logging.getLogger("recon.security")
+
+CSP = {
+    "default-src": "'self'",
+    "script-src": "'self'",
+    "style-src": "'self'",
+    "img-src": "'self' data:",
+    "connect-src": "'self'",
+    "font-src": "'self'",
+    "object-src": "'none'",
+    "base-uri": "'none'",
+    "form-action": "'self'",
+    "frame-ancestors": "'none'",
+}
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+def settings() -> Settings:
+    return current_app.config["RECON_SETTINGS"]
+
+
+class SessionCookies(SecureCookieSessionInterface):
+    """Flask's signed-cookie session with the Secure flag decided per request: always, never, or
+    (auto) for every host except localhost, so a local demo over http still logs in."""
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        mode = app.config["RECON_SETTINGS"].secure_cookies
+        if mode == "always":
+            return True
+        if mode == "never":
+            return False
+        return request.host.rsplit(":", 1)[0] not in LOCAL_HOSTS if request else True
+
+
+def client_address() -> str:
+    """The client's address (behind RECON_TRUSTED_PROXIES proxies, the one they forwarded)."""
+    return request.remote_addr or "-"
+
+
+def login_account() -> str:
+    """The account a login attempt names, normalised, so `Lena` and `lena ` share one counter."""
+    return (request.form.get("username") or "").strip().lower()[:80] or "-"
+
+
+def _failed_login(response) -> bool:
+    return response.status_code == 401
+
+
+def _throttled(scope: str):
+    def on_breach(_limit: RequestLimit):
+        from .auth.routes import login_throttled
+
+        log.warning("login throttled", extra={"path": request.path, "throttle": scope})
+        return login_throttled()
+
+    return on_breach
+
+
+def _storage_uri(app_settings: Settings) -> str:
+    from app.adapters.redis_conn import redis_url
+
+    url = redis_url(app_settings)
+    # limits names a Redis socket redis+unix://; redis-py names it unix://.
+    return "redis+" + url if url.startswith("unix://") else url
+
+
+def init_app(app: Flask, app_settings: Settings) -> None:
+    if app_settings.trusted_proxies:
+        n = app_settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)
+    app.session_interface = SessionCookies()
+    Talisman(
+        app,
+        force_https=False,  # TLS ends at the load balancer; it redirects
+        session_cookie_secure=False,  # decided per request by SessionCookies
+        session_cookie_samesite="Lax",
+        strict_transport_security=app_settings.hsts_seconds > 0,
+        strict_transport_security_max_age=app_settings.hsts_seconds,
+        strict_transport_security_include_subdomains=False,
+        content_security_policy=CSP,
+        frame_options="DENY",
+        referrer_policy="same-origin",
+        permissions_policy={"geolocation": "()", "camera": "()", "microphone": "()"},
+    )
+
+    @app.after_request
+    def _no_store(response):
+        # Pages, fragments and API answers carry PHI or per-user state: never cached anywhere.
+        if request.endpoint != "static":
+            response.headers["Cache-Control"] = "no-store"
+            response.headers["Pragma"] = "no-cache"
+        return response
+
+    _init_login_throttle(app, app_settings)
+
+
+def _init_login_throttle(app: Flask, app_settings: Settings) -> None:
+    # One prefix per deployment (its database): deployments sharing a Redis, or test runs with a
+    # fresh database each, never share counters.
+    prefix = "recon-limits:" + hashlib.sha256(app_settings.database_url.encode()).hexdigest()[:16]
+    limiter = Limiter(
+        key_func=client_address,
+        app=app,
+        storage_uri=_storage_uri(app_settings),
+        key_prefix=prefix,
+        strategy="moving-window",
+        headers_enabled=True,
+        swallow_errors=True,  # Redis down: fall back to per-process counters, never a 500
+        in_memory_fallback_enabled=True,
+    )
+    view = app.view_functions["auth.login"]
+    view = limiter.limit(
+        lambda: settings().login_limit_account,
+        key_func=login_account,
+        methods=["POST"],
+        deduct_when=_failed_login,
+        scope="login-account",
+        on_breach=_throttled("account"),
+    )(view)
+    view = limiter.limit(
+        lambda: settings().login_limit_address,
+        methods=["POST"],
+        deduct_when=_failed_login,
+        scope="login-address",
+        on_breach=_throttled("address"),
+    )(view)
+    app.view_functions["auth.login"] = view
