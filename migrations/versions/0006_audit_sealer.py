@@ -76,22 +76,25 @@ def upgrade() -> None:
     op.execute(
         """
         CREATE FUNCTION audit_pending_guard() RETURNS trigger AS $$
+        DECLARE
+            sealed audit_events%ROWTYPE;
         BEGIN
             IF TG_OP = 'DELETE' THEN
-                IF EXISTS (
-                    SELECT 1 FROM audit_events e
-                    WHERE e.seq = OLD.seq
-                      AND e.occurred_at = OLD.occurred_at
-                      AND e.actor = OLD.actor
-                      AND e.action = OLD.action
-                      AND e.subject_type = OLD.subject_type
-                      AND e.subject_id = OLD.subject_id
-                      AND e.from_state IS NOT DISTINCT FROM OLD.from_state
-                      AND e.to_state IS NOT DISTINCT FROM OLD.to_state
-                      AND e.reason IS NOT DISTINCT FROM OLD.reason
-                      AND e.reason_code IS NOT DISTINCT FROM OLD.reason_code
-                      AND e.details::text = OLD.details::text
-                ) THEN
+                -- By seq alone, so the only index the plan can use is ux_audit_events_seq (a plan
+                -- on, say, the actor index scans every event of that actor for every row).
+                SELECT * INTO sealed FROM audit_events WHERE seq = OLD.seq;
+                IF FOUND
+                   AND sealed.occurred_at = OLD.occurred_at
+                   AND sealed.actor = OLD.actor
+                   AND sealed.action = OLD.action
+                   AND sealed.subject_type = OLD.subject_type
+                   AND sealed.subject_id = OLD.subject_id
+                   AND sealed.from_state IS NOT DISTINCT FROM OLD.from_state
+                   AND sealed.to_state IS NOT DISTINCT FROM OLD.to_state
+                   AND sealed.reason IS NOT DISTINCT FROM OLD.reason
+                   AND sealed.reason_code IS NOT DISTINCT FROM OLD.reason_code
+                   AND sealed.details::text = OLD.details::text
+                THEN
                     RETURN OLD;
                 END IF;
                 RAISE EXCEPTION
@@ -100,8 +103,6 @@ def upgrade() -> None:
             RAISE EXCEPTION 'audit_pending is append-only: % rejected', TG_OP;
         END;
         $$ LANGUAGE plpgsql
-        -- The lookup must use ux_audit_events_seq whatever the statistics say: a plan cached
-        -- while audit_events was small would otherwise scan the whole table for every row.
         SET enable_seqscan = off
         """
     )
@@ -112,6 +113,12 @@ def upgrade() -> None:
     op.execute(
         "CREATE TRIGGER audit_pending_no_truncate BEFORE TRUNCATE ON audit_pending "
         "FOR EACH STATEMENT EXECUTE FUNCTION audit_pending_guard()"
+    )
+    # A queue table: rows live for milliseconds. Vacuum it by its dead rows, not by its size.
+    op.execute(
+        "ALTER TABLE audit_pending SET (autovacuum_vacuum_scale_factor = 0, "
+        "autovacuum_vacuum_threshold = 5000, autovacuum_analyze_scale_factor = 0, "
+        "autovacuum_analyze_threshold = 5000)"
     )
 
 
