@@ -225,14 +225,20 @@ _backstop_last = 0.0
 
 
 def seal_if_due(factory: so.sessionmaker, every: float = BACKSTOP_SECONDS) -> int:
-    """The web app's backstop: at most one seal per process every `every` seconds, never two at
-    once, never waiting for another sealer."""
+    """The web app's backstop: at most one look per process every `every` seconds, never two at
+    once, never waiting for another sealer; it takes no write lock unless something is pending
+    (a request's teardown must not queue behind a writer when there is nothing to do)."""
     global _backstop_last
     now = time.monotonic()
     if now - _backstop_last < every or not _backstop_lock.acquire(blocking=False):
         return 0
     try:
         _backstop_last = now
+        from app.db.session import transaction
+
+        with transaction(factory, read_only=True) as s:
+            if s.execute(sa.select(_PENDING.c.seq).limit(1)).first() is None:
+                return 0
         return seal(factory)
     finally:
         _backstop_lock.release()
