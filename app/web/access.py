@@ -155,12 +155,12 @@ def _check_access():
                 flash(ended)
                 if needed == (PUBLIC,):
                     return None
-                return redirect(url_for("auth.login", next=request.full_path))
+                return _to_login()
             g.actor = current_user._get_current_object()
         if needed == (PUBLIC,):
             return None
         if g.actor is None:
-            return redirect(url_for("auth.login", next=request.full_path))
+            return _to_login()
     if not needed:
         return _api_error(403, "forbidden", "endpoint has no access rule") if is_api else abort(403)
     if not all(has_permission(g.actor.role, p) for p in needed):
@@ -168,6 +168,17 @@ def _check_access():
             return _api_error(403, "forbidden", f"role {g.actor.role} may not do this")
         abort(403)
     return None
+
+
+def _to_login():
+    """Send the browser to the login page. An htmx request is told to load it as a whole page
+    (HX-Redirect) rather than swap the login form into a fragment's place."""
+    target = url_for("auth.login", next=request.full_path)
+    if request.headers.get("HX-Request") == "true":
+        response = current_app.make_response(("", 200))
+        response.headers["HX-Redirect"] = url_for("auth.login")
+        return response
+    return redirect(target)
 
 
 def app_view():

@@ -44,6 +44,7 @@ def test_failed_logins_lock_the_account_even_for_the_right_password(app, client,
     refused = _try_login(client, "rita", PASSWORD)
     assert refused.status_code == 429
     assert "Too many failed logins" in refused.get_data(as_text=True)
+    assert 0 < int(refused.headers["Retry-After"]) <= 15 * 60
     assert not _logged_in(client)
     # the name is normalised: case and spaces do not open a fresh counter
     assert _try_login(client, " RITA ", PASSWORD).status_code == 429
@@ -188,6 +189,15 @@ def test_session_ends_at_its_absolute_lifetime_even_when_active(app, client, aut
             assert _logged_in(client)
         clock.tick(2 * 60)  # 62 minutes after login, 2 minutes after the last request
         assert not _logged_in(client)
+
+
+def test_an_htmx_request_after_the_timeout_loads_the_login_page_whole(client, auth, users):
+    with freeze_time("2026-03-01 09:00:00") as clock:
+        assert auth.login("rita").status_code == 302
+        clock.tick(16 * 60)
+        r = client.get("/queues/all", headers={"HX-Request": "true"})
+        assert r.status_code == 200 and r.headers["HX-Redirect"] == "/login"
+        assert r.get_data(as_text=True) == ""  # nothing swapped into the page
 
 
 @pytest.mark.parametrize("minutes", [5])

@@ -9,6 +9,7 @@ import re
 import pytest
 
 from app.web.access import public
+from tests.conftest import csrf_token
 
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -87,7 +88,17 @@ def test_headers_on_every_response_type(client, login, make, users, boom, post):
     assert fragment.status_code == 200 and "<html" not in fragment.get_data(as_text=True)
     assert_secured(fragment)
     assert_secured(client.get("/admin"))  # 403
-    assert_secured(post(f"/exceptions/{exc_id}/discard", {"reason_code": "bogus"}))
+    refused = post(f"/exceptions/{exc_id}/decide", {"action": "discard", "reason_code": "bogus"})
+    assert refused.status_code == 422
+    assert_secured(refused)
+    throttled = client.application.config["RECON_SETTINGS"]
+    throttled.login_limit_account = "1 per 15 minutes"
+    other = client.application.test_client()
+    for expected in (401, 429):
+        token = csrf_token(other, "/login")
+        r = other.post("/login", data={"username": "x", "password": "y", "csrf_token": token})
+        assert r.status_code == expected
+        assert_secured(r)
 
 
 def test_hsts_only_when_configured(monkeypatch, database_url, redis_url):
