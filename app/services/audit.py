@@ -154,14 +154,18 @@ def seal(
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
             continue
-        sealed += done
-        if done < batch:
+        count, newest = done
+        sealed += count
+        # A short batch took everything committed; a full one that reached our own events is
+        # enough for this caller (it does not seal everyone else's backlog on its request).
+        if count < batch or (wait_for is not None and newest >= wait_for):
             return sealed
 
 
-def _seal_batch(factory: so.sessionmaker, batch: int) -> int | None:
+def _seal_batch(factory: so.sessionmaker, batch: int) -> tuple[int, int] | None:
     """One short transaction: the oldest `batch` committed pending events, chained onto the head.
-    None when another sealer holds the lock (PostgreSQL)."""
+    Returns how many and the newest seq sealed; None when another sealer holds the lock
+    (PostgreSQL)."""
     from app.db.session import transaction
 
     with transaction(factory) as s:
@@ -176,7 +180,7 @@ def _seal_batch(factory: so.sessionmaker, batch: int) -> int | None:
             .limit(batch)
         ).all()
         if not rows:
-            return 0
+            return 0, 0
         last_id, prev = conn.execute(
             sa.select(_HEAD.c.last_id, _HEAD.c.last_hash).where(_HEAD.c.id == 1).with_for_update()
         ).one()
@@ -210,7 +214,7 @@ def _seal_batch(factory: so.sessionmaker, batch: int) -> int | None:
             conn.execute(sa.insert(_EVENTS), events)
             conn.execute(sa.delete(_PENDING).where(_PENDING.c.seq.in_(seqs)))
         conn.execute(sa.update(_HEAD).where(_HEAD.c.id == 1).values(last_id=last_id, last_hash=prev))
-        return len(rows)
+        return len(rows), seqs[-1]
 
 
 def _is_pending(factory: so.sessionmaker, seq: int) -> bool:

@@ -299,3 +299,22 @@ def test_a_committer_waits_only_briefly_for_a_busy_sealer(sessions, database_url
             holder.commit()
     assert audit.seal(sessions) == (1 if is_postgres else 0)
     assert _sealed(sessions, pending)[0] is not None and _verify(sessions).ok
+
+
+def test_a_committer_seals_up_to_its_own_events_not_everyone_elses_backlog(
+    sessions, database_url, monkeypatch
+):
+    real = audit._seal_batch
+    monkeypatch.setattr(audit, "_seal_batch", lambda *a, **k: None)  # as if another sealer were busy
+    monkeypatch.setattr(audit, "SEAL_WAIT_SECONDS", 0.0)
+    with transaction(sessions) as s:
+        [own] = _record(s, 1, "own")
+    for _ in range(5):  # committed after ours: higher seqs
+        _insert_pending(get_engine(database_url), "test.later")
+    monkeypatch.setattr(audit, "_seal_batch", real)
+    assert audit.seal(sessions, wait_for=own.seq, batch=2) == 2  # the batch holding ours
+    assert _sealed(sessions, [own])[0] is not None
+    with transaction(sessions, read_only=True) as s:
+        assert audit.pending_summary(s).count == 4
+    assert audit.seal(sessions, batch=2) == 4  # a backstop takes the rest
+    assert _verify(sessions).ok
