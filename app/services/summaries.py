@@ -33,8 +33,8 @@ TRENDS_SECONDS = 60.0  # the series have hourly points: once a minute is plenty
 
 
 def refresh_seconds() -> float:
-    """How often one worker refreshes the counts (RECON_SUMMARY_SECONDS, default 10)."""
-    return float(os.environ.get("RECON_SUMMARY_SECONDS", "10"))
+    """How often one worker refreshes the counts (RECON_SUMMARY_SECONDS, default 15)."""
+    return float(os.environ.get("RECON_SUMMARY_SECONDS", "15"))
 
 
 @dataclass
@@ -53,6 +53,10 @@ def refresh(
     started = time.perf_counter()
     now = now or utcnow()
     with transaction(sessions, read_only=True) as s:
+        if s.get_bind().dialect.name == "postgresql":
+            # A few thousand groups over the active rows: hash them in memory rather than sort
+            # the rows through temporary files (the default work_mem is 4 MB).
+            s.execute(sa.text("SET LOCAL work_mem = '64MB'"))
         groups = [dict(row._mapping) for row in s.execute(queries.active_groups(s, now))]
         trends_as_of = s.scalar(sa.select(ReadSummary.trends_as_of).where(ReadSummary.id == 1))
         trends = None
