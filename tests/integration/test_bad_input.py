@@ -2,8 +2,11 @@
 loses nothing."""
 
 import json
+import uuid
 
 import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from app.db.models import Message, PayloadVersion
 from app.db.session import transaction
@@ -262,3 +265,54 @@ def test_bearer_scheme_is_case_insensitive(client, users):
         == 401
     )
     assert client.get("/api/v1/exceptions", headers={"Authorization": "Bearer"}).status_code == 401
+
+
+# Any text at all, lone surrogates and NUL included (a JSON body carries them as \u escapes).
+_ANY_TEXT = st.text(st.characters(codec=None, min_codepoint=0, max_codepoint=0x10FFFF), max_size=300)
+# Values that have broken intake before, mixed with anything at all.
+_TRICKY = st.sampled_from(["p" * 250, "Patient/" + "9" * 200, "a\ud800b", "x\x00y", "\udfff"]) | _ANY_TEXT
+_FHIR_KEYS = st.sampled_from(
+    ["resourceType", "id", "subject", "patient", "reference", "identifier", "system", "value"]
+)
+_FHIR_LIKE = st.recursive(
+    st.none() | st.booleans() | st.integers() | _TRICKY,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(_FHIR_KEYS, children, max_size=4),
+    max_leaves=12,
+)
+_RESOURCE = st.fixed_dictionaries(
+    {"resourceType": st.sampled_from(["Patient", "MedicationRequest", "Observation"]), "id": _TRICKY},
+    optional={
+        "subject": st.fixed_dictionaries({"reference": _TRICKY}),
+        "identifier": st.lists(st.fixed_dictionaries({"system": _TRICKY, "value": _TRICKY}), max_size=2),
+    },
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    payload=_RESOURCE.map(json.dumps) | _FHIR_LIKE.map(json.dumps) | _ANY_TEXT,
+    message_type=st.sampled_from(["Patient", "MedicationRequest", "ADT^A08"]) | _ANY_TEXT,
+    content_type=st.sampled_from(["application/fhir+json", "x-application/hl7-v2+er7"]) | _ANY_TEXT,
+    extra=_FHIR_LIKE,
+    report=st.booleans(),
+)
+def test_intake_never_answers_500_for_any_body(
+    client, users, fhir_connection, payload, message_type, content_type, extra, report
+):
+    body = {
+        "connection": "mercy-epic",
+        "message_type": message_type,
+        "content_type": content_type,
+        "payload": payload,
+        "extra": extra,
+    }
+    if report:
+        body["error"] = payload[:100] or "AE"
+    r = client.post(
+        "/api/v1/exceptions" if report else "/api/v1/messages",
+        json=body,
+        headers={"Authorization": f"Bearer {users['svc_token']}", "Idempotency-Key": uuid.uuid4().hex},
+    )
+    assert r.status_code < 500, r.get_data(as_text=True)
+    if r.status_code == 202:
+        assert r.json["id"]
