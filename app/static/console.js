@@ -77,6 +77,35 @@
     }
   });
 
+  // Correction editor: a "jump to" link selects its line (or field) in the textarea and scrolls
+  // it into view. Without this script the link still goes to the editor (href="#payload").
+  function jumpTo(link) {
+    var editor = document.querySelector(link.getAttribute("href"));
+    if (!editor || editor.tagName !== "TEXTAREA") return false;
+    var line = parseInt(link.dataset.jumpLine, 10);
+    if (!(line > 0)) return false;
+    var lines = editor.value.split("\n");
+    line = Math.min(line, lines.length);
+    var offset = 0;
+    for (var i = 0; i < line - 1; i++) offset += lines[i].length + 1;
+    var text = lines[line - 1];
+    var start = parseInt(link.dataset.jumpStart, 10) || 0, end = parseInt(link.dataset.jumpEnd, 10) || 0;
+    if (!(end > start) || end > text.length) { start = 0; end = text.length; }
+    editor.focus({ preventScroll: true });
+    editor.setSelectionRange(offset + start, offset + end);
+    var style = getComputedStyle(editor);
+    var lineHeight = parseFloat(style.lineHeight) || parseFloat(style.fontSize) * 1.2;
+    // The target line a third of the way down, so the lines above it stay readable.
+    editor.scrollTop = Math.max(0, (line - 1) * lineHeight - editor.clientHeight / 3);
+    editor.scrollIntoView({ block: "nearest" });
+    return true;
+  }
+
+  document.addEventListener("click", function (e) {
+    var link = e.target.closest && e.target.closest("a[data-jump-line]");
+    if (link && jumpTo(link)) e.preventDefault();
+  });
+
   document.addEventListener("htmx:afterSwap", function () { updateBulkCount(); tick(); });
   document.addEventListener("DOMContentLoaded", function () { updateBulkCount(); tick(); setInterval(tick, 1000); });
 })();

@@ -9,12 +9,12 @@ from wtforms.validators import AnyOf, DataRequired, Length, Optional
 from wtforms.widgets import HiddenInput
 
 from app.domain.errors import DomainError
+from app.domain.payload_diff import review
 from app.domain.roles import Permission
 from app.services import exceptions, queries
 
-from ..access import current_actor, requires
+from ..access import can, current_actor, requires
 from ..console import first_error, page_or_fragment, stop_polling
-from ..exceptions.payload_view import payload_diff
 from ..extensions import htmx, unit_of_work
 from . import bp
 
@@ -28,19 +28,29 @@ class ApprovalForm(FlaskForm):
 
 def _render_index(*, status: int = 200, error: str | None = None, error_for: int | None = None):
     actor = current_actor()
+    # Values are payload content; a role without payload access would see the changed paths only.
+    show_values = can(Permission.VIEW_PAYLOAD)
     with unit_of_work() as s:
         pending = queries.pending_approvals(s)
-        diffs = {}
+        reviews = {}
         for p in pending:
             if p.replay.corrected and p.original is not None:
-                # The diff shows payload content: an audited PHI view, like the payload viewer.
-                exceptions.view_payload(
-                    s, p.item, actor, channel="console-approvals", payload_version_id=p.proposed.id
+                if show_values:
+                    # The change list shows payload content: an audited PHI view, like the viewer.
+                    exceptions.view_payload(
+                        s, p.item, actor, channel="console-approvals", payload_version_id=p.proposed.id
+                    )
+                reviews[p.replay.id] = review(
+                    p.item.message.content_type, p.original.text or "", p.proposed.text or ""
                 )
-                diffs[p.replay.id] = payload_diff(p.original.text or "", p.proposed.text or "")
     return (
         render_template(
-            "approvals/index.html", pending=pending, diffs=diffs, error=error, error_for=error_for
+            "approvals/index.html",
+            pending=pending,
+            reviews=reviews,
+            show_values=show_values,
+            error=error,
+            error_for=error_for,
         ),
         status,
     )
@@ -49,7 +59,7 @@ def _render_index(*, status: int = 200, error: str | None = None, error_for: int
 @bp.route("/approvals")
 @requires(Permission.APPROVE)
 def index():
-    """Replays waiting for a clinical lead, with the diff of corrected payloads."""
+    """Replays waiting for a clinical lead; a corrected payload shows its changed fields first."""
     return _render_index()
 
 

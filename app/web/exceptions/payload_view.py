@@ -5,7 +5,6 @@ Pure functions over text; the caller decides whether the viewer may see the payl
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from dataclasses import dataclass, field
@@ -85,39 +84,7 @@ def fhir_lines(text: str, issues: list[dict]) -> list[JsonLine] | None:
 
 # HL7 v2 segments and fields are parsed in the domain: app/domain/hl7_view.py.
 
-# --- corrections ----------------------------------------------------------------------------------
-
-
-@dataclass
-class DiffLine:
-    kind: str  # add | del | hunk | file | same
-    text: str
-
-
-def payload_diff(
-    original: str, corrected: str, *, original_label: str = "version 1 (original)"
-) -> list[DiffLine]:
-    """Unified diff of a corrected payload against the original, line by line for the template."""
-    lines = []
-    for text in difflib.unified_diff(
-        original.splitlines(),
-        corrected.splitlines(),
-        fromfile=original_label,
-        tofile="corrected",
-        lineterm="",
-    ):
-        if text.startswith(("---", "+++")):
-            kind = "file"
-        elif text.startswith("@@"):
-            kind = "hunk"
-        elif text.startswith("+"):
-            kind = "add"
-        elif text.startswith("-"):
-            kind = "del"
-        else:
-            kind = "same"
-        lines.append(DiffLine(kind, text))
-    return lines
+# --- corrections: what changed is app/domain/payload_diff.py -------------------------------------
 
 
 def normalise_edited(text: str, content_type: str) -> str:
@@ -126,8 +93,3 @@ def normalise_edited(text: str, content_type: str) -> str:
     if content_type == "x-application/hl7-v2+er7":
         return "\r".join(lines)
     return "\n".join(lines)
-
-
-def editable_text(text: str) -> str:
-    """Payload text as a textarea shows it (one HL7 segment per line)."""
-    return "\n".join(text.splitlines())

@@ -18,6 +18,7 @@ from wtforms.widgets import HiddenInput
 
 from app.domain.errors import DomainError
 from app.domain.hl7_view import hl7_view
+from app.domain.payload_diff import excerpts, issue_targets, normalise, review
 from app.domain.payloads import FHIR_JSON, HL7_ER7
 from app.domain.roles import Permission
 from app.domain.states import Action, DiscardReason
@@ -27,7 +28,7 @@ from ..access import can, current_actor, requires
 from ..console import first_error, labelled
 from ..extensions import htmx, unit_of_work
 from . import bp
-from .payload_view import editable_text, fhir_lines, normalise_edited, payload_diff
+from .payload_view import fhir_lines, normalise_edited
 
 ACTION_LABELS = {
     Action.RESUBMIT: "Resubmit (request replay)",
@@ -187,13 +188,13 @@ def _render_correct(
     *,
     status: int = 200,
     error: str | None = None,
-    diff=None,
     first_view: bool = False,
 ):
     actor = current_actor()
     with unit_of_work(read_only=not first_view) as s:
         detail = queries.exception_detail(s, exception_id, audit_limit=0)
         original = queries.original_payload(s, detail.item.message_id)
+        content_type = detail.item.message.content_type
         proposal = None
         if first_view:
             # Filling the editor shows the full payload: an audited PHI view.
@@ -201,21 +202,26 @@ def _render_correct(
             session["phi_seen"] = [*session.get("phi_seen", [])[-49:], exception_id]
             proposal = queries.proposed_repair(s, detail.item.message)
             # A repair proposed at intake (mojibake) opens in the editor: applied only if this
-            # reviewer requests the corrected replay and a clinical lead approves it.
-            form.payload.data = editable_text((proposal or current).text or "")
+            # reviewer requests the corrected replay and a clinical lead approves it. The editor
+            # opens pretty-printed; what is saved is exactly what the reviewer submits.
+            form.payload.data = normalise(content_type, (proposal or current).text or "")
             form.expected_version.data = detail.item.version
     original_text = original.text if original and original.text is not None else ""
-    if diff is None and form.payload.data is not None and (proposal is not None or not first_view):
-        diff = payload_diff(original_text, form.payload.data)
+    changes = None
+    if form.payload.data is not None and (proposal is not None or not first_view):
+        changes = review(content_type, original_text, form.payload.data)
+    targets = issue_targets(content_type, form.payload.data, detail.latest_issues, detail.item.detail)
     return (
         render_template(
             "exceptions/correct.html",
             d=detail,
             item=detail.item,
             form=form,
-            diff=diff,
+            review=changes,
+            show_values=True,
             error=error,
             issues=detail.latest_issues,
+            issue_excerpts=excerpts(form.payload.data, targets),
             proposal=proposal,
         ),
         status,
@@ -275,5 +281,6 @@ def diff(exception_id: int):
             # The diff shows the original payload: a PHI view unless this session's editor showed it.
             exceptions.view_payload(s, item, current_actor(), channel="console-diff")
             session["phi_seen"] = [*seen[-49:], exception_id]
-    lines = payload_diff(original.text if original and original.text else "", edited)
-    return render_template("exceptions/_diff.html", diff=lines)
+        content_type = item.message.content_type
+    changes = review(content_type, original.text if original and original.text else "", edited)
+    return render_template("exceptions/_diff.html", review=changes, show_values=True)
