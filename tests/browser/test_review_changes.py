@@ -80,3 +80,18 @@ def test_jump_to_moves_the_caret_to_the_failing_line_and_the_approver_sees_the_c
     card.get_by_text("Show full diff").click()
     expect(diff).to_be_visible()
     expect(diff.locator(".d-add")).to_have_text(['+    "reference": "Patient/654321"'])
+    # On a phone the change list and the diff wrap or scroll inside themselves, never the page.
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.reload()
+    expect(card.locator("ol.change-list li.change")).to_have_count(1)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+
+
+def test_the_correction_editor_fits_a_phone(page, live_server, users, sessions):
+    payload = json.dumps(RESOURCE, separators=(",", ":"))
+    exc_id = make_exception(sessions, users["svc"], payload=payload, issues=[ISSUE])
+    page.set_viewport_size({"width": 390, "height": 844})
+    login(page, live_server, "rita")
+    page.goto(f"{live_server}/exceptions/{exc_id}/correct")
+    expect(page.locator(".issue-target pre.excerpt .ln.hl")).to_be_visible()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
