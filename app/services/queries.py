@@ -105,7 +105,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
         padded = cursor + "=" * (-len(cursor) % 4)
         due, item_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
         item_id = int(item_id)
-        if not 0 <= item_id < 2**63:
+        if not 0 <= item_id <= 2**31 - 1:  # the id column is a 32-bit integer on PostgreSQL
             raise ValueError("id out of range")
         return datetime.fromisoformat(due), item_id
     except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, RecursionError):

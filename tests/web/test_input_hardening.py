@@ -163,3 +163,16 @@ def test_database_errors_are_logged_without_their_parameters(sessions):
     line = JsonFormatter().format(record)
     assert "9999999999" not in line  # ... the log line does not
     assert "no_such_table" in line and "unhandled error" in line
+
+
+def test_a_forged_queue_cursor_past_the_id_column_is_422_not_500(client, users, sessions):
+    import base64 as b64
+
+    from app.services.users import create_token
+
+    with transaction(sessions) as s:
+        token = create_token(s, s.merge(users["rita"]))
+    for item_id in (2**31, 2**63 - 1, -1):
+        cursor = b64.urlsafe_b64encode(json.dumps(["2026-12-02T10:00:00", item_id]).encode()).decode()
+        r = client.get(f"/api/v1/exceptions?cursor={cursor}", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 422 and r.json["error"]["code"] == "invalid_cursor", (item_id, r.status_code)
