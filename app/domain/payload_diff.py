@@ -25,7 +25,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from app.domain.hl7_view import Hl7Field, Hl7Segment, hl7_view
+from app.domain.hl7_view import MAX_SEGMENTS, Hl7Field, Hl7Segment, hl7_view
 from app.domain.payloads import FHIR_JSON, HL7_ER7
 
 MAX_CHANGES = 200
@@ -417,8 +417,14 @@ def changes(
             return []
         return _fhir_changes(a, b, limit)
     if content_type == HL7_ER7:
+        if _too_many_segments(before, after):  # the field table stops there; the text diff does not
+            return []
         return _hl7_changes(before, after, limit)
     return []
+
+
+def _too_many_segments(*texts: str) -> bool:
+    return any(len(_hl7_lines(t)) > MAX_SEGMENTS for t in texts)
 
 
 def text_diff(
@@ -459,7 +465,9 @@ def review(content_type: str, before: str | None, after: str | None) -> Review:
     found = changes(content_type, before, after, limit=MAX_CHANGES + 1)
     note = ""
     if not found and (before or "") != (after or ""):
-        if max(len(before or ""), len(after or "")) > MAX_FIELD_LEVEL_CHARS:
+        if max(len(before or ""), len(after or "")) > MAX_FIELD_LEVEL_CHARS or (
+            content_type == HL7_ER7 and _too_many_segments(before or "", after or "")
+        ):
             note = "too large to compare field by field; the text diff shows every change"
         elif content_type == FHIR_JSON and _NOT_JSON in (_parse_json(before or ""), _parse_json(after or "")):
             note = "not valid JSON, so no field-level list; the text diff shows every change"

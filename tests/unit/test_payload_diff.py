@@ -218,6 +218,13 @@ def test_a_segment_inserted_in_the_middle_does_not_shift_the_others():
     assert changes(HL7_ER7, ADT, after) == [Change("NTE", None, "NTE|1||note", ADDED)]
 
 
+def test_an_hl7_batch_past_the_field_tables_segment_limit_gets_the_text_diff_and_says_why():
+    batch = ADT + "".join(f"\rOBX|{n}|NM|x||{n}" for n in range(3, 1100))
+    result = review(HL7_ER7, batch, batch.replace("OBX|1099|NM|x||1099", "OBX|1099|NM|x||9"))
+    assert result.changes == [] and "too large" in result.note
+    assert [d.text for d in result.diff if d.kind == "add"] == ["+OBX|1099|NM|x||9"]
+
+
 def test_hl7_line_endings_are_no_change():
     assert changes(HL7_ER7, ADT, ADT.replace("\r", "\r\n")) == []
     assert text_diff(HL7_ER7, ADT, ADT.replace("\r", "\n")) == []
