@@ -410,7 +410,9 @@ def deliver_attempt(rt: Runtime, attempt_id: int) -> str:
             return _late_result(s, attempt_id, message_id, outcome)
         attempt = s.get(Attempt, attempt_id)
         message = s.get(Message, message_id)
-        conn = s.get(Connection, message.connection_id)
+        # Row-locked: the breaker's counters are read-modify-write (lock order: attempt/replay,
+        # connection, message, exception — docs/ARCHITECTURE.md).
+        conn = s.get(Connection, message.connection_id, with_for_update=True, populate_existing=True)
         if contacted:
             _note_circuit(s, conn, outcome)
         _note_capability(s, conn, outcome, message_id)
@@ -766,7 +768,9 @@ def run_replay(rt: Runtime, replay_id: int) -> str:
         replay = s.get(Replay, replay_id)
         item = s.get(ExceptionItem, replay.exception_id)
         message = s.get(Message, message_id)
-        conn = s.get(Connection, message.connection_id)
+        # Row-locked: the breaker's counters are read-modify-write (lock order: attempt/replay,
+        # connection, message, exception — docs/ARCHITECTURE.md).
+        conn = s.get(Connection, message.connection_id, with_for_update=True, populate_existing=True)
         if contacted:
             _note_circuit(s, conn, outcome)
         _note_capability(s, conn, outcome, message_id)
