@@ -17,6 +17,8 @@ from app.services.clock import utcnow
 from app.services.exceptions import escalate_breached
 from tests.bulkdata import fill, setup_scopes
 
+pytestmark = pytest.mark.postgres  # not collected without TEST_DATABASE_URL (tests/conftest.py)
+
 TOTAL = 20_000
 ACTIVE_INDEXES = (
     "ix_exceptions_queue",
