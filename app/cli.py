@@ -67,6 +67,49 @@ def db_upgrade() -> None:
 # --- users, tokens, customers, connections -------------------------------------------------------
 
 
+@db.command("app-role")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Set the role's password from standard input.")
+@click.option("--check", is_flag=True, help="Only report what differs from the intended grants (exit 1).")
+def db_app_role(name: str, password_stdin: bool, check: bool) -> None:
+    """Create or update NAME, the PostgreSQL role the web app and workers run as.
+
+    Run as the owner (the role that runs `recon db upgrade`); re-run after every upgrade.
+    NAME gets ordinary DML on product tables, SELECT/INSERT on audit_events,
+    SELECT/INSERT/DELETE on audit_pending, SELECT/UPDATE on audit_head, USAGE/SELECT on
+    sequences; no TRUNCATE, no ownership, no DDL (docs/SECURITY.md). SQLite has no roles:
+    the command says so and exits 0."""
+    from app.db.session import get_engine
+    from app.services.db_roles import RoleError, check_app_role, ensure_app_role
+
+    settings = _settings()
+    engine = get_engine(settings.database_url)
+    if engine.dialect.name != "postgresql":
+        click.echo(
+            "database roles are a PostgreSQL feature; on SQLite protect the database file with "
+            "file permissions (nothing done)"
+        )
+        return
+    password = None
+    if password_stdin and not check:
+        password = sys.stdin.readline().rstrip("\n")
+        if not password:
+            _fail("empty password on standard input")
+    try:
+        if not check:
+            with engine.begin() as conn:
+                ensure_app_role(conn, name, password)
+        with engine.connect() as conn:
+            problems = check_app_role(conn, name)
+    except RoleError as exc:
+        _fail(str(exc))
+    if problems:
+        for problem in problems:
+            click.echo(f"WRONG {problem}")
+        sys.exit(1)
+    click.echo(f"OK {name}: app role privileges as intended" if check else f"OK {name}: app role ready")
+
+
 @main.group()
 def users() -> None:
     """Console and service users."""
@@ -393,20 +436,64 @@ def audit_export(fmt: str, since: str | None, until: str | None, out: Path | Non
     show_default="CPUs, at most 4",
     help="PostgreSQL: processes checking ranges of a large chain in one snapshot.",
 )
-def audit_verify(jobs: int) -> None:
-    """Recompute the chain: exit 0 'OK <n> events head <hash>', else name the first broken event.
+@click.option(
+    "--checkpoints",
+    "checkpoints_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Also require every checkpoint recorded in this file (recon audit checkpoint) on the chain.",
+)
+def audit_verify(jobs: int, checkpoints_file: Path | None) -> None:
+    """Recompute the chain: exit 0 'OK <n> events head <hash>', else name the first broken event
+    (or, with --checkpoints, the first recorded checkpoint the chain no longer reaches).
 
     Reads one read-only snapshot (REPEATABLE READ on PostgreSQL): no writer waits for it."""
-    from app.services.audit import verify_database
+    from app.services.audit import check_checkpoints, read_checkpoints, verify_database
 
-    result = verify_database(_sessions(_settings()).kw["bind"], jobs=jobs)
-    if result.ok:
-        click.echo(f"OK {result.count} events head {result.head}")
-        return
-    click.echo(
-        f"BROKEN at event {result.broken_id}: {result.problem} ({result.count} events verified before it)"
-    )
-    sys.exit(1)
+    checkpoints = None
+    if checkpoints_file is not None:
+        try:
+            checkpoints = read_checkpoints(checkpoints_file)
+        except ValueError as exc:
+            _fail(str(exc))
+    engine = _sessions(_settings()).kw["bind"]
+    result = verify_database(engine, jobs=jobs)
+    if not result.ok:
+        click.echo(
+            f"BROKEN at event {result.broken_id}: {result.problem} ({result.count} events verified before it)"
+        )
+        sys.exit(1)
+    if checkpoints:
+        missed = check_checkpoints(engine, checkpoints)
+        if missed is not None:
+            click.echo(
+                f"BROKEN at checkpoint {missed.at} (event {missed.last_id}): "
+                "the chain no longer reaches the recorded head"
+            )
+            sys.exit(1)
+    click.echo(f"OK {result.count} events head {result.head}")
+
+
+@audit.command("checkpoint")
+@click.option(
+    "--file",
+    "path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Append here (default RECON_AUDIT_CHECKPOINT_FILE, else <instance>/audit-checkpoints.jsonl).",
+)
+def audit_checkpoint(path: Path | None) -> None:
+    """Seal, then anchor the chain head now: one JSON line to the log stream (logger
+    recon.audit.checkpoint) and one appended (O_APPEND, fsync) to the checkpoint file."""
+    from app.logs import configure_logging
+    from app.services.audit import write_checkpoint
+
+    settings = _settings()
+    configure_logging()
+    target = path or settings.checkpoint_file()
+    try:
+        cp = write_checkpoint(_sessions(settings), target)
+    except RuntimeError as exc:
+        _fail(str(exc))
+    click.echo(f"checkpoint {cp.at} event {cp.last_id} hash {cp.hash} -> {target}")
 
 
 @audit.command("seal")

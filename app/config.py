@@ -27,6 +27,14 @@ def _secret_key(instance: Path) -> str:
     return path.read_text().strip()
 
 
+def audit_checkpoint_from_env() -> tuple[Path, float]:
+    """RECON_AUDIT_CHECKPOINT_FILE (default <instance>/audit-checkpoints.jsonl) and
+    RECON_AUDIT_CHECKPOINT_SECONDS (default 300): where and how often checkpoints are written."""
+    path = os.environ.get("RECON_AUDIT_CHECKPOINT_FILE")
+    seconds = float(os.environ.get("RECON_AUDIT_CHECKPOINT_SECONDS", "300"))
+    return (Path(path) if path else _instance_dir() / "audit-checkpoints.jsonl"), seconds
+
+
 def _secure_cookies(value: str) -> str:
     value = value.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -62,6 +70,13 @@ class Settings:
     # loopback clients may read it.
     metrics_token: str | None = None
     trusted_proxies: int = 0
+    # Anchored audit checkpoints (docs/SECURITY.md): the append-only file and how often the
+    # worker's housekeeping writes one (None: <instance>/audit-checkpoints.jsonl).
+    audit_checkpoint_file: Path | None = None
+    audit_checkpoint_seconds: float = 300.0
+
+    def checkpoint_file(self) -> Path:
+        return self.audit_checkpoint_file or self.instance_path / "audit-checkpoints.jsonl"
 
     def handoff_policy(self) -> HandoffPolicy:
         """The hand-off timing every worker and monitor shares (docs/ARCHITECTURE.md, 'Liveness')."""
@@ -93,4 +108,6 @@ class Settings:
             login_limit_address=os.environ.get("RECON_LOGIN_LIMIT_ADDRESS", "30 per 15 minutes"),
             metrics_token=os.environ.get("RECON_METRICS_TOKEN") or None,
             trusted_proxies=int(os.environ.get("RECON_TRUSTED_PROXIES", "0")),
+            audit_checkpoint_file=audit_checkpoint_from_env()[0],
+            audit_checkpoint_seconds=audit_checkpoint_from_env()[1],
         )

@@ -65,6 +65,19 @@ def seal_audit(rt: delivery.Runtime) -> int:
     return audit.seal(rt.sessions)
 
 
+def write_audit_checkpoint(rt: delivery.Runtime, path) -> int:
+    """Anchor the audit chain head outside the database (log stream + append-only file)."""
+    audit.write_checkpoint(rt.sessions, path)
+    return 1
+
+
+def _checkpoint_settings() -> tuple[object, float]:
+    """RECON_AUDIT_CHECKPOINT_FILE / _SECONDS, as app/config.py reads them."""
+    from app.config import audit_checkpoint_from_env
+
+    return audit_checkpoint_from_env()
+
+
 def _guarded(step, *args) -> int:
     """One housekeeping step; a database hiccup (lock timeout, failover) must not kill the worker
     and with it the relay and the reaper. The step runs again on the next pass."""
@@ -194,6 +207,9 @@ ESCALATE_EVERY_SECONDS = 30.0
 # their last run, so while any worker lives they run at least every 1.5 passes (the bound's margin
 # M absorbs the extra half pass) and at most twice a pass across the fleet.
 SHARED_STEPS = ("retries", "stranded", "escalate", "summaries")
+# Also shared, with no row seeded by a migration (schedule.claim adds it on its first win):
+# an audit checkpoint every RECON_AUDIT_CHECKPOINT_SECONDS (docs/SECURITY.md).
+CHECKPOINT_STEP = "audit_checkpoint"
 
 
 class Housekeeping:
@@ -209,7 +225,8 @@ class Housekeeping:
 
     def __init__(self, rt: delivery.Runtime, queue: Queue, *, shared: bool = True):
         self.rt, self.queue, self.shared = rt, queue, shared
-        self._last_local = {"escalate": None, "summaries": None}
+        self._last_local = {"escalate": None, "summaries": None, CHECKPOINT_STEP: None}
+        self.checkpoint_file, self.checkpoint_seconds = _checkpoint_settings()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -220,6 +237,7 @@ class Housekeeping:
             "stranded": half_pass,
             "escalate": ESCALATE_EVERY_SECONDS,
             "summaries": summaries.refresh_seconds(),
+            CHECKPOINT_STEP: self.checkpoint_seconds,
         }
 
     def _steps_to_run(self) -> set[str]:
@@ -256,6 +274,8 @@ class Housekeeping:
             counts["escalated"] = _guarded(delivery.escalate_breached, rt)
         if "summaries" in steps:
             _guarded(refresh_summaries, rt)
+        if CHECKPOINT_STEP in steps:
+            _guarded(write_audit_checkpoint, rt, self.checkpoint_file)  # not work a burst waits for
         if counts["retries"] or counts["requeued"]:
             counts["relayed"] += _guarded(relay_outbox, rt, queue)
         return counts

@@ -452,3 +452,111 @@ def _against_head(result: VerifyResult, head: tuple[int, str] | None) -> VerifyR
 
 def head(session: so.Session) -> AuditHead:
     return session.get(AuditHead, 1)
+
+
+# --- anchored checkpoints ------------------------------------------------------------------------
+
+checkpoint_log = logging.getLogger("recon.audit.checkpoint")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The chain head at one moment, recorded outside the database (log stream, append-only
+    file, exports): a later chain must still pass through (last_id, hash)."""
+
+    at: str
+    count: int
+    last_id: int
+    hash: str
+
+    def as_dict(self) -> dict:
+        return {"at": self.at, "count": self.count, "last_id": self.last_id, "hash": self.hash}
+
+
+def current_checkpoint(sessions: so.sessionmaker) -> Checkpoint:
+    """The sealed head, checked against the event it names (a head rewritten to point past or
+    beside the chain is refused rather than anchored)."""
+    from app.db.session import transaction
+    from app.domain.audit_chain import format_timestamp
+
+    with transaction(sessions, read_only=True) as s:
+        conn = s.connection()
+        head_row = _head_row(conn)
+        last_id, last_hash = head_row if head_row else (0, GENESIS_HASH)
+        if last_id:
+            stored = conn.execute(sa.select(_EVENTS.c.hash).where(_EVENTS.c.id == last_id)).scalar()
+            if stored != last_hash:
+                raise RuntimeError(
+                    f"audit head names event {last_id} with a hash the chain does not hold; not anchoring it"
+                )
+    count = last_id  # verify requires ids 1..n without gaps
+    at = format_timestamp(utcnow().replace(microsecond=0)).replace(".000000Z", "Z")
+    return Checkpoint(at=at, count=count, last_id=last_id, hash=last_hash)
+
+
+def append_checkpoint(path, checkpoint: Checkpoint) -> None:
+    """One JSON line appended (O_APPEND, fsync) to the operator's checkpoint file."""
+    import json
+    import os
+
+    line = (json.dumps(checkpoint.as_dict(), sort_keys=True, separators=(",", ":")) + "\n").encode()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(sessions: so.sessionmaker, path) -> Checkpoint:
+    """Seal what is pending, then anchor the head: one line in the JSON log stream (logger
+    `recon.audit.checkpoint`) and one appended to `path`."""
+    seal(sessions)
+    checkpoint = current_checkpoint(sessions)
+    checkpoint_log.info("audit checkpoint", extra={"audit_checkpoint": checkpoint.as_dict()})
+    append_checkpoint(path, checkpoint)
+    return checkpoint
+
+
+def read_checkpoints(path) -> list[Checkpoint]:
+    """The checkpoint file's lines (blank lines skipped; a line that is not a checkpoint raises).
+    A JSONL export's trailer (`{"chain_head": {"id", "hash"}}`) is a checkpoint too, so an
+    operator can append it to the file (`tail -n 1 export.jsonl >> audit-checkpoints.jsonl`)."""
+    import json
+
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+                if set(data) == {"chain_head"}:  # a JSONL export's last line (audit_export.py)
+                    head = data["chain_head"]
+                    out.append(
+                        Checkpoint(
+                            f"export line {number}", int(head["id"]), int(head["id"]), str(head["hash"])
+                        )
+                    )
+                    continue
+                out.append(
+                    Checkpoint(str(data["at"]), int(data["count"]), int(data["last_id"]), str(data["hash"]))
+                )
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{number}: not a checkpoint line ({exc})") from None
+    return out
+
+
+def check_checkpoints(engine: sa.Engine, checkpoints: list[Checkpoint]) -> Checkpoint | None:
+    """The first checkpoint (file order) whose (last_id, hash) is not on the current chain, or
+    None. Run after a whole-chain verify succeeded: each stored row then links to genesis, so an
+    event id holding the recorded hash means the chain still reaches that head."""
+    with reader(engine) as conn, conn.begin():
+        for cp in checkpoints:
+            if cp.last_id == 0:
+                continue
+            stored = conn.execute(sa.select(_EVENTS.c.hash).where(_EVENTS.c.id == cp.last_id)).scalar()
+            if stored != cp.hash:
+                return cp
+    return None

@@ -63,7 +63,9 @@ def test_two_workers_passing_together_escalate_and_refresh_once(sessions, users,
         assert s.get(ExceptionItem, breached).state == "escalated"
         holders = dict(s.execute(sa.select(HousekeepingTask.name, HousekeepingTask.holder)).all())
         assert s.scalar(sa.select(ReadSummary.counts_as_of)) == T0
-    assert holders == {name: "worker-a" for name in ("escalate", "summaries", "retries", "stranded")}
+    assert holders == {
+        name: "worker-a" for name in ("escalate", "summaries", "retries", "stranded", "audit_checkpoint")
+    }
     # Half a pass later the retry and re-queue steps are the other worker's to take; escalation
     # and the summaries wait for their own intervals.
     with freeze_time(T0 + timedelta(seconds=runtime.housekeeping_seconds / 2)):

@@ -6,6 +6,7 @@ import sqlalchemy as sa
 from flask import current_app, jsonify
 
 from app.db.migrate import at_head
+from app.services.db_roles import connection_warnings
 from app.services.metrics import render_metrics
 
 from ..access import public, scrape
@@ -22,10 +23,12 @@ def healthz():
 @bp.get("/readyz")
 @public
 def readyz():
-    checks = {}
+    checks, warnings = {}, []
     try:
         with unit_of_work() as s:
             s.execute(sa.text("SELECT 1"))
+            # PostgreSQL: the app should run as the app role, not the owner or a superuser.
+            warnings = connection_warnings(s.connection())
         checks["database"] = "ok"
         checks["migrations"] = "ok" if at_head(sessions().kw["bind"]) else "behind"
     except Exception as exc:  # readiness reports, it does not raise
@@ -36,7 +39,8 @@ def readyz():
     except Exception as exc:
         checks["redis"] = f"error: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())
-    return jsonify({"status": "ready" if ready else "not_ready", "checks": checks}), 200 if ready else 503
+    body = {"status": "ready" if ready else "not_ready", "checks": checks, "warnings": warnings}
+    return jsonify(body), 200 if ready else 503
 
 
 @bp.get("/metrics")
