@@ -71,6 +71,7 @@ def register_extensions(app: Flask, settings: Settings) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
+    from .web.account import bp as account_bp
     from .web.admin import bp as admin_bp
     from .web.api import bp as api_bp
     from .web.approvals import bp as approvals_bp
@@ -89,6 +90,7 @@ def register_blueprints(app: Flask) -> None:
         approvals_bp,
         audit_bp,
         admin_bp,
+        account_bp,
         api_bp,
         ops_bp,
     ):

@@ -144,8 +144,18 @@ def tokens() -> None:
 
 @tokens.command("create")
 @click.argument("username")
-def tokens_create(username: str) -> None:
-    """Print a new bearer token for USERNAME (shown once; stored hashed)."""
+@click.option(
+    "--expires-days",
+    type=click.IntRange(1, 365),
+    default=90,
+    show_default=True,
+    help="Days until the token expires (at most 365).",
+)
+def tokens_create(username: str, expires_days: int) -> None:
+    """Print a new bearer token for USERNAME (shown once; stored hashed).
+
+    Any user, service or person: the operator who holds the database credential bootstraps
+    accounts and automation with it. Audited with actor system:cli."""
     from app.db.session import transaction
     from app.services.users import by_username, create_token
 
@@ -153,7 +163,7 @@ def tokens_create(username: str) -> None:
         user = by_username(s, username)
         if user is None:
             _fail(f"no user {username!r}", 2)
-        token = create_token(s, user, actor="system:cli")
+        token = create_token(s, user, actor="system:cli", days=expires_days)
     click.echo(token)
 
 

@@ -33,6 +33,12 @@ class User(Base):
     active: so.Mapped[bool] = so.mapped_column(default=True)
     created_at: so.Mapped[datetime]
     session_epoch: so.Mapped[int] = so.mapped_column(default=0, server_default="0")  # migration 0008
+    # migration 0009: who created/enrolled the account (None: the CLI), and the approval lock
+    created_by_id: so.Mapped[int | None] = so.mapped_column(sa.ForeignKey("users.id"))
+    # who issued the enrollment/reset link the current password was set through (None: own/CLI)
+    enrolled_by_id: so.Mapped[int | None] = so.mapped_column(sa.ForeignKey("users.id"))
+    approval_locked_at: so.Mapped[datetime | None]
+    approval_lock_cleared_at: so.Mapped[datetime | None]
 
     # flask-login protocol, kept free of Flask imports
     @property
@@ -60,7 +66,32 @@ class ApiToken(Base):
     created_at: so.Mapped[datetime]
     last_used_at: so.Mapped[datetime | None]
     revoked_at: so.Mapped[datetime | None]
-    user: so.Mapped[User] = so.relationship()
+    expires_at: so.Mapped[datetime | None]  # migration 0009; None only for tokens made before it
+    created_by_id: so.Mapped[int | None] = so.mapped_column(sa.ForeignKey("users.id"))
+    user: so.Mapped[User] = so.relationship(foreign_keys=[user_id])
+
+
+class EnrollmentLink(Base):
+    """A one-time link a new (or reset) console user opens to set their own password (0009)."""
+
+    __tablename__ = "enrollment_links"
+    id: so.Mapped[int] = so.mapped_column(primary_key=True)
+    user_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey("users.id"), index=True)
+    token_hash: so.Mapped[str] = so.mapped_column(sa.String(64), unique=True)
+    created_by_id: so.Mapped[int | None] = so.mapped_column(sa.ForeignKey("users.id"))
+    created_at: so.Mapped[datetime]
+    expires_at: so.Mapped[datetime]
+    used_at: so.Mapped[datetime | None]
+
+
+class ApprovalFailure(Base):
+    """One wrong approval password (0009): five within 15 minutes lock the account's approvals."""
+
+    __tablename__ = "approval_failures"
+    __table_args__ = (sa.Index("ix_approval_failures_user_time", "user_id", "failed_at"),)
+    id: so.Mapped[int] = so.mapped_column(primary_key=True)
+    user_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey("users.id"))
+    failed_at: so.Mapped[datetime]
 
 
 class Customer(Base):

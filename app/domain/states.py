@@ -97,6 +97,10 @@ class ExceptionFacts:
     category: str
     needs_not_applied_confirmation: bool = False
     replay_requested_by: int | None = None  # user id of the pending replay's requester
+    # People, not only accounts (issue 7): who created a payload version of the pending replay's
+    # message, and which accounts created/enrolled the requester's and the editors' accounts.
+    replay_edited_by: frozenset[int] = frozenset()
+    replay_parties_enrolled_by: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,9 @@ class DecisionRequest:
     reason_code: str | None = None
     corrected_payload: str | None = None
     password_confirmed: bool = False
+    # accounts that created the actor's account or issued the link its password was set with
+    actor_enrolled_by: frozenset[int] = frozenset()
+    approvals_locked: bool = False  # too many wrong approval passwords; an admin must clear it
 
 
 def parse_action(value: str) -> Action:
@@ -174,6 +181,36 @@ def plan_transition(facts: ExceptionFacts, req: DecisionRequest) -> ExceptionSta
     if req.action is Action.APPROVE:
         if facts.replay_requested_by is not None and facts.replay_requested_by == req.actor_id:
             raise Forbidden("four-eyes: you cannot approve your own replay request", code="self_approval")
+        if req.actor_id in facts.replay_edited_by:
+            raise Forbidden("four-eyes: you edited the payload of this replay", code="self_approval")
+        parties = facts.replay_edited_by | (
+            {facts.replay_requested_by} if facts.replay_requested_by is not None else set()
+        )
+        if req.actor_id in facts.replay_parties_enrolled_by:
+            raise Forbidden(
+                "four-eyes: you created the account that requested or edited this replay",
+                code="enrolment_conflict",
+            )
+        if req.actor_enrolled_by & parties:
+            raise Forbidden(
+                "four-eyes: your account was created or enrolled by the person who requested or "
+                "edited this replay",
+                code="enrolment_conflict",
+            )
+        if req.actor_enrolled_by & facts.replay_parties_enrolled_by:
+            # one admin held the enrollment links of both accounts: the product cannot tell
+            # that two people are behind them
+            raise Forbidden(
+                "four-eyes: your account and the requester's (or editor's) were enrolled by the "
+                "same administrator; another clinical lead must approve",
+                code="enrolment_conflict",
+            )
+        if req.approvals_locked:
+            raise Forbidden(
+                "your approvals are locked after 5 wrong approval passwords in 15 minutes; "
+                "ask an administrator to clear the lock",
+                code="approval_locked",
+            )
         if not req.password_confirmed:
             raise Forbidden("approval needs your password re-entered", code="password_required")
     return rule.to_state if rule.to_state is not None else facts.state

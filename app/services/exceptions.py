@@ -15,7 +15,7 @@ import sqlalchemy.orm as so
 from app.db.active import state_in
 from app.db.models import Decision, ExceptionItem, Message, OutboxEntry, PayloadVersion, Replay, User
 from app.domain.delivery import Category
-from app.domain.errors import Conflict, Invalid, NotFound
+from app.domain.errors import Conflict, Forbidden, Invalid, NotFound
 from app.domain.payloads import decode_payload, encode_text
 from app.domain.roles import Role
 from app.domain.states import (
@@ -220,6 +220,38 @@ class DecisionInput:
     expected_version: int | None = None
 
 
+class ApprovalPasswordFailed(Forbidden):
+    """A wrong approval password: 403, and recorded (audited, counted) after the rollback."""
+
+    def __init__(self, message: str, *, user_id: int, exception_id: int):
+        super().__init__(message, code="password_required")
+        self.user_id = user_id
+        self.exception_id = exception_id
+
+
+def _replay_people(session: so.Session, replay) -> tuple[set[int], set[int]]:
+    """(accounts that created a payload version of the replay's message, accounts that
+    created/enrolled the requester's or those editors' accounts)."""
+    if replay is None:
+        return set(), set()
+    edited = set(
+        session.scalars(
+            sa.select(PayloadVersion.created_by_id).where(
+                PayloadVersion.message_id == replay.message_id,
+                PayloadVersion.created_by_id.is_not(None),
+                PayloadVersion.version > 1,  # version 1 is what intake received from the sender
+            )
+        )
+    )
+    parties = edited | {replay.requested_by_id}
+    enrolled: set[int] = set()
+    for created_by, enrolled_by in session.execute(
+        sa.select(User.created_by_id, User.enrolled_by_id).where(User.id.in_(parties))
+    ):
+        enrolled.update(i for i in (created_by, enrolled_by) if i is not None)
+    return edited, enrolled
+
+
 def decide(session: so.Session, exception_id: int, actor: User, data: DecisionInput) -> Decision:
     """Apply one human decision. Raises Forbidden (403), Conflict (409), Invalid (422), NotFound."""
     action = parse_action(data.action)
@@ -233,15 +265,29 @@ def decide(session: so.Session, exception_id: int, actor: User, data: DecisionIn
         reason=(data.reason or "").strip(),
         reason_code=reason_code,
         corrected_payload=data.payload,
-        password_confirmed=action is Action.APPROVE and check_password(actor, data.password or ""),
+        password_confirmed=action is Action.APPROVE
+        and actor.approval_locked_at is None
+        and check_password(actor, data.password or ""),
+        actor_enrolled_by=frozenset(i for i in (actor.created_by_id, actor.enrolled_by_id) if i is not None),
+        approvals_locked=actor.approval_locked_at is not None,
     )
+    edited_by, enrolled_by = _replay_people(session, replay) if action is Action.APPROVE else ((), ())
     facts = ExceptionFacts(
         state=ExceptionState(item.state),
         category=item.category,
         needs_not_applied_confirmation=item.needs_not_applied_confirmation,
         replay_requested_by=replay.requested_by_id if replay else None,
+        replay_edited_by=frozenset(edited_by),
+        replay_parties_enrolled_by=frozenset(enrolled_by),
     )
-    to_state = plan_transition(facts, req)
+    try:
+        to_state = plan_transition(facts, req)
+    except Forbidden as exc:
+        if exc.code == "password_required":
+            # The caller's transaction rolls back; unit_of_work records the failure afterwards
+            # in its own transaction (users.record_approval_password_failure).
+            raise ApprovalPasswordFailed(exc.message, user_id=actor.id, exception_id=exception_id) from None
+        raise
     if data.expected_version is not None and data.expected_version != item.version:
         raise Conflict(
             "this exception changed since you loaded it; reload and try again", code="version_conflict"

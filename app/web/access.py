@@ -129,7 +129,7 @@ def _check_access():
     if needed == (SCRAPE,):
         return None if _may_scrape() else _api_error(401, "unauthorized", "metrics need the scrape token")
     if is_api:
-        from app.services.users import user_for_token
+        from app.services.users import token_status, touch_token
 
         from .extensions import unit_of_work
 
@@ -139,9 +139,14 @@ def _check_access():
         if token is None:
             return _api_error(401, "unauthorized", "send Authorization: Bearer <token>")
         with unit_of_work(read_only=True) as s:
-            user = user_for_token(s, token)
+            user, status, stale = token_status(s, token)
+        if status == "expired":
+            return _api_error(401, "token_expired", "this token has expired; create a new one on My tokens")
         if user is None:
             return _api_error(401, "unauthorized", "invalid or revoked token")
+        if stale:
+            with unit_of_work() as s:
+                touch_token(s, token)
         g.actor = user
     else:
         if current_user.is_authenticated:

@@ -48,8 +48,19 @@ def sessions():
 def unit_of_work(*, read_only: bool = False):
     """One transaction for one request's work: the only way routes touch the database.
     read_only=True for pure reads (no audit event): on SQLite they then do not queue behind writers."""
-    with transaction(sessions(), read_only=read_only) as s:
-        yield s
+    from app.services.exceptions import ApprovalPasswordFailed
+
+    try:
+        with transaction(sessions(), read_only=read_only) as s:
+            yield s
+    except ApprovalPasswordFailed as exc:
+        # The refused decision rolled back; the failure is recorded (audited, counted towards the
+        # approval lock) in a transaction of its own, after that one ended (SQLite: one writer).
+        from app.services.users import record_approval_password_failure
+
+        with transaction(sessions()) as s:
+            record_approval_password_failure(s, exc.user_id, exception_id=exc.exception_id)
+        raise
 
 
 def redis_client():

@@ -27,6 +27,7 @@ PAGES = {
     "/admin": {Permission.ADMIN},
     "/admin/users": {Permission.ADMIN},
     "/admin/tokens": {Permission.ADMIN},
+    "/account/tokens": {Permission.CONSOLE_LOGIN},
     "/admin/connections": {Permission.ADMIN},
     "/admin/sla": {Permission.ADMIN},
 }
@@ -68,8 +69,14 @@ STATE_CHANGING = [
     ("lena", "/queues/bulk", {"ids": "{id}", "action": "claim", "confirm": "1"}),
     ("lena", "/approvals/{id}", {"action": "reject", "reason": "x"}),
     ("lena", "/drift/1/acknowledge", {}),
-    ("adam", "/admin/users", {"username": "eve", "role": "reviewer", "password": "longenough1"}),
+    ("adam", "/admin/users", {"username": "eve", "role": "reviewer"}),
     ("adam", "/admin/users/1/active", {"active": "0"}),
+    ("adam", "/admin/users/1/reset", {}),
+    ("adam", "/admin/users/1/role", {"role": "clinical_lead"}),
+    ("adam", "/admin/users/1/approval-lock", {}),
+    ("lena", "/account/tokens", {"days": "30"}),
+    ("lena", "/account/tokens/1/revoke", {}),
+    ("lena", "/enroll/not-a-real-link", {"password": "longenough1", "confirm": "longenough1"}),
     ("adam", "/admin/tokens", {"user_id": "1"}),
     ("adam", "/admin/tokens/1/revoke", {}),
     ("adam", "/admin/customers", {"name": "Acme"}),
@@ -103,9 +110,10 @@ def test_every_state_changing_console_route_refuses_a_missing_csrf_token(login, 
         assert len(audit_events()) == before, url
         posted.add(url)
     # The list above covers every POST route of the console blueprints.
-    console = {"dashboard", "queues", "exceptions", "approvals", "audit", "admin"}
+    console = {"dashboard", "queues", "exceptions", "approvals", "audit", "admin", "account"}
     routes = {
         r.rule.replace("<int:exception_id>", "{id}")
+        .replace("<secret>", "not-a-real-link")
         .replace("<int:user_id>", "1")
         .replace("<int:token_id>", "1")
         .replace("<int:connection_id>", "1")
@@ -118,7 +126,7 @@ def test_every_state_changing_console_route_refuses_a_missing_csrf_token(login, 
 
 
 def test_every_console_view_declares_its_access_rule(app):
-    console = {"dashboard", "queues", "exceptions", "approvals", "audit", "admin"}
+    console = {"dashboard", "queues", "exceptions", "approvals", "audit", "admin", "account"}
     for endpoint, view in app.view_functions.items():
         if endpoint.split(".")[0] in console:
             assert getattr(view, "required_permissions", None), endpoint

@@ -10,7 +10,6 @@ from wtforms import (
     FloatField,
     HiddenField,
     IntegerField,
-    PasswordField,
     SelectField,
     StringField,
 )
@@ -22,7 +21,6 @@ from wtforms.validators import (
     NumberRange,
     Optional,
     Regexp,
-    ValidationError,
 )
 
 from app.db.models import Connection, User
@@ -45,6 +43,9 @@ class ConfirmForm(FlaskForm):
 
 
 class UserForm(FlaskForm):
+    """No password field: an admin never sets another person's password (issue 7). A console
+    user gets a one-time enrollment link; a service user gets API tokens."""
+
     username = StringField(
         "Username",
         validators=[
@@ -54,11 +55,10 @@ class UserForm(FlaskForm):
         ],
     )
     role = SelectField("Role", choices=labelled([r.value for r in Role], None))
-    password = PasswordField("Password", validators=[Optional(), Length(min=8, max=200)])
 
-    def validate_password(self, field):
-        if self.role.data != Role.SERVICE and not field.data:
-            raise ValidationError("console users need a password (service users use API tokens)")
+
+class RoleForm(FlaskForm):
+    role = SelectField("Role", choices=labelled([r.value for r in Role], None))
 
 
 class ActiveForm(FlaskForm):
@@ -66,7 +66,12 @@ class ActiveForm(FlaskForm):
 
 
 class TokenForm(FlaskForm):
-    user_id = SelectField("User", validators=[DataRequired()])
+    user_id = SelectField("Service account", validators=[DataRequired()])
+    days = IntegerField(
+        "Expires after (days)",
+        default=users.DEFAULT_TOKEN_DAYS,
+        validators=[Optional(), NumberRange(1, users.MAX_TOKEN_DAYS)],
+    )
 
 
 class CustomerForm(FlaskForm):
@@ -149,43 +154,123 @@ def index():
 # --- users ----------------------------------------------------------------------------------------
 
 
-def _users_page(*, form: UserForm | None = None, status: int = 200, error: str | None = None):
+def _users_page(*, form: UserForm | None = None, status: int = 200, error: str | None = None, new_link=None):
     with unit_of_work(read_only=True) as s:
         user_list = queries.all_users(s)
-    return (
+        grants = users.clinical_lead_grants(s)
+        creators = {u.id: u.username for u in user_list}
+    response = make_response(
         render_template(
             "admin/users.html",
             users=user_list,
+            creators=creators,
+            grants=grants,
             form=form or UserForm(formdata=None),
+            person_roles=[r.value for r in Role if r is not Role.SERVICE],
             toggle=ActiveForm(formdata=None),
+            confirm=ConfirmForm(formdata=None),
             error=error,
+            new_link=new_link,
         ),
         status,
     )
+    if new_link:
+        response.headers["Cache-Control"] = "no-store"  # the link is shown once
+    return response
+
+
+def _link_for(secret: str) -> str:
+    return url_for("account.enroll", secret=secret, _external=True)
 
 
 @bp.route("/admin/users")
 @requires(Permission.ADMIN)
 def users_page():
-    """Users and their roles."""
+    """Users and their roles, clinical-lead grants, approval locks."""
     return _users_page()
 
 
 @bp.route("/admin/users", methods=["POST"])
 @requires(Permission.ADMIN)
 def create_user():
-    """Create a user with a role (audited by users.create_user)."""
+    """Create a user (audited by users.create_user). A console user gets a one-time enrollment
+    link, shown once, to set their own password: the admin never learns it."""
     form = UserForm()
     if not form.validate():
         return _users_page(form=form, status=422, error=first_error(form))
     try:
         with unit_of_work() as s:
-            users.create_user(
-                s, form.username.data, form.role.data, form.password.data or None, actor=_actor_name()
+            me = s.get(User, current_actor().id)
+            user = users.create_user(
+                s, form.username.data, form.role.data, None, actor=me.username, created_by=me
             )
+            secret = None if user.role == Role.SERVICE else users.issue_enrollment_link(s, user, actor=me)
+            name = user.username
     except DomainError as exc:
         return _users_page(form=form, status=exc.http_status, error=exc.message)
-    flash(f"User {form.username.data} ({form.role.data}) created.", "success")
+    if secret is None:
+        flash(f"Service user {name} created; give it an API token.", "success")
+        return redirect(url_for(".users_page"), code=303)
+    return _users_page(
+        new_link={"username": name, "url": _link_for(secret), "hours": users.DEFAULT_ENROLLMENT_HOURS}
+    )
+
+
+@bp.route("/admin/users/<int:user_id>/reset", methods=["POST"])
+@requires(Permission.ADMIN)
+def reset_password(user_id: int):
+    """Reset a person's password: the old one stops working, every session ends, and a new
+    one-time link (not a password) is shown once for the user."""
+    form = ConfirmForm()
+    if not form.validate():
+        return _users_page(status=422, error=first_error(form))
+    try:
+        with unit_of_work() as s:
+            user = s.get(User, user_id)
+            if user is None:
+                raise NotFound(f"user {user_id} not found")
+            secret = users.issue_enrollment_link(s, user, actor=s.get(User, current_actor().id))
+            name = user.username
+    except DomainError as exc:
+        return _users_page(status=exc.http_status, error=exc.message)
+    return _users_page(
+        new_link={"username": name, "url": _link_for(secret), "hours": users.DEFAULT_ENROLLMENT_HOURS}
+    )
+
+
+@bp.route("/admin/users/<int:user_id>/role", methods=["POST"])
+@requires(Permission.ADMIN)
+def set_role(user_id: int):
+    """Change a user's role (a clinical-lead grant is audited and listed)."""
+    form = RoleForm()
+    if not form.validate():
+        return _users_page(status=422, error=first_error(form))
+    try:
+        with unit_of_work() as s:
+            user = s.get(User, user_id)
+            if user is None:
+                raise NotFound(f"user {user_id} not found")
+            users.set_role(s, user, form.role.data, actor=s.get(User, current_actor().id))
+            name, role = user.username, user.role
+    except DomainError as exc:
+        return _users_page(status=exc.http_status, error=exc.message)
+    flash(f"{name} is now {role.replace('_', ' ')}.", "success")
+    return redirect(url_for(".users_page"), code=303)
+
+
+@bp.route("/admin/users/<int:user_id>/approval-lock", methods=["POST"])
+@requires(Permission.ADMIN)
+def clear_approval_lock(user_id: int):
+    """Clear approval lock: after 5 wrong approval passwords in 15 minutes (audited)."""
+    form = ConfirmForm()
+    if not form.validate():
+        return _users_page(status=422, error=first_error(form))
+    try:
+        with unit_of_work() as s:
+            name = users.clear_approval_lock(s, user_id, actor=s.get(User, current_actor().id)).username
+    except DomainError as exc:
+        return _users_page(status=exc.http_status, error=exc.message)
+    flash(f"Approval lock of {name} cleared.", "success")
     return redirect(url_for(".users_page"), code=303)
 
 
@@ -209,14 +294,18 @@ def set_user_active(user_id: int):
 # --- API tokens -----------------------------------------------------------------------------------
 
 
+def _service_accounts(s) -> list[User]:
+    return [u for u in queries.all_users(s) if u.active and u.role == Role.SERVICE]
+
+
 def _tokens_page(
     *, form: TokenForm | None = None, status: int = 200, error: str | None = None, new_token=None
 ):
     with unit_of_work(read_only=True) as s:
         tokens = queries.api_tokens(s)
-        candidates = [u for u in queries.all_users(s) if u.active]
+        candidates = _service_accounts(s)
     form = form or TokenForm(formdata=None)
-    form.user_id.choices = options((u.id, f"{u.username} ({u.role})") for u in candidates)
+    form.user_id.choices = options((u.id, u.username) for u in candidates)
     response = make_response(
         render_template(
             "admin/tokens.html",
@@ -236,16 +325,19 @@ def _tokens_page(
 @bp.route("/admin/tokens")
 @requires(Permission.ADMIN)
 def tokens_page():
-    """Personal API tokens (only a prefix is stored in clear)."""
+    """API tokens of every account (only a prefix is stored in clear); new ones for service accounts."""
     return _tokens_page()
 
 
 @bp.route("/admin/tokens", methods=["POST"])
 @requires(Permission.ADMIN)
 def create_token():
-    """Create a token and show it once (rendered, not flashed: the session cookie is not secret)."""
+    """Create a token for a service account and show it once (rendered, not flashed: the session
+    cookie is not secret). A person's account is refused: people create their own tokens."""
     form = TokenForm()
     with unit_of_work(read_only=True) as s:
+        # every active account is a valid choice for the form, so that a person's account is
+        # refused by the rule (403) and not by the select list
         form.user_id.choices = options((u.id, u.username) for u in queries.all_users(s) if u.active)
     if not form.validate():
         return _tokens_page(form=form, status=422, error=first_error(form))
@@ -254,7 +346,12 @@ def create_token():
             user = s.get(User, int(form.user_id.data))
             if user is None:
                 raise NotFound("user not found")
-            token = users.create_token(s, user, actor=_actor_name())
+            token = users.create_service_token(
+                s,
+                user,
+                actor=s.get(User, current_actor().id),
+                days=form.days.data or users.DEFAULT_TOKEN_DAYS,
+            )
             owner = user.username
     except DomainError as exc:
         return _tokens_page(status=exc.http_status, error=exc.message)
