@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from freezegun import freeze_time
 
 from app.adapters.ehr.errors import ValidationFailed
 from app.adapters.ehr.fhir_r4 import prepare_resource
@@ -190,8 +191,10 @@ def test_demo_has_logins_for_every_console_role_and_service_tokens(demo):
     with transaction(sessions) as s:
         lead = users.by_username(s, "lena")
         assert users.check_password(lead, DEMO_PASSWORD)
-        assert users.user_for_token(s, result.service_token).username == "orders-service"
-        assert users.user_for_token(s, result.service_tokens["interface-engine"]).role == Role.SERVICE
+        # Tokens expire (90 days): checked at the demo's own "now", not at the day this test runs.
+        with freeze_time(NOW):
+            assert users.user_for_token(s, result.service_token).username == "orders-service"
+            assert users.user_for_token(s, result.service_tokens["interface-engine"]).role == Role.SERVICE
 
 
 # --------------------------------------------------------------------------- integrity
