@@ -404,7 +404,9 @@ def verify_database(engine: sa.Engine, *, jobs: int = 1, min_chunk: int = 200_00
         url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         import multiprocessing
 
-        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        # spawn, not fork: a forked child of a threaded process (the web app, a worker with its
+        # housekeeping thread, the test suite) can inherit a lock some other thread held, and hang.
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
             chunks = pool.starmap(_verify_range, [(url, snapshot, a, b) for a, b in ranges])
         return _against_head(join_chunks(chunks), head)
 
