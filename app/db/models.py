@@ -175,6 +175,9 @@ class PayloadVersion(Base):
     created_by_id: so.Mapped[int | None] = so.mapped_column(sa.ForeignKey("users.id"))
     reason: so.Mapped[str | None] = so.mapped_column(sa.Text)
     created_at: so.Mapped[datetime]
+    # Retention (app/services/phi.py): a purged version keeps sha256 and its size; raw is emptied.
+    purged_at: so.Mapped[datetime | None]
+    size_bytes: so.Mapped[int | None]
 
 
 class MessageIdentifier(Base):
@@ -491,3 +494,14 @@ class SlaRuleRow(Base):
     category: so.Mapped[str | None] = so.mapped_column(sa.String(30))
     risk: so.Mapped[str | None] = so.mapped_column(sa.String(10))
     minutes: so.Mapped[int]
+
+
+class PhiViewMark(Base):
+    """When a user's PHI view of one payload version of an exception was last audited: the
+    server-side de-duplication window of `phi.view` events (app/services/phi.py)."""
+
+    __tablename__ = "phi_view_marks"
+    user_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey("users.id"), primary_key=True)
+    exception_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey("exceptions.id"), primary_key=True)
+    payload_version: so.Mapped[int] = so.mapped_column(primary_key=True, autoincrement=False)
+    recorded_at: so.Mapped[datetime]

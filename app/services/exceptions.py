@@ -27,7 +27,7 @@ from app.domain.states import (
     plan_transition,
 )
 
-from . import audit, connections
+from . import audit, connections, phi
 from .clock import utcnow
 from .users import check_password
 
@@ -452,18 +452,8 @@ def view_payload(
     channel: str,
     payload_version_id: int | None = None,
 ) -> PayloadVersion:
-    """Reading a full payload is an audited PHI view (SPEC 3.4). Default: the current version."""
+    """Reading a full payload is an audited PHI view (SPEC 3.4; app/services/phi.py, de-duplicated
+    per user, exception and payload version). Default: the current version."""
     payload = session.get(PayloadVersion, payload_version_id or item.message.current_payload_id)
-    audit.record(
-        session,
-        actor=actor.username,
-        action="phi.view",
-        subject_type="exception",
-        subject_id=item.id,
-        details={
-            "message_id": item.message_id,
-            "payload_version": payload.version if payload else None,
-            "channel": channel,
-        },
-    )
+    phi.record_phi_view(session, actor, item, payload.version if payload else 0, channel=channel)
     return payload

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import abort, flash, redirect, render_template, request, session, url_for
+from flask import abort, flash, redirect, render_template, request, url_for
 from flask_wtf import FlaskForm
 from wtforms import (
     HiddenField,
@@ -191,15 +191,20 @@ def _render_correct(
     first_view: bool = False,
 ):
     actor = current_actor()
-    with unit_of_work(read_only=not first_view) as s:
+    # Every answer of the editor carries full payload content (the editor's text, or the preview's
+    # diff against the original): each records a PHI view, de-duplicated on the server.
+    with unit_of_work() as s:
         detail = queries.exception_detail(s, exception_id, audit_limit=0)
         original = queries.original_payload(s, detail.item.message_id)
         content_type = detail.item.message.content_type
         proposal = None
-        if first_view:
+        if not first_view:
+            exceptions.view_payload(
+                s, detail.item, actor, channel="console-correct", payload_version_id=original and original.id
+            )
+        else:
             # Filling the editor shows the full payload: an audited PHI view.
             current = exceptions.view_payload(s, detail.item, actor, channel="console-correct")
-            session["phi_seen"] = [*session.get("phi_seen", [])[-49:], exception_id]
             proposal = queries.proposed_repair(s, detail.item.message)
             # A repair proposed at intake (mojibake) opens in the editor: applied only if this
             # reviewer requests the corrected replay and a clinical lead approves it. The editor
@@ -273,14 +278,13 @@ def correct(exception_id: int):
 def diff(exception_id: int):
     """The diff fragment for the editor (htmx live preview)."""
     edited = request.form.get("payload", "")
-    seen = session.get("phi_seen", [])
-    with unit_of_work(read_only=exception_id in seen) as s:
+    with unit_of_work() as s:
         item = exceptions.get(s, exception_id)
         original = queries.original_payload(s, item.message_id)
-        if exception_id not in seen:
-            # The diff shows the original payload: a PHI view unless this session's editor showed it.
-            exceptions.view_payload(s, item, current_actor(), channel="console-diff")
-            session["phi_seen"] = [*seen[-49:], exception_id]
+        # The diff shows the original payload: an audited PHI view (de-duplicated on the server).
+        exceptions.view_payload(
+            s, item, current_actor(), channel="console-diff", payload_version_id=original and original.id
+        )
         content_type = item.message.content_type
     changes = review(content_type, original.text if original and original.text else "", edited)
     return render_template("exceptions/_diff.html", review=changes, show_values=True)
