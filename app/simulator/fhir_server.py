@@ -184,6 +184,41 @@ class TenantState:
         self.hl7_applied: Counter[str] = Counter()
         self.hl7_seen: set[tuple[str, str, str]] = set()  # (MSH-3, MSH-4, MSH-10) for de-duplication
         self.hl7_last: dict[str, bytes] = {}  # control id -> the bytes last applied
+        # Faults served (drawn or from a burst), by Fault value, over both halves.
+        self.faults: Counter[str] = Counter()
+        # A burst: every create / HL7 message gets `burst_fault` until `burst_until` (monotonic).
+        self.burst_fault: Fault | None = None
+        self.burst_until = 0.0
+        self.burst_retry_after: int | None = None
+
+    def fault_now(self, drawn: Fault | None) -> tuple[Fault | None, int | None]:
+        """The fault for this request — a running burst's, else the drawn one — counted, and the
+        burst's own Retry-After (None: the profile's)."""
+        with self.lock:
+            fault, retry_after = drawn, None
+            if self.burst_fault is not None and time.monotonic() < self.burst_until:
+                fault, retry_after = self.burst_fault, self.burst_retry_after
+            if fault is not None:
+                self.faults[fault.value] += 1
+            return fault, retry_after
+
+    def start_burst(self, fault: Fault | None, seconds: float, retry_after: int | None = None) -> None:
+        """From now on, for `seconds`, every create (FHIR) and message (MLLP) gets `fault`."""
+        with self.lock:
+            self.burst_fault = fault if seconds > 0 else None
+            self.burst_until = time.monotonic() + max(seconds, 0)
+            self.burst_retry_after = retry_after
+
+    def burst(self) -> dict[str, Any]:
+        """The running burst (if any) and the faults served so far."""
+        with self.lock:
+            left = self.burst_until - time.monotonic()
+            running = self.burst_fault is not None and left > 0
+            return {
+                "fault": self.burst_fault.value if running else None,
+                "remaining_seconds": round(left, 3) if running else 0.0,
+                "faults": dict(sorted(self.faults.items())),
+            }
 
     # -- store (callers hold the lock)
 
@@ -358,6 +393,20 @@ class SimState:
                             "applied": dict(sorted(tenant.hl7_applied.items())),
                         },
                     )
+            if what == "burst" and m == "GET":
+                return _control(200, self.peek(tenant_name).burst())
+            if what == "burst" and m == "POST":
+                try:
+                    doc = json.loads(req.body or b"{}")
+                    fault = Fault(doc["fault"]) if doc.get("fault") else None
+                    seconds, retry_after = float(doc.get("seconds", 0)), doc.get("retry_after")
+                    if retry_after is not None and (not isinstance(retry_after, int) or retry_after < 0):
+                        raise ValueError("retry_after must be a non-negative integer")
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                    return _control(400, {"error": f"burst: {exc}"})
+                tenant = self.tenant(tenant_name)
+                tenant.start_burst(fault, seconds, retry_after)
+                return _control(200, tenant.burst())
             if what == "profile" and m == "GET":
                 return _control(200, self.peek(tenant_name).profile.to_dict())
             if what == "profile" and m == "PUT":
@@ -549,8 +598,10 @@ class SimState:
         if resource["resourceType"] != rtype:
             return _oo(400, "invalid", f"Body is a {resource['resourceType']}, but the URL is for {rtype}")
 
-        fault = profile.fault_for(unit_draw(tenant.name, draw_key, n, profile.seed))
-        retry_after = {"Retry-After": str(profile.retry_after_seconds)}
+        fault, seconds = tenant.fault_now(
+            profile.fault_for(unit_draw(tenant.name, draw_key, n, profile.seed))
+        )
+        retry_after = {"Retry-After": str(profile.retry_after_seconds if seconds is None else seconds)}
         if fault is Fault.RESET:
             return SimResponse.reset()
         if fault is Fault.UNAVAILABLE_503:
@@ -1052,6 +1103,12 @@ class SimServer:
     def reset(self, tenant: str | None = None) -> None:
         """Like POST /_sim/tenants/{t}/reset, or POST /_sim/reset without a tenant."""
         self.state.reset(tenant)
+
+    def burst(self, tenant: str, fault: Fault | str | None, seconds: float, retry_after: int | None = None):
+        """Like POST /_sim/tenants/{t}/burst: `fault` on every create and HL7 message for `seconds`."""
+        state = self.state.tenant(tenant)
+        state.start_burst(Fault(fault) if fault else None, seconds, retry_after)
+        return state.burst()
 
 
 def run_sim(

@@ -103,7 +103,9 @@ class _Handler(socketserver.BaseRequestHandler):
             n = tenant.draw_counts[f"hl7:{control_id}"]
             tenant.draw_counts[f"hl7:{control_id}"] += 1
             profile = tenant.profile
-        fault = profile.fault_for(unit_draw(tenant.name, control_id, n, profile.seed))
+        fault, _ = tenant.fault_now(profile.fault_for(unit_draw(tenant.name, control_id, n, profile.seed)))
+        if fault in (Fault.UNAVAILABLE_503, Fault.THROTTLED_429) and tenant.burst()["fault"]:
+            fault = Fault.RESET  # a 503/429 burst has no HL7 form: the engine drops the connection
         if fault is Fault.RESET:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             return False
