@@ -15,6 +15,7 @@ import sqlalchemy.orm as so
 from app.db.models import AuditEvent
 from app.db.session import transaction
 from app.domain.audit_chain import EVENT_FIELDS, ROW_COLUMNS, format_timestamp, timestamp_text
+from app.domain.csv_safe import neutralise_row
 
 from . import audit
 
@@ -126,8 +127,9 @@ def _chunks(fmt: str, rows: Iterator[tuple]) -> Iterator[str]:
         buf = io.StringIO()
         writer = csv.writer(buf)
         for batch in _batches(rows):
-            # Columns are CSV_COLUMNS; None is written as "".
-            writer.writerows((r[0], timestamp_text(r[1]), *r[2:]) for r in batch)
+            # Columns are CSV_COLUMNS; None is written as "". A cell a spreadsheet would run as a
+            # formula gets one leading quote (app/domain/csv_safe.py).
+            writer.writerows(neutralise_row((r[0], timestamp_text(r[1]), *r[2:])) for r in batch)
             yield buf.getvalue()
             buf.seek(0)
             buf.truncate()

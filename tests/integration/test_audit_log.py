@@ -115,3 +115,35 @@ def test_export_window(events, cli_env):
     result = cli_env.invoke(main, ["audit", "export", "--format", "jsonl", "--since", "2999-01-01T00:00:00Z"])
     rows = [json.loads(x) for x in result.output.splitlines()]
     assert len(rows) == 1 and "chain_head" in rows[0]
+
+
+def test_csv_export_neutralises_formula_cells(sessions, cli_env, tmp_path):
+    """Issue 7: a reason or name that a spreadsheet would run as a formula is exported as text
+    (one leading quote); ids stay numbers and every other cell is as stored."""
+    import csv
+
+    with transaction(sessions) as s:
+        for reason in ('=HYPERLINK("http://x","click")', "@SUM(A1:A2)", "+1", "-2", "plain"):
+            audit.record(
+                s,
+                actor="=evil",
+                action="decision.comment",
+                subject_type="exception",
+                subject_id=1,
+                reason=reason,
+            )
+    out = tmp_path / "export.csv"
+    result = cli_env.invoke(main, ["audit", "export", "--format", "csv", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with out.open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(line for line in fh if not line.startswith("#")))
+    comments = [r for r in rows if r["action"] == "decision.comment"]
+    assert [r["reason"] for r in comments] == [
+        '\'=HYPERLINK("http://x","click")',
+        "'@SUM(A1:A2)",
+        "'+1",
+        "'-2",
+        "plain",
+    ]
+    assert {r["actor"] for r in comments} == {"'=evil"}
+    assert [int(r["id"]) for r in rows] == list(range(1, len(rows) + 1))
