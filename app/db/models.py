@@ -279,6 +279,8 @@ class ExceptionItem(Base):
         ),
         # Unfiltered listings across every state (the API without a state filter).
         sa.Index("ix_exceptions_sla", "sla_due_at", "id"),
+        # Live pages' change check (queries.change_token): the newest write and a short window.
+        sa.Index("ix_exceptions_updated_at", "updated_at", "version"),
     )
     id: so.Mapped[int] = so.mapped_column(primary_key=True)
     message_id: so.Mapped[str] = so.mapped_column(sa.ForeignKey("messages.id"), index=True)
@@ -505,3 +507,19 @@ class PhiViewMark(Base):
     exception_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey("exceptions.id"), primary_key=True)
     payload_version: so.Mapped[int] = so.mapped_column(primary_key=True, autoincrement=False)
     recorded_at: so.Mapped[datetime]
+
+
+class SavedView(Base):
+    """A named set of queue filters (issue 8): personal (its owner's) or shared with everyone who
+    sees the queues. `query` is the filter part of the queue URL, as the page wrote it."""
+
+    __tablename__ = "saved_views"
+    __table_args__ = (sa.UniqueConstraint("owner_id", "name", name="uq_saved_views_owner_name"),)
+    id: so.Mapped[int] = so.mapped_column(primary_key=True)
+    owner_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey("users.id"), index=True)
+    name: so.Mapped[str] = so.mapped_column(sa.String(80))
+    queue: so.Mapped[str] = so.mapped_column(sa.String(40))
+    query: so.Mapped[str] = so.mapped_column(sa.String(1000), default="")
+    shared: so.Mapped[bool] = so.mapped_column(default=False, index=True)
+    created_at: so.Mapped[datetime]
+    owner: so.Mapped[User] = so.relationship()
