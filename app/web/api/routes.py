@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 from datetime import datetime
 
-import sqlalchemy as sa
 from flask import Response, jsonify, request, stream_with_context
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from app.db.models import Attempt, Decision, ExceptionItem, Message, PayloadVersion, Replay, User
-from app.domain.errors import Conflict, DomainError, Invalid, NotFound
+from app.domain.errors import Conflict, Invalid
 from app.domain.idempotency import request_fingerprint, valid_key
-from app.domain.roles import Permission, Role
+from app.domain.roles import Permission
 from app.domain.timeparse import parse_utc
-from app.services import audit, audit_export, drift, queries
+from app.services import api_views, audit, audit_export, drift, queries
 from app.services.audit_export import event_json
 from app.services.clock import utcnow
-from app.services.exceptions import DecisionInput, decide, view_payload
+from app.services.exceptions import DecisionInput
 from app.services.intake import find_existing, replay_response, submit_message
 from app.services.intake import report_exception as report_failed_message
 
@@ -28,20 +25,14 @@ from ..extensions import csrf, sessions, unit_of_work
 from ..input_guard import MAX_ROW_ID
 from . import bp
 from .openapi import OPENAPI
+from .parsing import json_object
 
 log = logging.getLogger("recon.api")
 csrf.exempt(bp)  # bearer tokens, no cookies: CSRF does not apply
 
 
 def _iso(value: datetime | None) -> str | None:
-    return value.isoformat(timespec="seconds") + "Z" if value else None
-
-
-def _json_body() -> dict:
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise DomainError("request body must be a JSON object", code="invalid_json")
-    return body
+    return api_views.iso(value)
 
 
 @bp.get("/openapi.json")
@@ -59,18 +50,16 @@ def _idempotent_intake(service, what: str):
         return error_response(
             400, "invalid_idempotency_key", "Idempotency-Key must be 1-200 printable characters"
         )
-    body = _json_body()
+    body = json_object()
     actor = current_actor()
     try:
         with unit_of_work() as s:
-            if s.bind.dialect.name == "postgresql":
-                # A request racing an uncommitted one with the same key waits at most this long.
-                s.execute(sa.text("SET LOCAL lock_timeout = '10s'"))
+            api_views.bound_key_wait(s)
             result = service(s, actor, key, body)
     except IntegrityError:
         # A concurrent request with the same key committed first: answer as a replay.
         with unit_of_work() as s:
-            existing = find_existing(s, s.get(User, actor.id), key)
+            existing = find_existing(s, api_views.actor_row(s, actor.id), key)
             if existing is None:
                 raise Conflict(
                     "a request with this Idempotency-Key is still in progress", code="idempotency_in_progress"
@@ -104,54 +93,11 @@ def report_exception():
     return _idempotent_intake(report_failed_message, "exception reported")
 
 
-def _attempt_json(a: Attempt) -> dict:
-    return {
-        "id": a.id,
-        "trigger": a.trigger,
-        "started_at": _iso(a.started_at),
-        "finished_at": _iso(a.finished_at),
-        "outcome": a.outcome,
-        "category": a.category,
-        "status_code": a.status_code,
-        "request_summary": a.request_summary,
-        "response_excerpt": a.response_excerpt,
-        "detail": a.detail,
-        "latency_ms": a.latency_ms,
-        "issues": a.issues or [],
-    }
-
-
 @bp.get("/messages/<message_id>")
 @requires(Permission.READ_MESSAGES)
 def get_message(message_id: str):
-    actor = current_actor()
     with unit_of_work(read_only=True) as s:
-        message = s.get(Message, message_id)
-        # Service accounts see only their own messages.
-        if message is None or (actor.role == Role.SERVICE and message.client_id != actor.id):
-            raise NotFound("message not found")
-        attempts = s.scalars(
-            sa.select(Attempt).where(Attempt.message_id == message.id).order_by(Attempt.id)
-        ).all()
-        exception = s.scalar(
-            sa.select(ExceptionItem)
-            .where(ExceptionItem.message_id == message.id)
-            .order_by(ExceptionItem.id.desc())
-        )
-        return jsonify(
-            {
-                "id": message.id,
-                "idempotency_key": message.idempotency_key,
-                "status": message.status,
-                "connection": message.connection.name,
-                "message_type": message.message_type,
-                "control_id": message.control_id,
-                "created_at": _iso(message.created_at),
-                "attempts": [_attempt_json(a) for a in attempts],
-                "exception_id": exception.id if exception else None,
-                "exception_state": exception.state if exception else None,
-            }
-        )
+        return jsonify(api_views.message_view(s, current_actor(), message_id))
 
 
 @bp.get("/exceptions")
@@ -206,84 +152,17 @@ def drift_report():
     )
 
 
-def _decision_json(d: Decision) -> dict:
-    return {
-        "id": d.id,
-        "action": d.action,
-        "actor": d.actor,
-        "reason": d.reason,
-        "reason_code": d.reason_code,
-        "from_state": d.from_state,
-        "to_state": d.to_state,
-        "details": d.details,
-        "created_at": _iso(d.created_at),
-    }
-
-
-def _replay_json(r: Replay) -> dict:
-    return {
-        "id": r.id,
-        "state": r.state,
-        "corrected": r.corrected,
-        "payload_version_id": r.payload_version_id,
-        "requested_by": r.requested_by.username,
-        "requested_at": _iso(r.requested_at),
-        "approved_by": r.approved_by.username if r.approved_by else None,
-        "approved_at": _iso(r.approved_at),
-        "started_at": _iso(r.started_at),
-        "finished_at": _iso(r.finished_at),
-        "result": r.result,
-    }
-
-
 @bp.get("/exceptions/<int:exception_id>")
 @requires(Permission.VIEW_QUEUES, Permission.VIEW_PAYLOAD)
 def get_exception(exception_id: int):
-    actor = current_actor()
     with unit_of_work() as s:
-        item = s.get(ExceptionItem, exception_id)
-        if item is None:
-            raise NotFound(f"exception {exception_id} not found")
-        payload: PayloadVersion = view_payload(s, item, s.get(User, actor.id), channel="api")
-        out = queries.exception_summary(item)
-        out.update(
-            version=item.version,
-            detail=item.detail,
-            assignee=item.assignee.username if item.assignee else None,
-            needs_not_applied_confirmation=item.needs_not_applied_confirmation,
-            attempts=[
-                _attempt_json(a)
-                for a in s.scalars(
-                    sa.select(Attempt).where(Attempt.message_id == item.message_id).order_by(Attempt.id)
-                )
-            ],
-            decisions=[
-                _decision_json(d)
-                for d in s.scalars(
-                    sa.select(Decision).where(Decision.exception_id == item.id).order_by(Decision.id)
-                )
-            ],
-            replays=[
-                _replay_json(r)
-                for r in s.scalars(
-                    sa.select(Replay).where(Replay.exception_id == item.id).order_by(Replay.id)
-                )
-            ],
-            payload=payload.text,
-            encoding=payload.encoding,
-            payload_sha256=payload.sha256,
-            payload_version=payload.version,
-            payload_base64=base64.b64encode(payload.raw).decode("ascii")
-            if payload.encoding != "utf-8"
-            else None,
-        )
-        return jsonify(out)
+        return jsonify(api_views.exception_view(s, current_actor().id, exception_id))
 
 
 @bp.post("/exceptions/<int:exception_id>/decisions")
 @requires(Permission.DECIDE)
 def post_decision(exception_id: int):
-    body = _json_body()
+    body = json_object()
     action = body.get("action")
     if not isinstance(action, str):
         raise Invalid("action is required", code="invalid_body")
@@ -291,9 +170,8 @@ def post_decision(exception_id: int):
         if body.get(name) is not None and not isinstance(body[name], str):
             raise Invalid(f"{name} must be a string", code="invalid_body")
     expected = body.get("expected_version")
-    if expected is not None and not isinstance(expected, int):
+    if expected is not None and (not isinstance(expected, int) or isinstance(expected, bool)):
         raise Invalid("expected_version must be an integer", code="invalid_body")
-    actor = current_actor()
     data = DecisionInput(
         action=action,
         reason=body.get("reason") or "",
@@ -304,9 +182,7 @@ def post_decision(exception_id: int):
         expected_version=expected,
     )
     with unit_of_work() as s:
-        decision = decide(s, exception_id, s.get(User, actor.id), data)
-        state = s.get(ExceptionItem, exception_id).state
-        response = jsonify({"decision": _decision_json(decision), "state": state})
+        response = jsonify(api_views.record_decision(s, current_actor().id, exception_id, data))
     response.status_code = 201
     return response
 
@@ -370,3 +246,19 @@ def audit_export_stream():
         mimetype=audit_export.FORMATS[fmt],
         headers={"Content-Disposition": f'attachment; filename="audit-export.{ext}"'},
     )
+
+
+@bp.post("/audit/verify")
+@requires(Permission.VIEW_AUDIT)
+def audit_verify():
+    """Recompute the hash chain now (the console's Verify; `recon audit verify`)."""
+    with unit_of_work(read_only=True) as s:
+        return jsonify(api_views.verify_audit(s))
+
+
+@bp.post("/drift/<int:flag_id>/acknowledge")
+@requires(Permission.DECIDE)
+def acknowledge_drift(flag_id: int):
+    """Acknowledge a first sighting of a drift kind (audited), as on the dashboard."""
+    with unit_of_work() as s:
+        return jsonify(api_views.acknowledge_drift(s, current_actor().username, flag_id))
