@@ -65,10 +65,10 @@ def test_reviewer_corrects_lead_approves_replay_resolves(
     # 5. a different user, a clinical lead, approves with the password re-entered
     login(page, live_server, "lena")
     page.goto(f"{live_server}/approvals")
-    expect(page.locator("body")).to_contain_text(f"#{exc_id}")
-    page.fill("input[name=password]", PASSWORD)
+    page.click(f"[data-review-link='{exc_id}']")
+    page.fill(f"#approval-{exc_id} input[name=password]", PASSWORD)
     page.click("text=Approve replay")
-    expect(page.locator(".flash").first).to_be_visible()
+    expect(page.locator("[data-approval-done]")).to_contain_text(f"#{exc_id} approved")
     page.goto(f"{live_server}/exceptions/{exc_id}")
     expect(page.locator(".state")).to_contain_text("replaying")
 

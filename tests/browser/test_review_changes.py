@@ -68,7 +68,7 @@ def test_jump_to_moves_the_caret_to_the_failing_line_and_the_approver_sees_the_c
     logout(page)
 
     login(page, live_server, "lena")
-    page.goto(f"{live_server}/approvals")
+    page.goto(f"{live_server}/approvals/{exc_id}")
     card = page.locator(f"#approval-{exc_id}")
     changes = card.locator("ol.change-list li.change")
     expect(changes).to_have_count(1)

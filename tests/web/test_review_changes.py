@@ -165,14 +165,14 @@ def request_corrected_replay(login, post, make) -> int:
 
 def approval_card(html: str, exc_id: int) -> str:
     return re.search(
-        rf'<article class="panel approval" id="approval-{exc_id}">.*?</article>', html, re.S
+        rf'<article class="approval" id="approval-{exc_id}".*?</article>', html, re.S
     ).group(0)
 
 
 def test_the_approver_sees_the_change_list_first_and_the_full_diff_on_demand(login, post, make, audit_events):
     exc_id = request_corrected_replay(login, post, make)
     views_before = len(audit_events(action="phi.view"))
-    html = html_lib.unescape(login("lena").get("/approvals").get_data(as_text=True))
+    html = html_lib.unescape(login("lena").get(f"/approvals/{exc_id}").get_data(as_text=True))
     card = approval_card(html, exc_id)
     assert re.findall(r'data-path="([^"]+)"', card) == ["MedicationRequest.dosageInstruction[0].text"]
     assert '"1 tablet daily"</del>' in card and '"2 tablets daily"</ins>' in card
@@ -183,7 +183,7 @@ def test_the_approver_sees_the_change_list_first_and_the_full_diff_on_demand(log
         '-      "text": "1 tablet daily"',
         '+      "text": "2 tablets daily"',
     ]
-    # As before: one audited PHI view per corrected card shown, on the approvals channel.
+    # One audited PHI view when the review panel shows the values, on the approvals channel.
     views = audit_events(action="phi.view")[views_before:]
     assert [(e.actor, e.details["channel"], e.subject_id) for e in views] == [
         ("lena", "console-approvals", str(exc_id))
@@ -214,7 +214,7 @@ def test_an_approver_without_payload_access_sees_paths_but_no_values_and_no_phi_
 ):
     exc_id = request_corrected_replay(login, post, make)
     views_before = len(audit_events(action="phi.view"))
-    html = html_lib.unescape(login("lena").get("/approvals").get_data(as_text=True))
+    html = html_lib.unescape(login("lena").get(f"/approvals/{exc_id}").get_data(as_text=True))
     card = approval_card(html, exc_id)
     assert 'data-path="MedicationRequest.dosageInstruction[0].text"' in card
     assert "values hidden" in card
