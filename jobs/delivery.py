@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from app.config import Settings
-from app.services import delivery, faults
+from app.services import bulk_replay, delivery, faults
 
 log = logging.getLogger("recon.jobs")
 _runtime: delivery.Runtime | None = None
@@ -43,6 +43,7 @@ def deliver_attempt_job(attempt_id: int) -> str:
 
 def run_replay_job(replay_id: int) -> str:
     faults.checkpoint("dequeued")
+    bulk_replay.wait_for_slot(runtime().sessions, replay_id)  # a paced bulk item waits for its slot
     result = delivery.run_replay(runtime(), replay_id)
     log.info("replay %s: %s", replay_id, result, extra={"job_id": _job_id(), "replay_id": replay_id})
     return result

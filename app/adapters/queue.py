@@ -24,7 +24,7 @@ from rq.utils import str_to_date
 
 from app.domain.liveness import JobStatus as LiveStatus
 from app.domain.liveness import JobView, requeue_reason
-from app.services import audit, delivery, liveness, schedule, summaries
+from app.services import audit, bulk_replay, delivery, liveness, schedule, summaries
 from app.services.clock import utcnow
 
 log = logging.getLogger("recon.queue")
@@ -210,6 +210,8 @@ SHARED_STEPS = ("retries", "stranded", "escalate", "summaries")
 # Also shared, with no row seeded by a migration (schedule.claim adds it on its first win):
 # an audit checkpoint every RECON_AUDIT_CHECKPOINT_SECONDS (docs/SECURITY.md).
 CHECKPOINT_STEP = "audit_checkpoint"
+# and the pacing step of bulk replays (app/services/bulk_replay.py), every half pass like retries.
+BULK_REPLAY_STEP = "bulk_replays"
 
 
 class Housekeeping:
@@ -238,13 +240,14 @@ class Housekeeping:
             "escalate": ESCALATE_EVERY_SECONDS,
             "summaries": summaries.refresh_seconds(),
             CHECKPOINT_STEP: self.checkpoint_seconds,
+            BULK_REPLAY_STEP: half_pass,
         }
 
     def _steps_to_run(self) -> set[str]:
         intervals = self.intervals()
         if self.shared:
             return set(_guarded(schedule.claim, self.rt.sessions, intervals, self.rt.worker_name) or [])
-        steps = {"retries", "stranded"}
+        steps = {"retries", "stranded", BULK_REPLAY_STEP}
         now = time.monotonic()
         for name, last in self._last_local.items():
             if last is None or now - last >= intervals[name]:
@@ -276,7 +279,8 @@ class Housekeeping:
             _guarded(refresh_summaries, rt)
         if CHECKPOINT_STEP in steps:
             _guarded(write_audit_checkpoint, rt, self.checkpoint_file)  # not work a burst waits for
-        if counts["retries"] or counts["requeued"]:
+        released = _guarded(bulk_replay.housekeeping_step, rt) if BULK_REPLAY_STEP in steps else 0
+        if counts["retries"] or counts["requeued"] or released:
             counts["relayed"] += _guarded(relay_outbox, rt, queue)
         return counts
 
