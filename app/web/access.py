@@ -15,7 +15,7 @@ import ipaddress
 import time
 from collections.abc import Callable
 
-from flask import Flask, abort, current_app, flash, g, jsonify, redirect, request, session, url_for
+from flask import Flask, abort, current_app, flash, g, jsonify, request, session
 from flask_login import current_user, logout_user
 
 from app.domain.roles import Permission, has_permission
@@ -176,14 +176,12 @@ def _check_access():
 
 
 def _to_login():
-    """Send the browser to the login page. An htmx request is told to load it as a whole page
-    (HX-Redirect) rather than swap the login form into a fragment's place."""
-    target = url_for("auth.login", next=request.full_path)
-    if request.headers.get("HX-Request") == "true":
-        response = current_app.make_response(("", 200))
-        response.headers["HX-Redirect"] = url_for("auth.login")
-        return response
-    return redirect(target)
+    """Send the browser to the login page and, after it, back to the page it was on. An htmx
+    request is told to load it as a whole page (HX-Redirect) rather than swap the login form
+    into a fragment's place (app/web/errors.py)."""
+    from .errors import to_login
+
+    return to_login()
 
 
 def app_view():

@@ -112,6 +112,9 @@ def init_app(app: Flask, app_settings: Settings) -> None:
         if request.endpoint != "static":
             response.headers["Cache-Control"] = "no-store"
             response.headers["Pragma"] = "no-cache"
+        # One URL answers a whole page or, to htmx, a fragment: no cache (the browser's included)
+        # may hand one out for the other, so Back/Forward always restore a whole page.
+        response.vary.add("HX-Request")
         return response
 
     _init_login_throttle(app, app_settings)

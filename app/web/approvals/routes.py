@@ -33,6 +33,12 @@ class ApprovalForm(FlaskForm):
     reason = TextAreaField("Reason", validators=[Optional(), Length(max=2000)])
 
 
+@bp.app_template_filter("decided")
+def decided(decision) -> str:
+    """'approved by leo at 10:42 UTC': who made a decision and when (a 409 names them)."""
+    return approvals.decided_by(decision) or ""
+
+
 def _panel(s, exception_id: int | None) -> dict:
     """Template variables of one review panel. Showing a corrected payload's values records the
     PHI view (once per panel load; de-duplicated by the PHI service)."""

@@ -116,6 +116,7 @@ def _render_detail(
             users=users,
             error=error,
             error_action=error_action,
+            conflict=status == 409,  # the form then says who decided and when
             labels=ACTION_LABELS,
             discard_reasons=list(DiscardReason),
             payload_version=payload.version if payload else None,
