@@ -14,6 +14,7 @@ from app.services.exceptions import DecisionInput
 
 from ..access import current_actor, requires
 from ..extensions import sessions, unit_of_work
+from ..input_guard import MAX_ROW_ID
 from . import bp
 from .parsing import field, id_cursor, json_object, limit_arg
 
@@ -21,7 +22,9 @@ from .parsing import field, id_cursor, json_object, limit_arg
 def _refs(body: dict) -> list[tuple[int, int | None]]:
     """ids (a fixed list) and, optionally, the version of each the caller saw."""
     ids = body.get("ids")
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    if not isinstance(ids, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 1 <= i <= MAX_ROW_ID for i in ids
+    ):
         raise Invalid("ids must be a list of exception ids", code="invalid_body")
     versions = body.get("expected_versions") or {}
     if not isinstance(versions, dict) or not all(
