@@ -29,13 +29,14 @@ from app.db.models import (
 )
 from app.domain.errors import Conflict, Invalid, NotFound
 from app.domain.roles import Role
-from app.domain.states import Action, ReplayState
+from app.domain.states import Action
 
 from . import admin, audit, connections, drift, queries, users
 from .clock import utcnow
 from .exceptions import DecisionInput, decide, view_payload
 
-REPLAY_STATES = tuple(s.value for s in ReplayState)
+# replays.state: requested -> approved (queued) -> claimed by a worker (running) -> settled
+REPLAY_STATES = ("pending_approval", "rejected", "queued", "running", "succeeded", "failed", "lost")
 MAX_REPLAY_PAGE = 200
 
 
