@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -57,7 +59,7 @@ from app.domain.delivery import Category
 from app.domain.errors import Invalid, NotFound
 from app.domain.identifiers import search_values
 from app.domain.payloads import PROPOSED_REPAIR
-from app.domain.roles import Role
+from app.domain.roles import Role, mask_identifier, masks_patient_identifiers
 from app.domain.sla import AT_RISK_FRACTION, SlaStatus
 from app.domain.states import FINAL_STATES, ExceptionState
 
@@ -67,6 +69,9 @@ from .clock import utcnow
 ACTIVE_STATES = tuple(s.value for s in ExceptionState if s not in FINAL_STATES)
 assert ACTIVE_STATES == ACTIVE_INDEX_STATES, "app/db/active.py (the partial index predicate) is out of date"
 ALL_STATES = tuple(s.value for s in ExceptionState)
+FINAL_STATE_VALUES = tuple(s.value for s in ExceptionState if s in FINAL_STATES)
+CLOSED = "closed"  # the state filter's name for both final states (resolved, discarded)
+STATE_FILTERS = (*ALL_STATES, CLOSED)
 CATEGORIES = tuple(c.value for c in Category)
 SLA_STATUSES = tuple(s.value for s in SlaStatus)
 DEFAULT_PAGE = 50
@@ -469,22 +474,27 @@ class QueueView:
     total_capped: bool = False  # more than `total` match (a bounded count stopped there)
     counts_as_of: datetime | None = None  # the summary's time (None: counted when the page was made)
     counts_live: bool = True
+    # A free-text search that leaves out the final states: how many closed items match it too
+    # ("3 closed items match — show them"), counted up to BOUNDED_COUNT.
+    closed_matches: int = 0
+    reasons: dict[int, str] = field(default_factory=dict)  # exception id -> failure reason (masked per role)
 
 
 def queue_states(queue: str, state: str | None) -> str | tuple[str, ...]:
     """The states a named queue covers; an explicit state filter wins."""
+    if state == CLOSED:
+        return FINAL_STATE_VALUES
     if state:
         return state
     if queue == "escalated":
         return ExceptionState.ESCALATED.value
     if queue == "awaiting_approval":
         return ExceptionState.PENDING_APPROVAL.value
-    if queue == "all":
-        return ACTIVE_STATES
-    # A category queue is the open work of that category (SPEC 3.1: open = "in a human queue");
-    # escalated items have their own queue. state = open AND category = X is one in-order range
-    # of ix_exceptions_queue, so a page is read straight off the index without sorting.
-    return ExceptionState.OPEN.value
+    # "all" and a category queue hold every active state (issue 8: the dashboard's "transport 11"
+    # is the transport queue's 11, whatever state each item is in; the state filter narrows it).
+    # category = X over the active rows is one in-order range of ix_exceptions_active_category;
+    # with a state filter, state = S AND category = X one range of ix_exceptions_queue.
+    return ACTIVE_STATES
 
 
 def queue_page(
@@ -512,11 +522,77 @@ def queue_page(
     source = count_source(session, now)
     total = summary_total(session, source, params)
     if total is not None:
-        return QueueView(queue, items, next_cursor, total, False, source.as_of, source.live)
-    counted = count_exceptions(session, now=now, limit=BOUNDED_COUNT + 1, **params)
-    return QueueView(
-        queue, items, next_cursor, min(counted, BOUNDED_COUNT), counted > BOUNDED_COUNT, None, True
-    )
+        view = QueueView(queue, items, next_cursor, total, False, source.as_of, source.live)
+    else:
+        counted = count_exceptions(session, now=now, limit=BOUNDED_COUNT + 1, **params)
+        view = QueueView(
+            queue, items, next_cursor, min(counted, BOUNDED_COUNT), counted > BOUNDED_COUNT, None, True
+        )
+    states = _as_values(params["state"], ALL_STATES, "state")
+    if params.get("q") and not set(states) & set(FINAL_STATE_VALUES):
+        # A search is a few primary-key lookups (see _filtered), so counting its closed matches
+        # costs no scan of the history.
+        view.closed_matches = count_exceptions(
+            session, now=now, limit=BOUNDED_COUNT, **{**params, "state": FINAL_STATE_VALUES}
+        )
+    return view
+
+
+def failure_reasons(session: so.Session, items: list[ExceptionItem], role: str) -> dict[int, str]:
+    """Why each item failed (its detail), one line, as `role` may see it in a list: for roles that
+    see masked identifiers (SPEC 3.4), every identifier the message carries and anything shaped
+    like one is masked (app.domain.roles.mask_identifier). One query for the whole page."""
+    if not items:
+        return {}
+    if not masks_patient_identifiers(role):
+        return {i.id: _one_line(i.detail) for i in items}
+    known: dict[str, set[str]] = {}
+    for message_id, value in session.execute(
+        sa.select(MessageIdentifier.message_id, MessageIdentifier.value).where(
+            MessageIdentifier.message_id.in_({i.message_id for i in items})
+        )
+    ):
+        known.setdefault(message_id, set()).add(value)
+    out = {}
+    for item in items:
+        values = set(known.get(item.message_id, ()))
+        if item.message.patient_ref:
+            values |= set(search_values(item.message.patient_ref))
+        out[item.id] = mask_reason(_one_line(item.detail), values)
+    return out
+
+
+def _one_line(text: str | None) -> str:
+    return " ".join((text or "").split())[:REASON_CHARS]
+
+
+REASON_CHARS = 300
+# Anything shaped like an identifier: 4+ digits in a row, letters mixed with digits (MRN-AB1234),
+# HL7 components (DOE^JOHN), and quoted values (an EHR's diagnostics often echo the bad value).
+_IDENTIFIER_SHAPES = re.compile(
+    r"""'[^']*'|"[^"]*"|[^\s'"]*\^[^\s'"]*|[A-Za-z0-9_./:#-]*\d{4,}[A-Za-z0-9_./:#-]*"""
+    r"""|\b(?=[A-Za-z0-9-]*[A-Za-z])(?=[A-Za-z0-9-]*\d)[A-Za-z0-9-]{5,}\b"""
+)
+# Field paths and protocol words that look like identifiers but say where, not who.
+_KEEP = re.compile(r"^(?:HTTP|R4B?|v2\.\d+|[A-Z][A-Z0-9]{2}-\d+(?:\.\d+)*|[A-Z][A-Z0-9]{2}\[\d+\]-\d+)$")
+
+
+def mask_reason(text: str, identifiers: Iterable[str] = ()) -> str:
+    """`text` with the given identifier values and identifier-shaped tokens masked."""
+    for value in sorted({v for v in identifiers if v and len(v) >= 2}, key=len, reverse=True):
+        text = text.replace(value, mask_identifier(value))
+
+    def mask(match: re.Match) -> str:
+        token = match.group(0)
+        if _KEEP.match(token) or "****" in token:
+            return token
+        if token[:1] in "'\"":
+            return token[0] + "****" + token[0]
+        if "^" in token:
+            return "****"
+        return mask_identifier(token)
+
+    return _IDENTIFIER_SHAPES.sub(mask, text)
 
 
 def queue_counts(session: so.Session, now: datetime | None = None) -> dict[str, dict[str, int]]:
@@ -534,7 +610,7 @@ def queue_counts(session: so.Session, now: datetime | None = None) -> dict[str, 
             targets.append("escalated")
         if state == ExceptionState.PENDING_APPROVAL:
             targets.append("awaiting_approval")
-        if state == ExceptionState.OPEN and category in counts:
+        if category in counts:  # a category queue holds every active state of its category
             targets.append(category)
         for target in targets:
             counts[target]["total"] += total
@@ -1116,3 +1192,41 @@ def sla_rules(session: so.Session) -> list[tuple[SlaRuleRow, str | None]]:
         .order_by(Customer.name.is_not(None), Customer.name, SlaRuleRow.category, SlaRuleRow.risk)
     ).all()
     return [(rule, name) for rule, name in rows]
+
+
+# --- live updates: a cheap "has anything changed?" ------------------------------------------------
+
+CHANGE_WINDOW = timedelta(seconds=30)  # longer than any transaction that writes an exception
+
+
+def change_token(session: so.Session, now: datetime | None = None) -> str:
+    """A short token that changes when any exception is created or changes, or when the counts
+    the pages show are refreshed: "<rows>.<counts>". Pages poll with it (`/queues/changes`) and
+    re-render only when it moved.
+
+    rows: the newest id (primary key), the newest updated_at (ix_exceptions_updated_at), and the
+    number and total version of the rows updated within CHANGE_WINDOW of it (one short range of
+    that index, index-only). Every write of an exception bumps updated_at and version, so a
+    transaction that committed late with an older updated_at still moves the window's figures.
+    counts: the summary's time, or the current minute when counts are live (SLA statuses move
+    with the clock even when no row does).
+    """
+    now = now or utcnow()
+    last_id, last_update = session.execute(
+        sa.select(sa.func.max(ExceptionItem.id), sa.func.max(ExceptionItem.updated_at))
+    ).one()
+    window = (0, 0)
+    if last_update is not None:
+        window = session.execute(
+            sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(ExceptionItem.version), 0)).where(
+                ExceptionItem.updated_at >= last_update - CHANGE_WINDOW
+            )
+        ).one()
+    rows = f"{last_id}|{last_update.isoformat() if last_update else ''}|{window[0]}|{window[1]}"
+    source = count_source(session, now)
+    counts = source.as_of.isoformat() if not source.live else now.strftime("%Y-%m-%dT%H:%M")
+    return f"{_digest(rows)}.{_digest(counts)}"
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2s(text.encode(), digest_size=6).hexdigest()

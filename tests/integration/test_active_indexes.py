@@ -110,7 +110,10 @@ PAGES = [
     ("all", {}, "ix_exceptions_active_due"),
     ("escalated", {}, "ix_exceptions_active_state"),
     ("awaiting_approval", {}, "ix_exceptions_active_state"),
-    ("ehr_rejected", {"category": "ehr_rejected"}, "ix_exceptions_queue"),
+    # A category queue holds every active state of its category (issue 8); a state filter on it
+    # is one range of the (state, category) index.
+    ("ehr_rejected", {"category": "ehr_rejected"}, "ix_exceptions_active_category"),
+    ("ehr_rejected", {"category": "ehr_rejected", "state": "open"}, "ix_exceptions_queue"),
     ("all", {"customer": "bulk-customer-01"}, "ix_exceptions_active_customer"),
     ("all", {"connection": "bulk-02-1"}, "ix_exceptions_active_connection"),
     ("all", {"category": "code_set"}, "ix_exceptions_active_category"),
@@ -247,3 +250,29 @@ def test_bulk_history_is_what_it_claims(sessions, history):
     assert total == TOTAL
     assert 0.12 * total < active < 0.24 * total
     assert recent >= active
+
+
+def test_the_live_change_check_and_the_closed_match_hint_stay_off_the_history(sessions, history):
+    """Issue 8 (one history for both): pages poll /queues/changes every few seconds, so the change
+    check reads max(id) and max(updated_at) off their indexes, then one short updated_at range; and
+    a search's "3 closed items match — show them" counts its few candidates, not the history."""
+
+    def poll():
+        with transaction(sessions, read_only=True) as s:
+            queries.change_token(s)
+
+    texts = [plan(sessions, st, p) for st, p in statements(sessions, poll)]
+    assert len(texts) == 2, texts
+    for text in texts:
+        assert "Seq Scan on exceptions" not in text, text
+        assert "ix_exceptions_updated_at" in text, text
+
+    def search():
+        with transaction(sessions, read_only=True) as s:
+            queries.queue_page(s, "all", filters={"q": "Patient/4242"})
+
+    sent = statements(sessions, search)
+    assert any("'resolved'" in st for st, _ in sent), sent  # the closed matches were counted
+    for st, p in sent:
+        text = plan(sessions, st, p)
+        assert "Seq Scan on exceptions" not in text, text

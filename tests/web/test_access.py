@@ -67,6 +67,8 @@ STATE_CHANGING = [
     ("lena", "/exceptions/{id}/correct", {"payload": "{}", "reason": "x", "submit": "1"}),
     ("lena", "/exceptions/{id}/diff", {"payload": "{}"}),
     ("lena", "/queues/bulk", {"ids": "{id}", "action": "claim", "confirm": "1"}),
+    ("lena", "/queues/views", {"name": "mine", "queue": "all"}),
+    ("lena", "/queues/views/1/delete", {}),
     ("lena", "/approvals/{id}", {"action": "reject", "reason": "x"}),
     ("lena", "/drift/1/acknowledge", {}),
     ("adam", "/admin/users", {"username": "eve", "role": "reviewer"}),
@@ -119,6 +121,7 @@ def test_every_state_changing_console_route_refuses_a_missing_csrf_token(login, 
         .replace("<int:connection_id>", "1")
         .replace("<int:rule_id>", "1")
         .replace("<int:flag_id>", "1")
+        .replace("<int:view_id>", "1")
         for r in app.url_map.iter_rules()
         if "POST" in r.methods and r.endpoint.split(".")[0] in console
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime, timedelta
 
@@ -374,3 +375,201 @@ def test_search_finds_exceptions_by_patient_reference_mrn_and_order_number(
         "/api/v1/exceptions?q=MRN-00042", headers={"Authorization": f"Bearer {tokens['rita']}"}
     ).json
     assert [item["id"] for item in api["items"]] == [hl7]
+
+
+# --- issue 8: queues that fit and stay live -------------------------------------------------------
+
+
+def test_a_category_queue_holds_every_active_state_of_its_category_with_a_state_filter(login, make, post):
+    opened, escalated, pending, resolved = (make(category="transport") for _ in range(4))
+    other = make(category="auth")
+    client = login("rita")
+    assert (
+        post(f"/exceptions/{escalated}/decide", {"action": "escalate", "reason": "lead"}).status_code == 303
+    )
+    assert post(f"/exceptions/{pending}/decide", {"action": "resubmit", "reason": "fixed"}).status_code == 303
+    assert (
+        post(f"/exceptions/{resolved}/decide", {"action": "discard", "reason_code": "duplicate"}).status_code
+        == 303
+    )
+    page = client.get("/queues/transport").get_data(as_text=True)
+    assert sorted(row_ids(page)) == sorted([opened, escalated, pending])  # no closed one, no other category
+    assert other not in row_ids(page)
+    assert re.search(r"<strong data-total>3</strong>", page)
+    assert row_ids(client.get("/queues/transport?state=escalated").get_data(as_text=True)) == [escalated]
+    assert row_ids(client.get("/queues/transport?state=open").get_data(as_text=True)) == [opened]
+    assert row_ids(client.get("/queues/transport?state=closed").get_data(as_text=True)) == [resolved]
+
+
+def test_a_search_says_how_many_closed_items_match_outside_the_state_filter(login, make, post, sessions):
+    kept, closed = make(key="ward-7-order-1"), make(key="ward-7-order-2")
+    client = login("rita")
+    post(f"/exceptions/{closed}/decide", {"action": "discard", "reason_code": "duplicate"})
+    page = client.get("/queues/all?q=ward-7").get_data(as_text=True)
+    assert row_ids(page) == [kept]
+    hint = re.search(r"<p class=\"callout\" data-closed-matches>(.*?)</p>", page, re.S).group(1)
+    assert hint.split()[:4] == ["1", "closed", "item", "matches"]
+    link = re.search(r'href="([^"]+)"', hint).group(1).replace("&amp;", "&")
+    assert "state=closed" in link and "q=ward-7" in link
+    assert row_ids(client.get(link).get_data(as_text=True)) == [closed]
+    # Without a search there is no hint (that would count the history), nor when nothing closed matches.
+    assert "data-closed-matches" not in client.get("/queues/all").get_data(as_text=True)
+    assert "data-closed-matches" not in client.get(f"/queues/all?q=%23{kept}").get_data(as_text=True)
+
+
+REASON = "EHR create (HTTP 422): Patient/98765432 'Jane Roe' unknown, MRN-AB12345 DOE^JANE in PID-5"
+
+
+@pytest.mark.parametrize("name", ["rita", "audrey", "adam"])
+def test_the_failure_reason_column_masks_identifiers_for_roles_that_see_masked_lists(login, make, name):
+    make(patient="Patient/98765432", detail=REASON)
+    html = login(name).get("/queues/all").get_data(as_text=True)
+    reason = re.search(r"<td class=\"c-reason\"[^>]*>(.*?)</td>", html, re.S).group(1)
+    for secret in ("98765432", "Jane Roe", "AB12345", "DOE^JANE", "JANE"):
+        assert secret not in html, secret
+    assert "HTTP 422" in reason and "Patient/******32" in reason and "PID-5" in reason
+
+
+def test_a_clinical_lead_sees_the_failure_reason_in_full(login, make):
+    make(patient="Patient/98765432", detail=REASON)
+    html = login("lena").get("/queues/all").get_data(as_text=True)
+    assert "Patient/98765432 &#39;Jane Roe&#39; unknown" in html
+
+
+def test_the_change_check_is_204_until_an_exception_appears_or_changes(login, make, post):
+    make()
+    client = login("rita")
+    page = client.get("/queues/all").get_data(as_text=True)
+    token = re.search(r'data-since="([^"]+)"', page).group(1)
+    quiet = client.get(f"/queues/changes?since={token}&counts=1&queue=all")
+    assert quiet.status_code == 204 and quiet.get_data() == b""
+
+    fresh = make()
+    changed = client.get(f"/queues/changes?since={token}&counts=1&queue=all")
+    assert changed.status_code == 200
+    event = json.loads(changed.headers["HX-Trigger"])["recon:changed"]
+    assert event["rows"] is True and event["token"] != token
+    body = changed.get_data(as_text=True)
+    assert 'id="queue-counts" hx-swap-oob="true"' in body
+    assert re.search(r'data-count="all">2\b', body)
+    assert client.get(f"/queues/changes?since={event['token']}").status_code == 204
+
+    # A decision on an existing row (no new id) moves the token too.
+    post(f"/exceptions/{fresh}/decide", {"action": "comment", "reason": "looking"})
+    again = client.get(f"/queues/changes?since={event['token']}")
+    assert again.status_code == 200 and json.loads(again.headers["HX-Trigger"])["recon:changed"]["rows"]
+
+
+def test_an_update_committed_late_with_an_older_timestamp_still_moves_the_token(sessions, make):
+    first, second = make(), make()
+    with transaction(sessions) as s:
+        s.execute(
+            sa.update(ExceptionItem).where(ExceptionItem.id == second).values(updated_at=datetime(2030, 1, 1))
+        )
+        before = queries.change_token(s)
+    with transaction(sessions) as s:
+        # Written with a clock reading from before the newest row's: max(updated_at) does not move.
+        s.execute(
+            sa.update(ExceptionItem)
+            .where(ExceptionItem.id == first)
+            .values(version=ExceptionItem.version + 1, updated_at=datetime(2029, 12, 31, 23, 59, 50))
+        )
+    with transaction(sessions) as s:
+        assert queries.change_token(s).split(".")[0] != before.split(".")[0]
+
+
+def test_the_bulk_form_carries_the_queue_url_with_its_filters_back(login, make, post):
+    a = make()
+    login("rita")
+    back = "/queues/all?connection=mercy-epic&state=open"
+    done = post(
+        "/queues/bulk", {"ids": [f"{a}:1"], "action": "claim", "confirm": "1", "back": back}
+    ).get_data(as_text=True)
+    assert 'href="/queues/all?connection=mercy-epic&amp;state=open">Back to the queue' in done
+
+
+# --- CSV export of the current view ----------------------------------------------------------------
+
+
+def _csv(response) -> list[list[str]]:
+    import csv
+    import io
+
+    return list(csv.reader(io.StringIO(response.get_data(as_text=True))))
+
+
+def test_csv_export_is_the_current_view_masked_neutralised_and_audited(login, make, audit_events):
+    make(patient="Patient/98765432", detail='=HYPERLINK("http://x") Patient/98765432', category="auth")
+    make(category="transport")
+    response = login("rita").get("/queues/all?category=auth")
+    export = login("rita").get("/queues/all/export.csv?category=auth")
+    assert response.status_code == 200 and export.status_code == 200
+    assert export.headers["Content-Type"].startswith("text/csv")
+    assert "attachment" in export.headers["Content-Disposition"]
+    rows = _csv(export)
+    header, body = rows[0], rows[1:]
+    assert len(body) == 1
+    record = dict(zip(header, body[0], strict=True))
+    assert record["category"] == "auth" and record["patient"] == "Patient/******32"
+    assert "98765432" not in export.get_data(as_text=True)
+    assert record["reason"].startswith("'=HYPERLINK")  # neutralised: a spreadsheet shows text
+    [event] = audit_events(action="queue.export")
+    assert event.actor == "rita" and event.subject_id == "all"
+    assert event.details["rows"] == 1 and event.details["filters"] == {"category": "auth"}
+    assert event.details["masked"] is True
+
+
+def test_csv_export_shows_a_clinical_lead_the_identifiers_and_stops_at_its_bound(login, make, monkeypatch):
+    from app.services import queue_export
+
+    for _ in range(3):
+        make(patient="Patient/98765432")
+    monkeypatch.setattr(queue_export, "MAX_EXPORT_ROWS", 2)
+    export = login("lena").get("/queues/all/export.csv")
+    rows = _csv(export)
+    assert len(rows) == 3 and rows[1][rows[0].index("patient")] == "Patient/98765432"
+    assert export.headers["X-Recon-Truncated"] == "2"
+
+
+# --- saved views -----------------------------------------------------------------------------------
+
+
+def test_saved_views_are_personal_unless_shared(login, make, post, audit_events):
+    make()
+    login("rita")
+    query = "connection=mercy-epic&state=open"
+    assert post("/queues/views", {"name": "My open", "queue": "transport", "query": query}).status_code == 303
+    assert (
+        post(
+            "/queues/views",
+            {"name": "Team breached", "queue": "all", "query": "sla_status=breached", "shared": "y"},
+        ).status_code
+        == 303
+    )
+    mine = login("rita").get("/queues/all").get_data(as_text=True)
+    assert 'href="/queues/transport?state=open&amp;connection=mercy-epic"' in mine and "My open" in mine
+    assert "Team breached" in mine
+    theirs = login("ravi").get("/queues/all").get_data(as_text=True)
+    assert "My open" not in theirs
+    assert 'href="/queues/all?sla_status=breached"' in theirs and "Team breached" in theirs
+    [shared] = audit_events(action="saved_view.share")
+    assert shared.actor == "rita" and shared.details["query"] == "sla_status=breached"
+
+
+def test_a_saved_view_keeps_only_filters_and_only_its_owner_deletes_it(login, post, sessions, users):
+    from app.db.models import SavedView
+
+    login("rita")
+    post("/queues/views", {"name": "Mine", "queue": "all", "query": "q=abc&cursor=xyz&evil=1", "shared": "y"})
+    with transaction(sessions) as s:
+        view = s.scalar(sa.select(SavedView))
+        assert view.query == "q=abc" and view.shared
+        view_id = view.id
+    login("ravi")
+    assert post(f"/queues/views/{view_id}/delete").status_code == 303
+    with transaction(sessions) as s:
+        assert s.get(SavedView, view_id) is not None
+    login("rita")
+    post(f"/queues/views/{view_id}/delete")
+    with transaction(sessions) as s:
+        assert s.get(SavedView, view_id) is None

@@ -23,7 +23,9 @@ def total(html: str) -> int:
 
 
 def sidebar(html: str, queue: str) -> int:
-    link = re.search(rf'href="/queues/{queue}"[^>]*>\s*<span>[^<]*</span>\s*<span class="qcount">(\d+)', html)
+    link = re.search(
+        rf'href="/queues/{queue}"[^>]*>\s*<span>[^<]*</span>\s*<span class="qcount"[^>]*>(\d+)', html
+    )
     return int(link.group(1))
 
 
@@ -148,3 +150,45 @@ def test_stored_trends_match_the_live_ones(sessions, users, connection):
     assert stored.depth_series == live.depth and stored.breach_series == live.breaches
     assert stored.series_times == live.times and stored.attempts_24h == live.attempts
     assert stored.depth_series[-4:] == [1, 1, 1, 1] and stored.breach_series[-3:] == [1, 1, 1]
+
+
+def _cells(board: str) -> dict[tuple[str, str], tuple[int, str | None]]:
+    """(category, status) -> (the number shown, the queue URL it links to)."""
+    out = {}
+    for category, status, cell in re.findall(r'data-cell="(\w+):(\w+)">(.*?)</td>', board, re.S):
+        link = re.search(r'href="([^"]+)"', cell)
+        shown = int(re.sub(r"<[^>]+>", "", cell).strip())
+        out[(category, status)] = (shown, link.group(1).replace("&amp;", "&") if link else None)
+    return out
+
+
+def test_every_dashboard_cell_equals_the_queue_it_links_to(login, sessions, users, connection, post):
+    """Issue 8: "transport 11" on the dashboard is 11 in the transport queue, whatever the items'
+    states (open, escalated, awaiting approval), live and from the summary."""
+    with freeze_time(T0 - timedelta(hours=2)):
+        breached = [make_exception(sessions, users["svc"], category="transport") for _ in range(2)]
+    with freeze_time(T0 - timedelta(minutes=26)):
+        make_exception(sessions, users["svc"], category="ehr_rejected")  # at risk
+    with freeze_time(T0 - timedelta(minutes=5)):
+        fresh = [make_exception(sessions, users["svc"], category="transport") for _ in range(2)]
+        make_exception(sessions, users["svc"], category="code_set")
+    with freeze_time(T0):
+        client = login("rita")
+        post(f"/exceptions/{breached[0]}/decide", {"action": "escalate", "reason": "lead please"})
+        post(f"/exceptions/{fresh[0]}/decide", {"action": "resubmit", "reason": "try again"})
+        post(f"/exceptions/{fresh[1]}/decide", {"action": "discard", "reason_code": "duplicate"})
+        for source in ("live", "summary"):
+            if source == "summary":
+                summaries.refresh(sessions)
+            board = client.get("/").get_data(as_text=True)
+            cells = _cells(board)
+            assert len(cells) == len(queries.CATEGORIES) * len(queries.SLA_STATUSES)
+            assert cells[("transport", "breached")][0] == 2 and cells[("transport", "on_track")][0] == 1
+            for (category, status), (shown, link) in cells.items():
+                url = link or f"/queues/{category}?sla_status={status}"
+                assert url.startswith(f"/queues/{category}?"), url  # the category's own queue
+                assert total(client.get(url).get_data(as_text=True)) == shown, (source, category, status)
+            for category in queries.CATEGORIES:
+                row = sum(cells[(category, s)][0] for s in queries.SLA_STATUSES)
+                page = client.get(f"/queues/{category}").get_data(as_text=True)
+                assert total(page) == row == sidebar(page, category), (source, category)

@@ -7,6 +7,7 @@ from app.services import drift, liveness, queries
 from app.services.clock import utcnow
 
 from ..access import current_actor, requires
+from ..console import page_or_fragment
 from ..extensions import unit_of_work
 from . import bp
 from .charts import bar_widths, line_chart
@@ -15,8 +16,10 @@ from .charts import bar_widths, line_chart
 @bp.route("/")
 @requires(Permission.CONSOLE_LOGIN)
 def index():
-    """The operations overview every console role lands on."""
+    """The operations overview every console role lands on. htmx (the live refresh) gets the
+    figures alone."""
     with unit_of_work(read_only=True) as s:
+        token = queries.change_token(s)
         board = queries.dashboard(s)
         running = queries.replays_running(s)
         handoffs = liveness.handoff_report(
@@ -25,8 +28,10 @@ def index():
         drift_flags = drift.open_flags(s, board.now, limit=5)
         drift_total = drift.open_flag_count(s)
         drift_recent = drift.recent_by_connection(s, board.now)
-    return render_template(
+    return page_or_fragment(
         "dashboard/index.html",
+        "dashboard/_board.html",
+        token=token,
         board=board,
         running=running,
         handoffs=handoffs,

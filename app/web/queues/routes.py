@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
-from flask import abort, render_template, request
+from flask import abort, flash, make_response, redirect, render_template, request, url_for
 from flask_wtf import FlaskForm
-from wtforms import HiddenField, IntegerField, SelectField, SelectMultipleField, StringField, TextAreaField
+from wtforms import (
+    BooleanField,
+    HiddenField,
+    IntegerField,
+    SelectField,
+    SelectMultipleField,
+    StringField,
+    TextAreaField,
+)
 from wtforms.validators import AnyOf, Length, NumberRange, Optional, ValidationError
 from wtforms.widgets import HiddenInput
 
 from app.domain.errors import DomainError, Invalid, NotFound
 from app.domain.roles import Permission
 from app.domain.states import Action, DiscardReason
-from app.services import exceptions, queries
+from app.services import exceptions, queries, queue_export, saved_views
 
 from ..access import current_actor, requires
 from ..console import first_error, labelled, options, page_or_fragment
@@ -34,7 +43,7 @@ class QueueFilterForm(FlaskForm):
     customer = SelectField("Customer", validators=[Optional()])
     connection = SelectField("Connection", validators=[Optional()])
     message_type = StringField("Message type", validators=[Optional(), Length(max=40)])
-    state = SelectField("State", choices=labelled(queries.ALL_STATES), validators=[Optional()])
+    state = SelectField("State", choices=labelled(queries.STATE_FILTERS), validators=[Optional()])
     category = SelectField("Category", choices=labelled(queries.CATEGORIES), validators=[Optional()])
     sla_status = SelectField("SLA", choices=labelled(queries.SLA_STATUSES), validators=[Optional()])
     assignee = SelectField("Assignee", validators=[Optional()])
@@ -75,10 +84,13 @@ def show(queue: str):
 
 def _queue(queue: str):
     status, error = 200, None
+    actor = current_actor()
     with unit_of_work(read_only=True) as s:
         form = _filter_form(s)
         users = queries.assignable_users(s)
         counts = queries.queue_counts(s)
+        token = queries.change_token(s)
+        views = saved_views.visible_views(s, actor)
         view = queries.QueueView(queue, [], None, 0)
         if form.validate():
             try:
@@ -89,6 +101,7 @@ def _queue(queue: str):
                     cursor=form.cursor.data or None,
                     limit=form.limit.data or queries.DEFAULT_PAGE,
                 )
+                view.reasons = queries.failure_reasons(s, view.items, actor.role)
             except Invalid as exc:
                 status, error = 422, exc.message
         else:
@@ -104,10 +117,110 @@ def _queue(queue: str):
         view=view,
         error=error,
         users=users,
+        token=token,
+        saved=views,
+        filter_query=saved_views.filter_query(request.args),
         bulk_form=BulkForm(formdata=None),
         bulk_actions=BULK_ACTIONS,
         discard_reasons=list(DiscardReason),
     )
+
+
+@bp.route("/queues/changes")
+@requires(Permission.VIEW_QUEUES)
+def changes():
+    """The live pages' poll: 204 while nothing changed since `since`; else 200 with the new token
+    in an HX-Trigger event (console.js then refreshes what it shows) and, with `counts=1`, the
+    sidebar's counts swapped in out of band."""
+    since = request.args.get("since", "")[:40]
+    with unit_of_work(read_only=True) as s:
+        token = queries.change_token(s)
+        if token == since:
+            return "", 204
+        counts = queries.queue_counts(s) if request.args.get("counts") == "1" else None
+        as_of = queries.count_source(s)
+    rows_changed = token.split(".")[0] != since.split(".")[0]
+    body = ""
+    if counts is not None:
+        queue = request.args.get("queue", "")
+        body = render_template(
+            "queues/_counts.html", queues=queries.QUEUES, counts=counts, queue=queue, source=as_of, oob=True
+        )
+    response = make_response(body, 200)
+    response.headers["HX-Trigger"] = json.dumps({"recon:changed": {"token": token, "rows": rows_changed}})
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.route("/queues/<queue>/export.csv")
+@requires(Permission.VIEW_QUEUES)
+def export(queue: str):
+    """The current view as CSV: masked per role, every cell neutralised, bounded, audited."""
+    if queue not in queries.QUEUES:
+        abort(404, f"no queue named {queue!r}")
+    actor = current_actor()
+    with unit_of_work() as s:
+        form = _filter_form(s)
+        if not form.validate():
+            abort(422, first_error(form))
+        try:
+            text, _rows, truncated = queue_export.export_csv(s, actor, queue, form.filters())
+        except Invalid as exc:
+            abort(422, exc.message)
+    response = make_response(text)
+    response.headers["Content-Type"] = "text/csv; charset=utf-8"
+    response.headers["Content-Disposition"] = f'attachment; filename="queue-{queue}.csv"'
+    response.headers["Cache-Control"] = "no-store"
+    if truncated:
+        response.headers["X-Recon-Truncated"] = str(queue_export.MAX_EXPORT_ROWS)
+    return response
+
+
+# --- saved views ----------------------------------------------------------------------------------
+
+
+class SavedViewForm(FlaskForm):
+    name = StringField("View name", validators=[Length(min=1, max=saved_views.MAX_NAME)])
+    queue = HiddenField(validators=[AnyOf(list(queries.QUEUES))])
+    query = HiddenField(validators=[Optional(), Length(max=saved_views.MAX_QUERY)])
+    shared = BooleanField("Share with everyone")
+
+
+@bp.route("/queues/views", methods=["POST"])
+@requires(Permission.VIEW_QUEUES)
+def save_view():
+    """Save the current filters under a name (personal, or shared)."""
+    form = SavedViewForm()
+    queue = form.queue.data if form.queue.data in queries.QUEUES else "all"
+    back = url_for(".show", queue=queue) + (f"?{form.query.data}" if form.query.data else "")
+    if not form.validate():
+        flash(f"View not saved. {first_error(form)}", "error")
+        return redirect(back, code=303)
+    try:
+        with unit_of_work() as s:
+            view = saved_views.save_view(
+                s, current_actor(), form.name.data, queue, form.query.data or "", form.shared.data
+            )
+            name = view.name
+    except DomainError as exc:
+        flash(f"View not saved: {exc.message}", "error")
+        return redirect(back, code=303)
+    flash(f"Saved view “{name}”{' (shared)' if form.shared.data else ''}.", "success")
+    return redirect(back, code=303)
+
+
+@bp.route("/queues/views/<int:view_id>/delete", methods=["POST"])
+@requires(Permission.VIEW_QUEUES)
+def delete_view(view_id: int):
+    """Its owner deletes a saved view."""
+    try:
+        with unit_of_work() as s:
+            saved_views.delete_view(s, current_actor(), view_id)
+    except DomainError as exc:
+        flash(f"View not deleted: {exc.message}", "error")
+        return redirect(url_for(".index"), code=303)
+    flash("Saved view deleted.", "success")
+    return redirect(url_for(".index"), code=303)
 
 
 # --- bulk actions ---------------------------------------------------------------------------------
