@@ -33,11 +33,10 @@ import base64
 import hashlib
 import json
 import random
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -68,18 +67,17 @@ from app.domain.delivery import (
     Category,
     Envelope,
     Outcome,
-    auto_retry_eligible,
     clinical_risk,
 )
 from app.domain.hl7 import frame, msh_field, unframe
 from app.domain.payloads import HL7_ER7, decode_payload, decode_text, encode_text
 from app.domain.sla import SlaPolicy, sla_status
 from app.domain.states import FINAL_STATES, ExceptionState
-from app.services import audit, clock, connections, delivery, exceptions, users
+from app.services import clock, connections, delivery, exceptions, users
 from app.services.delivery import envelope_for
-from app.services.exceptions import DecisionInput, decide, open_exception, reopen
+from app.services.exceptions import DecisionInput, decide
 from app.services.intake import DELIVERY_SYSTEM_PREFIX, report_exception, submit_message
-from app.simulator.mllp_server import _ack, _field_empty
+from app.simulator.mllp_server import build_ack, field_empty
 
 from . import corpus, hl7_corpus
 
@@ -1234,14 +1232,14 @@ class _MllpReceiver:
         control_id = msh_field(text, 10)
         ack = None
         if self.signal == "mllp_aa":
-            ack = _ack(text, "AA", control_id)
+            ack = build_ack(text, "AA", control_id)
         elif self.signal == "mllp_wrong_msa2":  # an ACK for another message
-            ack = _ack(text, "AA", f"X{control_id}"[:20])
+            ack = build_ack(text, "AA", f"X{control_id}"[:20])
         elif self.signal == "mllp_ar":
-            ack = _ack(text, "AR", control_id)
+            ack = build_ack(text, "AR", control_id)
         elif self.signal == "mllp_ae":
-            missing = [loc for loc in HL7_REQUIRED_FIELDS if _field_empty(text, loc)]
-            ack = _ack(text, "AE", control_id, [(loc, f"{loc} is required") for loc in missing])
+            missing = [loc for loc in HL7_REQUIRED_FIELDS if field_empty(text, loc)]
+            ack = build_ack(text, "AE", control_id, [(loc, f"{loc} is required") for loc in missing])
         self.pending = frame(encode_text(ack, HL7_ER7)) if ack else b""
 
     def settimeout(self, seconds: float) -> None:
@@ -1277,10 +1275,16 @@ def mllp_outcome(signal: str, envelope: Envelope, settings) -> Outcome:
 
 
 class _Runner:
-    """Runs steps inside one transaction, with the clock already set to the step's time."""
+    """Runs steps inside one transaction, with the clock already set to the step's time.
 
-    def __init__(self, session: so.Session):
+    What the worker does is done by the worker's own functions (app/services/delivery: claim,
+    settle, queue a retry, claim and settle a replay) on the same session; only the EHR is
+    scripted: each step's outcome comes from the adapters' own classification (`_settle`)."""
+
+    def __init__(self, session: so.Session, clock: _SeedClock, rt: delivery.Runtime):
         self.s = session
+        self.clock = clock
+        self.rt = rt
         self._users: dict[str, User] = {}
 
     def user(self, name: str) -> User:
@@ -1316,36 +1320,26 @@ class _Runner:
             .values(relayed_at=at)
         )
 
-    @staticmethod
-    def _record(attempt: Attempt, outcome: Outcome, at: datetime) -> None:
-        """Record an attempt's result with the worker's own column mapping."""
-        for name, value in delivery.attempt_result_values(outcome).items():
-            setattr(attempt, name, value)
-        attempt.started_at = at - timedelta(milliseconds=outcome.latency_ms)
-        attempt.finished_at = at
-
-    def _delivered(self, message: Message, attempt: Attempt, outcome: Outcome, at: datetime) -> None:
-        message.status = "delivered"
-        message.updated_at = at
-        audit.record(
-            self.s,
-            actor="system:worker",
-            action="message.deliver",
-            subject_type="message",
-            subject_id=message.id,
-            details={"attempt_id": attempt.id, "resource": outcome.resource_ref, "trigger": attempt.trigger},
+    def _worker_delivers(self, step: _Step, story: _Story, attempt_id: int, outcome: Outcome) -> str:
+        """The worker's claim (at the call's start) and settle (at the step's time) of one attempt.
+        A planned next retry is the scripted EHR's Retry-After, so the worker's own backoff lands on
+        the demo's timeline."""
+        self.clock.at = step.at - timedelta(milliseconds=outcome.latency_ms)
+        attempt = delivery.claim_attempt(self.s, self.rt, attempt_id)
+        if attempt is None:
+            raise RuntimeError(f"story {story.index}: attempt {attempt_id} is not queued")
+        self.clock.at = step.at
+        next_at = step.args.get("next_retry_at")
+        if next_at is not None:
+            outcome.retry_after_seconds = max((next_at - step.at).total_seconds(), 0.0)
+        delivery.finish_attempt(self.s, attempt_id, outcome)
+        message = self.s.get(Message, attempt.message_id)
+        item = self.s.scalar(
+            sa.select(ExceptionItem).where(
+                ExceptionItem.message_id == message.id, ExceptionItem.state == ExceptionState.RETRYING
+            )
         )
-
-    def _exception_cas(self, item: ExceptionItem, from_state: str, **values) -> None:
-        result = self.s.execute(
-            sa.update(ExceptionItem)
-            .where(ExceptionItem.id == item.id, ExceptionItem.state == from_state)
-            .values(version=ExceptionItem.version + 1, **values)
-            .execution_options(synchronize_session=False)
-        )
-        if result.rowcount != 1:
-            raise RuntimeError(f"exception {item.id} is not {from_state}")
-        self.s.refresh(item)
+        return delivery.settle_delivery(self.rt, self.s, message, message.connection, attempt, outcome, item)
 
     # -- steps
 
@@ -1366,119 +1360,37 @@ class _Runner:
 
     def _deliver(self, step: _Step, story: _Story) -> None:
         attempt = self.s.get(Attempt, story.attempt_id)
-        message = self.s.get(Message, story.message_id)
         outcome = self._settle(step, story, attempt.payload_version_id)
-        self._record(attempt, outcome, step.at)
-        if outcome.delivered:
-            self._delivered(message, attempt, outcome, step.at)
+        result = self._worker_delivers(step, story, attempt.id, outcome)
+        if result == "delivered":
             return
-        message.status = "exception"
-        message.updated_at = step.at
-        conn = message.connection
-        retried = auto_retry_eligible(outcome, connections.settings_for(conn)) and conn.max_auto_retries > 0
-        if retried != step.args["retried"]:
+        if (result == "retrying") != step.args["retried"]:
             raise RuntimeError(
-                f"story {story.index}: the worker would {'' if retried else 'not '}retry {outcome}"
+                f"story {story.index}: the worker would {'' if result == 'retrying' else 'not '}retry {outcome}"
             )
-        item = open_exception(
-            self.s,
-            message,
-            outcome.category,
-            outcome.detail or f"{outcome.category} ({outcome.status_code})",
-            payload_version_id=attempt.payload_version_id,
-            state=ExceptionState.RETRYING if retried else ExceptionState.OPEN,
-            next_retry_at=step.args.get("next_retry_at"),
-            actor="system:worker",
-            may_have_applied=not outcome.provably_not_applied,
+        story.exception_id = self.s.scalar(
+            sa.select(ExceptionItem.id).where(ExceptionItem.message_id == story.message_id)
         )
-        story.exception_id = item.id
 
     def _retry(self, step: _Step, story: _Story) -> None:
         """One automatic retry: the scheduler queues it, the worker runs it and settles it."""
-        s, at = self.s, step.at
-        item = s.get(ExceptionItem, story.exception_id)
-        message = item.message
-        outcome = self._settle(step, story, message.current_payload_id)
-        queued_at = at - timedelta(milliseconds=outcome.latency_ms)
-        self._exception_cas(
-            item, "retrying", next_retry_at=None, retry_count=item.retry_count + 1, updated_at=queued_at
+        item = self.s.get(ExceptionItem, story.exception_id)
+        outcome = self._settle(step, story, item.message.current_payload_id)
+        queued_at = step.at - timedelta(milliseconds=outcome.latency_ms)
+        self.clock.at = queued_at
+        attempt = delivery.queue_retry(self.s, item)
+        if attempt is None:
+            raise RuntimeError(f"story {story.index}: exception {item.id} is not retrying")
+        self._relayed("deliver", attempt.id, queued_at)
+        result = self._worker_delivers(step, story, attempt.id, outcome)
+        expected = (
+            "delivered" if outcome.delivered else "exception" if step.args.get("exhausted") else "retrying"
         )
-        attempt = Attempt(
-            message_id=message.id,
-            payload_version_id=message.current_payload_id,
-            trigger=f"auto_retry:{item.retry_count}",
-            started_at=queued_at,
-            outcome="queued",
-        )
-        s.add(attempt)
-        s.flush()
-        s.add(
-            OutboxEntry(
-                kind="deliver",
-                ref_id=str(attempt.id),
-                job_id=f"deliver-{attempt.id}",
-                created_at=queued_at,
-                relayed_at=queued_at,
-            )
-        )
-        self._record(attempt, outcome, at)
-        if outcome.delivered:
-            self._delivered(message, attempt, outcome, at)
-            self._exception_cas(item, "retrying", state="resolved", resolved_at=at, updated_at=at)
-            audit.record(
-                s,
-                actor="system:retry",
-                action="exception.resolve",
-                subject_type="exception",
-                subject_id=item.id,
-                from_state="retrying",
-                to_state="resolved",
-                reason="automatic retry delivered",
-                details={"attempt_id": attempt.id},
-            )
-            return
-        message.updated_at = at
-        detail = outcome.detail or f"{outcome.category} ({outcome.status_code})"
-        conn = message.connection
-        worker_stops = not (
-            auto_retry_eligible(outcome, connections.settings_for(conn))
-            and item.retry_count < conn.max_auto_retries
-        )
-        if worker_stops != bool(step.args.get("exhausted")):
+        if result != expected:
             raise RuntimeError(
-                f"story {story.index}: the plan and the worker disagree on retry {item.retry_count}"
+                f"story {story.index}: the plan ({expected}) and the worker ({result}) disagree on "
+                f"retry {item.retry_count}"
             )
-        if step.args.get("exhausted"):
-            reopen(
-                s,
-                item,
-                outcome.category,
-                f"automatic retries stopped: {detail}",
-                from_state="retrying",
-                actor="system:retry",
-                may_have_applied=not outcome.provably_not_applied,
-            )
-            return
-        next_at = step.args["next_retry_at"]
-        self._exception_cas(
-            item,
-            "retrying",
-            next_retry_at=next_at,
-            category=outcome.category.value,
-            detail=detail[:4000],
-            updated_at=at,
-        )
-        audit.record(
-            s,
-            actor="system:retry",
-            action="exception.retry_scheduled",
-            subject_type="exception",
-            subject_id=item.id,
-            from_state="retrying",
-            to_state="retrying",
-            reason=detail[:500],
-            details={"next_retry_at": next_at.isoformat() + "Z", "retry_count": item.retry_count},
-        )
 
     def _decide(self, step: _Step, story: _Story) -> None:
         data = DecisionInput(**step.args["input"])
@@ -1504,89 +1416,41 @@ class _Runner:
         item = exceptions.get(self.s, story.exception_id)
         exceptions.view_payload(self.s, item, self.user(step.args["actor"]), channel="console")
 
-    def _claim_replay(
-        self, story: _Story, started: datetime, lease: datetime | None
-    ) -> tuple[Replay, Attempt]:
-        replay = self.s.get(Replay, story.replay_id)
-        claimed = self.s.execute(
-            sa.update(Replay)
-            .where(Replay.id == replay.id, Replay.state == "queued")
-            .values(state="running", started_at=started, worker=WORKER_NAME, lease_expires_at=lease)
-            .execution_options(synchronize_session=False)
-        ).rowcount
-        if claimed != 1:
-            raise RuntimeError(f"story {story.index}: replay {replay.id} is not queued")
-        self.s.refresh(replay)
-        attempt = Attempt(
-            message_id=replay.message_id,
-            replay_id=replay.id,
-            payload_version_id=replay.payload_version_id,
-            trigger=f"replay:{replay.id}",
-            started_at=started,
-            outcome="in_flight",
-            lease_expires_at=lease,
-        )
-        self.s.add(attempt)
-        self.s.flush()
-        return replay, attempt
+    def _claim_replay(self, story: _Story, lease_seconds: float):
+        claim = delivery.claim_replay(self.s, replace(self.rt, lease_seconds=lease_seconds), story.replay_id)
+        if claim is None:
+            raise RuntimeError(f"story {story.index}: replay {story.replay_id} is not queued")
+        return claim
 
     def _replay_claim(self, step: _Step, story: _Story) -> None:
         """A worker holds the replay right now (state running, lease ticking)."""
-        self._claim_replay(story, step.at, step.at + REPLAY_LEASE)
+        self._claim_replay(story, REPLAY_LEASE.total_seconds())
 
     def _replay_finish(self, step: _Step, story: _Story) -> None:
-        """The worker's replay, claim to settlement, as `run_replay` does it."""
-        s, at = self.s, step.at
-        outcome = self._settle(step, story, s.get(Replay, story.replay_id).payload_version_id)
-        started = at - timedelta(milliseconds=outcome.latency_ms)
-        replay, attempt = self._claim_replay(story, started, started + timedelta(seconds=90))
-        self._record(attempt, outcome, at)
-        item = s.get(ExceptionItem, replay.exception_id)
-        message = s.get(Message, replay.message_id)
-        replay.finished_at = at
-        replay.lease_expires_at = None
-        if outcome.delivered:
-            replay.state = "succeeded"
-            replay.result = outcome.detail or f"delivered {outcome.resource_ref or ''}".strip()
-            message.status = "delivered"
-            message.current_payload_id = replay.payload_version_id
-            message.updated_at = at
-            self._exception_cas(item, "replaying", state="resolved", resolved_at=at, updated_at=at)
-            audit.record(
-                s,
-                actor="system:worker",
-                action="exception.resolve",
-                subject_type="exception",
-                subject_id=item.id,
-                from_state="replaying",
-                to_state="resolved",
-                reason=replay.result,
-                details={
-                    "replay_id": replay.id,
-                    "attempt_id": attempt.id,
-                    "found_applied": step.signal == "found",
-                    "resource": outcome.resource_ref,
-                },
-            )
-            return
-        replay.state = "failed"
-        replay.result = outcome.detail or str(outcome.category)
-        if not reopen(
-            s,
-            item,
-            outcome.category or Category.UNKNOWN_OUTCOME,
-            f"replay {replay.id} failed: {replay.result}",
-            from_state="replaying",
-            actor="system:worker",
-            may_have_applied=not outcome.provably_not_applied,
-        ):
-            raise RuntimeError(f"story {story.index}: exception {item.id} is not replaying")
+        """The worker's replay, claim to settlement, by `run_replay`'s own steps."""
+        outcome = self._settle(step, story, self.s.get(Replay, story.replay_id).payload_version_id)
+        self.clock.at = step.at - timedelta(milliseconds=outcome.latency_ms)
+        attempt_id, message_id, *_ = self._claim_replay(story, self.rt.lease_seconds)
+        self.clock.at = step.at
+        result = delivery.settle_replay(
+            self.s,
+            story.replay_id,
+            attempt_id,
+            message_id,
+            outcome,
+            contacted=False,
+            found=step.signal == "found",
+        )
+        if result != ("resolved" if outcome.delivered else "reopened"):
+            raise RuntimeError(f"story {story.index}: replay {story.replay_id} settled as {result}")
 
 
 # --------------------------------------------------------------------------- the clock and password hashing
 
 
 class _SeedClock:
+    """The demo's time: each step sets it; the services read it through `clock.use_clock`."""
+
     def __init__(self, at: datetime):
         self.at = at
 
@@ -1594,19 +1458,14 @@ class _SeedClock:
         return self.at
 
 
-def _app_modules() -> list[object]:
-    return [m for n, m in list(sys.modules.items()) if n == "app" or n.startswith(("app.", "jobs."))]
-
-
 @contextmanager
 def _seed_runtime(start: datetime) -> Iterator[_SeedClock]:
-    """Point every `utcnow` the app imported at a settable clock; memoize argon2 for one password.
+    """Run the services at a settable time (app/services/clock.py `use_clock`, this thread only);
+    memoize argon2 for one password.
 
-    The services import `utcnow` by name, so each importing module is patched, not just
-    `app.services.clock`. argon2 costs ~0.25 s per hash or verify on a small machine; the demo
-    users share one password, so hashing it once and verifying each (hash, password) pair once
-    keeps loading to a few seconds. Everything is restored on the way out, whatever happens,
-    including in modules first imported while loading. Not for concurrent use: call it before
+    argon2 costs ~0.25 s per hash or verify on a small machine; the demo users share one password,
+    so hashing it once and verifying each (hash, password) pair once keeps loading to a few
+    seconds. Restored on the way out, whatever happens. Not for concurrent use: call it before
     serving requests.
     """
     seed_clock = _SeedClock(start)
@@ -1625,21 +1484,31 @@ def _seed_runtime(start: datetime) -> Iterator[_SeedClock]:
             verified[key] = real_check(user, password)
         return verified[key]
 
-    real_utcnow = clock.utcnow
-    replacements = {"utcnow": (real_utcnow, seed_clock)}
+    users.hash_password = hash_once
+    exceptions.check_password = check_once
     try:
-        for module in _app_modules():
-            if getattr(module, "utcnow", None) is real_utcnow:
-                module.utcnow = seed_clock
-        users.hash_password = hash_once
-        exceptions.check_password = check_once
-        replacements.update(hash_password=(real_hash, hash_once), check_password=(real_check, check_once))
-        yield seed_clock
+        with clock.use_clock(seed_clock):
+            yield seed_clock
     finally:
-        for module in _app_modules():
-            for name, (real, fake) in replacements.items():
-                if getattr(module, name, None) is fake:
-                    setattr(module, name, real)
+        users.hash_password = real_hash
+        exceptions.check_password = real_check
+
+
+def _demo_runtime(sessions: so.sessionmaker) -> delivery.Runtime:
+    """The worker as the demo runs it: its own name, a deterministic backoff (no jitter; the
+    planned next retry arrives as the scripted EHR's Retry-After, however far off), no adapters
+    (every call is scripted)."""
+
+    def no_adapter(conn):
+        raise RuntimeError(f"the demo never calls {conn.name}: every outcome is scripted")
+
+    return delivery.Runtime(
+        sessions=sessions,
+        worker_name=WORKER_NAME,
+        adapter_factory=no_adapter,
+        jitter=lambda: 0.0,
+        retry_cap_seconds=HISTORY.total_seconds() * 2,
+    )
 
 
 # --------------------------------------------------------------------------- entry point
@@ -1696,7 +1565,7 @@ def load_demo(
                     if _already_loaded(s):
                         return _summary(s, now, created=False)
                     tokens = _create_estate(s, sim_base_url, mllp_port)
-                runner = _Runner(s)
+                runner = _Runner(s, seed_clock, _demo_runtime(sessions))
                 for step, story in steps[start : start + batch]:
                     seed_clock.at = step.at
                     runner.run(step, story)

@@ -1,8 +1,10 @@
-"""The exception state machine (SPEC 3.1).
+"""Every state the product keeps, and who may move it where (SPEC 3.1).
 
-`plan_transition` is pure: given the current exception facts, the actor and the
-action, it returns the target state or raises Forbidden / Conflict / Invalid.
-The service layer applies the result with a compare-and-set on (state, version).
+Human decisions on exceptions: `RULES` and `plan_transition`, which is pure: given the current
+exception facts, the actor and the action, it returns the target state or raises Forbidden /
+Conflict / Invalid. The system's own moves (the worker, the retry scheduler, the reaper, the SLA
+escalation) of exceptions, replays, attempts and messages: `SYSTEM_TRANSITIONS` and
+`check_transition`. The service layer applies either with one compare-and-set (app/db/cas.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,54 @@ class ExceptionState(StrEnum):
 
 
 FINAL_STATES = frozenset({ExceptionState.RESOLVED, ExceptionState.DISCARDED})
+
+
+class ReplayState(StrEnum):
+    """replays.state: requested → approved (queued) → claimed by a worker (running) → settled."""
+
+    PENDING_APPROVAL = "pending_approval"
+    REJECTED = "rejected"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    LOST = "lost"  # its worker died mid-call (the reaper): outcome unknown
+
+
+class AttemptState(StrEnum):
+    """attempts.outcome: queued → in_flight (claimed, leased) → one of the adapter's outcomes."""
+
+    QUEUED = "queued"
+    IN_FLIGHT = "in_flight"
+    DELIVERED = "delivered"
+    REJECTED = "rejected"
+    TRANSIENT = "transient"
+    UNKNOWN = "unknown"
+
+
+class MessageState(StrEnum):
+    """messages.status: where the logical message stands as a whole."""
+
+    QUEUED = "queued"
+    DELIVERING = "delivering"
+    DELIVERED = "delivered"
+    EXCEPTION = "exception"
+    DISCARDED = "discarded"
+
+
+class StateKind(StrEnum):
+    EXCEPTION = "exception"
+    REPLAY = "replay"
+    ATTEMPT = "attempt"
+    MESSAGE = "message"
+
+
+STATE_TYPES: dict[StateKind, type[StrEnum]] = {
+    StateKind.EXCEPTION: ExceptionState,
+    StateKind.REPLAY: ReplayState,
+    StateKind.ATTEMPT: AttemptState,
+    StateKind.MESSAGE: MessageState,
+}
 
 
 class Action(StrEnum):
@@ -214,3 +264,85 @@ def plan_transition(facts: ExceptionFacts, req: DecisionRequest) -> ExceptionSta
         if not req.password_confirmed:
             raise Forbidden("approval needs your password re-entered", code="password_required")
     return rule.to_state if rule.to_state is not None else facts.state
+
+
+# --- the system's own transitions ----------------------------------------------------------------
+# Who moves what without a person: (from, to) → the component and why. A human decision moves an
+# exception (and its replay) through RULES above; these are the rest. A move of a state the
+# product stores that is in neither table is a bug, and `check_transition` says so.
+
+_E, _R, _T, _M = ExceptionState, ReplayState, AttemptState, MessageState
+_RESULTS = (_T.DELIVERED, _T.REJECTED, _T.TRANSIENT, _T.UNKNOWN)
+
+SYSTEM_TRANSITIONS: dict[StateKind, dict[tuple[StrEnum, StrEnum], str]] = {
+    StateKind.EXCEPTION: {
+        (_E.RETRYING, _E.RETRYING): "retry: next retry scheduled (or a held item waits)",
+        (_E.RETRYING, _E.RESOLVED): "retry: an automatic retry delivered",
+        (_E.RETRYING, _E.OPEN): "retry: retries exhausted, or the attempt's worker was lost",
+        (_E.REPLAYING, _E.RESOLVED): "worker: the replay delivered or found it already applied",
+        (_E.REPLAYING, _E.OPEN): "worker: the replay failed, or its lease expired",
+        (_E.OPEN, _E.ESCALATED): "sla: breached, escalated to the clinical leads",
+        (_E.OPEN, _E.RESOLVED): "worker: a late result proved delivery",
+        (_E.ESCALATED, _E.RESOLVED): "worker: a late result proved delivery",
+    },
+    StateKind.REPLAY: {
+        (_R.QUEUED, _R.QUEUED): "worker: deferred until an earlier request's window closes",
+        (_R.QUEUED, _R.RUNNING): "worker: claimed, with a lease",
+        (_R.RUNNING, _R.RUNNING): "worker: lease renewed",
+        (_R.RUNNING, _R.SUCCEEDED): "worker: delivered or found already applied",
+        (_R.RUNNING, _R.FAILED): "worker: the EHR refused it or the call failed",
+        (_R.RUNNING, _R.LOST): "reaper: the lease expired",
+    },
+    StateKind.ATTEMPT: {
+        (_T.QUEUED, _T.IN_FLIGHT): "worker: claimed, with a lease",
+        (_T.IN_FLIGHT, _T.IN_FLIGHT): "worker: lease renewed",
+        **{(_T.IN_FLIGHT, to): "worker: the adapter's result" for to in _RESULTS},
+        # the reaper declared it lost (unknown) first; the worker's late result is kept as evidence
+        **{(_T.UNKNOWN, to): "worker: a late result after the lease expired" for to in _RESULTS},
+    },
+    StateKind.MESSAGE: {
+        (_M.QUEUED, _M.DELIVERING): "worker: first delivery claimed",
+        (_M.EXCEPTION, _M.DELIVERING): "worker: an automatic retry claimed",
+        (_M.DELIVERING, _M.DELIVERED): "worker: delivered",
+        (_M.DELIVERING, _M.EXCEPTION): "worker: failed, or its worker was lost",
+        (_M.EXCEPTION, _M.DELIVERED): "worker: a retry, replay or late result delivered",
+        (_M.EXCEPTION, _M.EXCEPTION): "worker: another failure",
+        (_M.QUEUED, _M.EXCEPTION): "intake / reaper: refused before sending, or its worker was lost",
+    },
+}
+
+# Human decisions that move replays and messages (through `decide`), beside RULES.
+HUMAN_TRANSITIONS: dict[StateKind, dict[tuple[StrEnum, StrEnum], Action]] = {
+    StateKind.EXCEPTION: {
+        (from_state, rule.to_state or from_state): action  # None: unchanged (comment, assign, claim)
+        for action, rule in RULES.items()
+        for from_state in rule.from_states
+    },
+    StateKind.REPLAY: {
+        (_R.PENDING_APPROVAL, _R.QUEUED): Action.APPROVE,
+        (_R.PENDING_APPROVAL, _R.REJECTED): Action.REJECT,
+    },
+    StateKind.ATTEMPT: {},
+    StateKind.MESSAGE: {(_M.EXCEPTION, _M.DISCARDED): Action.DISCARD},
+}
+
+
+class IllegalTransition(Conflict):
+    """A move the state tables do not allow (a bug in the caller, never a race)."""
+
+    code = "illegal_transition"
+
+
+def check_transition(kind: StateKind | str, from_state: str, to_state: str) -> None:
+    """Raise IllegalTransition unless (from → to) is a system or human transition of `kind`.
+
+    Pure; unknown state names raise too. The compare-and-set helper calls it for every update that
+    names both the expected and the new state."""
+    kind = StateKind(kind)
+    states = STATE_TYPES[kind]
+    try:
+        pair = (states(from_state), states(to_state))
+    except ValueError:
+        raise IllegalTransition(f"unknown {kind} state in {from_state!r} -> {to_state!r}") from None
+    if pair not in SYSTEM_TRANSITIONS[kind] and pair not in HUMAN_TRANSITIONS[kind]:
+        raise IllegalTransition(f"{kind} cannot move from {from_state} to {to_state}")

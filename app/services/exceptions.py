@@ -13,6 +13,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm as so
 
 from app.db.active import state_in
+from app.db.cas import cas_update
 from app.db.models import Decision, ExceptionItem, Message, OutboxEntry, PayloadVersion, Replay, User
 from app.domain.delivery import Category
 from app.domain.errors import Conflict, Forbidden, Invalid, NotFound
@@ -23,6 +24,8 @@ from app.domain.states import (
     DecisionRequest,
     ExceptionFacts,
     ExceptionState,
+    MessageState,
+    ReplayState,
     parse_action,
     plan_transition,
 )
@@ -185,15 +188,9 @@ def escalate_breached(session: so.Session, *, limit: int = 200) -> int:
 def _compare_and_set(
     session: so.Session, item: ExceptionItem, from_state: str, values: dict, version: int | None = None
 ) -> bool:
-    """UPDATE ... WHERE state = from_state [AND version = v]; works the same on SQLite and PostgreSQL."""
-    stmt = sa.update(ExceptionItem).where(ExceptionItem.id == item.id, ExceptionItem.state == from_state)
-    if version is not None:
-        stmt = stmt.where(ExceptionItem.version == version)
-    result = session.execute(stmt.values(**values).execution_options(synchronize_session=False))
-    if result.rowcount != 1:
-        return False
-    session.refresh(item)
-    return True
+    """The exception's compare-and-set on its state [and version] (app/db/cas.py)."""
+    expect = {"state": from_state} if version is None else {"state": from_state, "version": version}
+    return cas_update(session, ExceptionItem, item.id, expect=expect, values=values, refresh=item)
 
 
 def get(session: so.Session, exception_id: int) -> ExceptionItem:
@@ -205,7 +202,7 @@ def get(session: so.Session, exception_id: int) -> ExceptionItem:
 
 def pending_replay(session: so.Session, item: ExceptionItem) -> Replay | None:
     return session.scalar(
-        sa.select(Replay).where(Replay.exception_id == item.id, Replay.state == "pending_approval")
+        sa.select(Replay).where(Replay.exception_id == item.id, Replay.state == ReplayState.PENDING_APPROVAL)
     )
 
 
@@ -322,7 +319,7 @@ def decide(session: so.Session, exception_id: int, actor: User, data: DecisionIn
             exception_id=item.id,
             message_id=item.message_id,
             payload_version_id=payload_id,
-            state="pending_approval",
+            state=ReplayState.PENDING_APPROVAL,
             corrected=new_payload is not None,
             requested_by_id=actor.id,
             requested_at=now,
@@ -335,7 +332,12 @@ def decide(session: so.Session, exception_id: int, actor: User, data: DecisionIn
             details["payload_sha256"] = new_payload.sha256
     elif action is Action.APPROVE:
         _replay_cas(
-            session, replay, "pending_approval", state="queued", approved_by_id=actor.id, approved_at=now
+            session,
+            replay,
+            ReplayState.PENDING_APPROVAL,
+            state=ReplayState.QUEUED,
+            approved_by_id=actor.id,
+            approved_at=now,
         )
         session.add(
             OutboxEntry(kind="replay", ref_id=str(replay.id), job_id=f"replay-{replay.id}", created_at=now)
@@ -345,15 +347,15 @@ def decide(session: so.Session, exception_id: int, actor: User, data: DecisionIn
         _replay_cas(
             session,
             replay,
-            "pending_approval",
-            state="rejected",
+            ReplayState.PENDING_APPROVAL,
+            state=ReplayState.REJECTED,
             rejected_by_id=actor.id,
             finished_at=now,
             result=req.reason,
         )
         details["replay_id"] = replay.id
     elif action is Action.DISCARD:
-        item.message.status = "discarded"
+        item.message.status = MessageState.DISCARDED
         item.message.updated_at = now
 
     decision = Decision(
@@ -386,18 +388,13 @@ def decide(session: so.Session, exception_id: int, actor: User, data: DecisionIn
     return decision
 
 
-def _replay_cas(session: so.Session, replay: Replay | None, from_state: str, **values) -> None:
+def _replay_cas(session: so.Session, replay: Replay | None, from_state: ReplayState, **values) -> None:
     if replay is None:
         raise Conflict("there is no pending replay request", code="state_conflict")
-    result = session.execute(
-        sa.update(Replay)
-        .where(Replay.id == replay.id, Replay.state == from_state)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:
+    if not cas_update(
+        session, Replay, replay.id, expect={"state": from_state}, values=values, refresh=replay
+    ):
         raise Conflict("the replay request changed underneath", code="state_conflict")
-    session.refresh(replay)
 
 
 def _assignee(session: so.Session, username: str | None) -> User:

@@ -18,6 +18,7 @@ from app.db.active import literal_states
 from app.db.models import Attempt, ExceptionItem, OutboxEntry, Replay
 from app.db.session import transaction
 from app.domain.liveness import HandoffPolicy
+from app.domain.states import AttemptState, ExceptionState, ReplayState
 
 from .clock import utcnow
 
@@ -52,13 +53,13 @@ def unclaimed_work(sessions: so.sessionmaker, limit: int = 500) -> list[Unclaime
         # ix_attempts_queued (id) WHERE outcome = 'queued': the unclaimed few, already in id order.
         attempts = s.execute(
             sa.select(Attempt.id, Attempt.started_at)
-            .where(literal_states(Attempt.outcome, ["queued"]))
+            .where(literal_states(Attempt.outcome, [AttemptState.QUEUED.value]))
             .order_by(Attempt.id)
             .limit(limit)
         ).all()
         replays = s.execute(
             sa.select(Replay.id, replay_ready_at())
-            .where(Replay.state == "queued")
+            .where(Replay.state == ReplayState.QUEUED)
             .order_by(Replay.id)
             .limit(limit)
         ).all()
@@ -171,19 +172,26 @@ def handoff_report(session: so.Session, policy: HandoffPolicy, now: datetime | N
     bound = policy.bound_seconds
     report = HandoffReport(bound_seconds=bound)
     report.stages["queued_delivery"] = _age(
-        session, Attempt.started_at, [literal_states(Attempt.outcome, ["queued"])], now, bound
+        session,
+        Attempt.started_at,
+        [literal_states(Attempt.outcome, [AttemptState.QUEUED.value])],
+        now,
+        bound,
     )
     report.stages["retrying"] = _age(
         session,
         ExceptionItem.next_retry_at,
-        [literal_states(ExceptionItem.state, ["retrying"]), ExceptionItem.next_retry_at <= now],
+        [
+            literal_states(ExceptionItem.state, [ExceptionState.RETRYING.value]),
+            ExceptionItem.next_retry_at <= now,
+        ],
         now,
         bound,
     )
     report.stages["replaying"] = _age(
         session,
         replay_ready_at(),
-        [Replay.state == "queued"],
+        [Replay.state == ReplayState.QUEUED],
         now,
         bound,
     )
@@ -192,14 +200,14 @@ def handoff_report(session: so.Session, policy: HandoffPolicy, now: datetime | N
     expired_attempts = _age(
         session,
         Attempt.lease_expires_at,
-        [Attempt.outcome == "in_flight", Attempt.lease_expires_at < grace],
+        [Attempt.outcome == AttemptState.IN_FLIGHT, Attempt.lease_expires_at < grace],
         now,
         0,
     )
     expired_replays = _age(
         session,
         Replay.lease_expires_at,
-        [Replay.state == "running", Replay.lease_expires_at < grace],
+        [Replay.state == ReplayState.RUNNING, Replay.lease_expires_at < grace],
         now,
         0,
     )

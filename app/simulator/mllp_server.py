@@ -24,7 +24,7 @@ from .profiles import Fault, unit_draw
 log = logging.getLogger("recon.sim.mllp")
 
 
-def _ack(message: str, code: str, control_id: str, errors: list[tuple[str, str]] = ()) -> str:
+def build_ack(message: str, code: str, control_id: str, errors: list[tuple[str, str]] = ()) -> str:
     field, component, _ = separators(message)
     encoding = msh_field(message, 2) or "^~\\&"
     now = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
@@ -55,7 +55,7 @@ def _ack(message: str, code: str, control_id: str, errors: list[tuple[str, str]]
     return "\r".join(lines) + "\r"
 
 
-def _field_empty(message: str, location: str) -> bool:
+def field_empty(message: str, location: str) -> bool:
     """Whether SEG-n (e.g. PID-7) is absent or empty in the message."""
     seg, _, number = location.partition("-")
     field = separators(message)[0]
@@ -110,11 +110,11 @@ class _Handler(socketserver.BaseRequestHandler):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             return False
         if fault is Fault.REJECT:
-            return self._send(sock, _ack(text, "AR", control_id), text)
-        missing = [loc for loc in profile.hl7_required_fields if _field_empty(text, loc)]
+            return self._send(sock, build_ack(text, "AR", control_id), text)
+        missing = [loc for loc in profile.hl7_required_fields if field_empty(text, loc)]
         if missing:
             errors = [(loc, f"{loc} is required") for loc in missing]
-            return self._send(sock, _ack(text, "AE", control_id, errors), text)
+            return self._send(sock, build_ack(text, "AE", control_id, errors), text)
         key = (msh_field(text, 3), msh_field(text, 4), control_id)
         with tenant.lock:
             if not (profile.mllp_dedupe and key in tenant.hl7_seen):
@@ -126,7 +126,7 @@ class _Handler(socketserver.BaseRequestHandler):
         if profile.latency_ms:
             self.server.stop_event.wait(profile.latency_ms / 1000)
         echoed = f"X{control_id}"[:20] if profile.mllp_wrong_msa2 else control_id
-        return self._send(sock, _ack(text, "AA", echoed), text)
+        return self._send(sock, build_ack(text, "AA", echoed), text)
 
     def _send(self, sock: socket.socket, ack: str, message: str) -> bool:
         from app.domain.payloads import encode_text

@@ -112,7 +112,7 @@ def test_half_open_lets_exactly_one_probe_through_across_workers(sessions, sim_c
 
     def probe(rt):
         start.wait()
-        results.append(delivery._gate(rt, conn, "MedicationRequest"))
+        results.append(delivery.gate(rt, conn, "MedicationRequest"))
 
     threads = [threading.Thread(target=probe, args=(rt,)) for rt in runtimes]
     for t in threads:

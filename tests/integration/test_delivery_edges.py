@@ -58,7 +58,7 @@ def test_late_delivered_result_settles_the_unknown_outcome_the_reaper_left(
     assert _exception(sessions, message_id).category == "unknown_outcome"
     with transaction(sessions) as s:
         assert (
-            delivery._late_result(
+            delivery.late_result(
                 s, attempt_id, message_id, Outcome(AttemptOutcome.DELIVERED, detail="HTTP 201")
             )
             == "late"

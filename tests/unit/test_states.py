@@ -162,3 +162,90 @@ def test_confirm_not_applied_only_when_awaited():
         plan_transition(
             ExceptionFacts(S.OPEN, "ehr_rejected"), request(A.CONFIRM_NOT_APPLIED, Role.CLINICAL_LEAD)
         )
+
+
+# --- the system's transitions (issue 6: one state model) -------------------------------------------
+# Written out again from docs/ARCHITECTURE.md's life of a message, independently of SYSTEM_TRANSITIONS.
+
+from app.domain.states import (  # noqa: E402
+    AttemptState,
+    IllegalTransition,
+    MessageState,
+    ReplayState,
+    StateKind,
+    check_transition,
+)
+
+R, T, M = ReplayState, AttemptState, MessageState
+RESULTS = (T.DELIVERED, T.REJECTED, T.TRANSIENT, T.UNKNOWN)
+SYSTEM_MOVES = {
+    StateKind.EXCEPTION: {
+        (S.RETRYING, S.RETRYING),
+        (S.RETRYING, S.RESOLVED),
+        (S.RETRYING, S.OPEN),
+        (S.REPLAYING, S.RESOLVED),
+        (S.REPLAYING, S.OPEN),
+        (S.OPEN, S.ESCALATED),
+        (S.OPEN, S.RESOLVED),
+        (S.ESCALATED, S.RESOLVED),
+    },
+    StateKind.REPLAY: {
+        (R.QUEUED, R.QUEUED),
+        (R.QUEUED, R.RUNNING),
+        (R.RUNNING, R.RUNNING),
+        (R.RUNNING, R.SUCCEEDED),
+        (R.RUNNING, R.FAILED),
+        (R.RUNNING, R.LOST),
+        (R.PENDING_APPROVAL, R.QUEUED),  # approve
+        (R.PENDING_APPROVAL, R.REJECTED),  # reject
+    },
+    StateKind.ATTEMPT: {
+        (T.QUEUED, T.IN_FLIGHT),
+        (T.IN_FLIGHT, T.IN_FLIGHT),
+        *((T.IN_FLIGHT, to) for to in RESULTS),
+        *((T.UNKNOWN, to) for to in RESULTS),
+    },
+    StateKind.MESSAGE: {
+        (M.QUEUED, M.DELIVERING),
+        (M.EXCEPTION, M.DELIVERING),
+        (M.DELIVERING, M.DELIVERED),
+        (M.DELIVERING, M.EXCEPTION),
+        (M.EXCEPTION, M.DELIVERED),
+        (M.EXCEPTION, M.EXCEPTION),
+        (M.QUEUED, M.EXCEPTION),
+        (M.EXCEPTION, M.DISCARDED),  # discard
+    },
+}
+HUMAN_EXCEPTION_MOVES = {(frm, to) for (_action, frm), to in ALLOWED.items()}
+TYPES = {StateKind.EXCEPTION: S, StateKind.REPLAY: R, StateKind.ATTEMPT: T, StateKind.MESSAGE: M}
+
+
+@pytest.mark.parametrize("kind", list(StateKind))
+def test_check_transition_allows_exactly_the_table(kind):
+    allowed = SYSTEM_MOVES[kind] | (HUMAN_EXCEPTION_MOVES if kind is StateKind.EXCEPTION else set())
+    states = list(TYPES[kind])
+    for frm, to in itertools.product(states, states):
+        if (frm, to) in allowed:
+            check_transition(kind, frm, to)
+        else:
+            with pytest.raises(IllegalTransition):
+                check_transition(kind, frm, to)
+
+
+def test_final_states_are_never_left():
+    for kind, finals in (
+        (StateKind.EXCEPTION, [S.RESOLVED, S.DISCARDED]),
+        (StateKind.REPLAY, [R.SUCCEEDED, R.FAILED, R.LOST, R.REJECTED]),
+        (StateKind.MESSAGE, [M.DELIVERED, M.DISCARDED]),
+    ):
+        for frm in finals:
+            for to in TYPES[kind]:
+                with pytest.raises(IllegalTransition):
+                    check_transition(kind, frm, to)
+
+
+def test_unknown_state_names_are_illegal():
+    with pytest.raises(IllegalTransition):
+        check_transition("replay", "queued", "sent")
+    with pytest.raises(IllegalTransition):
+        check_transition("attempt", "done", "delivered")

@@ -140,9 +140,7 @@ def test_a_changed_capability_statement_is_drift(
 
     # The EHR is upgraded to FHIR 4.3.0; a restarted worker reads the new statement.
     sim_control.set_profile(fhir_connection.tenant, fhir_version="4.3.0")
-    for adapter in delivery._adapters.values():
-        adapter.close()
-    delivery._adapters.clear()
+    delivery.close_adapters()
     second = submit("cap-2", 2)
     run_worker()
     counts, kinds = drift_rows(sessions, "capability_change")

@@ -24,6 +24,7 @@ import ssl
 import threading
 import time
 import typing
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -290,6 +291,117 @@ def _elapsed_ms(started: float) -> int:
 # --------------------------------------------------------------------------- categorization
 
 
+# The mapping, as tables: the first row that matches wins. `where` names the preflight phase,
+# `text` is the EHR's own words (OperationOutcome issues, OAuth error, reason phrase).
+_PREFLIGHT = frozenset({METADATA, TOKEN, SEARCH})
+_ALL_PHASES = _PREFLIGHT | {CREATE}
+_UNAVAILABLE = "{where}EHR unavailable (HTTP {status}){text}"
+_REFUSED = "{where}EHR rejected the request (HTTP {status}){text}"
+
+
+@dataclass(frozen=True)
+class ErrorRule:
+    """An exception instead of a response: what it proves about the request."""
+
+    errors: tuple[type[BaseException], ...]  # () matches any exception
+    phases: frozenset[str]
+    outcome: AttemptOutcome
+    category: Category
+    not_applied: bool
+    detail: str  # {where} {name} {error}
+
+
+ERROR_RULES: tuple[ErrorRule, ...] = (
+    ErrorRule(_CONFIG_ERRORS, _ALL_PHASES, AttemptOutcome.REJECTED, Category.CONFIG, True,
+              "{where}bad endpoint URL ({name}: {error})"),
+    ErrorRule(_NOT_SENT_ERRORS, _ALL_PHASES, AttemptOutcome.TRANSIENT, Category.TRANSPORT, True,
+              "{where}could not reach the EHR ({name}: {error}); the request was not sent"),
+    # a preflight never carries the message: a timeout there is "unavailable", not "unknown"
+    ErrorRule((), _PREFLIGHT, AttemptOutcome.TRANSIENT, Category.EHR_UNAVAILABLE, True,
+              "{where}no usable answer ({name}: {error}); the message was not sent"),
+    ErrorRule((httpx.DecodingError,), frozenset({CREATE}), AttemptOutcome.UNKNOWN, Category.MALFORMED_RESPONSE,
+              False, "the EHR answered but the response could not be decoded ({error}); it may have "
+              "applied - reconcile before re-sending"),
+    ErrorRule((), frozenset({CREATE}), AttemptOutcome.UNKNOWN, Category.UNKNOWN_OUTCOME, False,
+              "the request may have reached the EHR but no trustworthy answer came back ({name}: {error}); "
+              "reconcile (search by identifier) before re-sending"),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StatusRule:
+    """An HTTP status in a phase: the attempt's outcome, its category (None: from the status and the
+    OperationOutcome issue codes, app/domain/categorize.py), whether the request provably did not
+    apply, and the detail. `answer`: the EHR's issues and Retry-After are kept."""
+
+    statuses: frozenset[int]
+    phases: frozenset[str]
+    outcome: AttemptOutcome
+    category: Category | None
+    not_applied: bool
+    detail: str
+    answer: bool = True
+
+
+def _codes(*ranges_or_codes) -> frozenset[int]:
+    out: set[int] = set()
+    for item in ranges_or_codes:
+        out.update(item if isinstance(item, range) else (item,))
+    return frozenset(out)
+
+
+_2XX, _3XX, _4XX, _5XX, _1XX = (
+    range(200, 300),
+    range(300, 400),
+    range(400, 500),
+    range(500, 600),
+    range(100, 200),
+)
+_REDIRECTS = _codes(301, 302, 307, 308)
+
+STATUS_RULES: tuple[StatusRule, ...] = (
+    # a success: the body decides (_success); a preflight 2xx reaches classify only when unusable
+    StatusRule(_codes(_2XX), frozenset({CREATE}), AttemptOutcome.DELIVERED, None, False, "HTTP {status}", False),
+    StatusRule(_codes(_2XX), _PREFLIGHT, AttemptOutcome.REJECTED, Category.MALFORMED_RESPONSE, True,
+               "{where}{detail}", False),
+    StatusRule(_REDIRECTS, _ALL_PHASES, AttemptOutcome.REJECTED, Category.CONFIG, True,
+               "{where}the EHR redirects (HTTP {status} to {location}); fix the connection endpoint", False),
+    StatusRule(_codes(_3XX), _PREFLIGHT, AttemptOutcome.REJECTED, Category.MALFORMED_RESPONSE, True,
+               "{where}unexpected HTTP {status}", False),
+    StatusRule(_codes(_3XX), frozenset({CREATE}), AttemptOutcome.UNKNOWN, Category.MALFORMED_RESPONSE, False,
+               "{where}unexpected HTTP {status}", False),
+    # the authorization server refused our client credentials
+    StatusRule(_codes(_4XX) - {429}, frozenset({TOKEN}), AttemptOutcome.REJECTED, Category.AUTH, True, _REFUSED),
+    # refused before processing: nothing applied
+    StatusRule(_codes(429, 503), _ALL_PHASES, AttemptOutcome.TRANSIENT, None, True, _UNAVAILABLE),
+    StatusRule(_codes(_5XX), _PREFLIGHT, AttemptOutcome.TRANSIENT, None, True, _UNAVAILABLE),
+    # 500 and friends: it may have applied before failing
+    StatusRule(_codes(_5XX), frozenset({CREATE}), AttemptOutcome.TRANSIENT, None, False, _UNAVAILABLE),
+    # conflicts / duplicates: something exists
+    StatusRule(_codes(409, 412), frozenset({CREATE}), AttemptOutcome.REJECTED, None, False, _REFUSED),
+    # the EHR processed and refused (401/403 included: refused before processing)
+    StatusRule(_codes(_4XX), _ALL_PHASES, AttemptOutcome.REJECTED, None, True, _REFUSED),
+    StatusRule(_codes(_1XX), _PREFLIGHT, AttemptOutcome.REJECTED, None, True, _REFUSED),
+    StatusRule(_codes(_1XX), frozenset({CREATE}), AttemptOutcome.REJECTED, None, False, _REFUSED),
+)  # fmt: skip
+
+
+def status_rule(status: int, phase: str) -> StatusRule:
+    """The first STATUS_RULES row for this status in this phase (LookupError: not covered)."""
+    for rule in STATUS_RULES:
+        if status in rule.statuses and phase in rule.phases:
+            return rule
+    raise LookupError(f"no classification for HTTP {status} in phase {phase}")
+
+
+def error_rule(error: BaseException, phase: str) -> ErrorRule:
+    """The first ERROR_RULES row for this exception in this phase."""
+    for rule in ERROR_RULES:
+        if phase in rule.phases and (not rule.errors or isinstance(error, rule.errors)):
+            return rule
+    raise LookupError(f"no classification for {type(error).__name__} in phase {phase}")
+
+
 def classify(
     *,
     phase: str,
@@ -300,153 +412,96 @@ def classify(
     resource_type: str | None = None,
     detail: str | None = None,
 ) -> Outcome:
-    """Turn one HTTP response or exception into an Outcome (SPEC 3.2). The only such mapping.
+    """Turn one HTTP response or exception into an Outcome (SPEC 3.2). The only such mapping:
+    ERROR_RULES and STATUS_RULES above, plus the body of a 2xx to create.
 
-    `phase` CREATE is the clinical request itself. For the preflight phases (METADATA, TOKEN)
-    the message was never sent, so every outcome there is provably not applied, and a timeout
-    means "EHR unavailable" rather than "unknown outcome".
+    `phase` CREATE is the clinical request itself. For the preflight phases (METADATA, TOKEN,
+    SEARCH) the message was never sent, so every outcome there is provably not applied, and a
+    timeout means "EHR unavailable" rather than "unknown outcome".
     """
     latency = _elapsed_ms(started)
-    preflight = phase != CREATE
     where = {METADATA: "metadata check: ", TOKEN: "token request: ", SEARCH: "search: "}.get(phase, "")
 
     if error is not None:
-        name = type(error).__name__
-        if isinstance(error, _CONFIG_ERRORS):
-            return Outcome(
-                AttemptOutcome.REJECTED,
-                Category.CONFIG,
-                summary=summary,
-                detail=f"{where}bad endpoint URL ({name}: {error})",
-                latency_ms=latency,
-                provably_not_applied=True,
-            )
-        if isinstance(error, _NOT_SENT_ERRORS):
-            return Outcome(
-                AttemptOutcome.TRANSIENT,
-                Category.TRANSPORT,
-                summary=summary,
-                detail=f"{where}could not reach the EHR ({name}: {error}); the request was not sent",
-                latency_ms=latency,
-                provably_not_applied=True,
-            )
-        if preflight:
-            return Outcome(
-                AttemptOutcome.TRANSIENT,
-                Category.EHR_UNAVAILABLE,
-                summary=summary,
-                detail=f"{where}no usable answer ({name}: {error}); the message was not sent",
-                latency_ms=latency,
-                provably_not_applied=True,
-            )
-        if isinstance(error, httpx.DecodingError):
-            return Outcome(
-                AttemptOutcome.UNKNOWN,
-                Category.MALFORMED_RESPONSE,
-                summary=summary,
-                detail=f"the EHR answered but the response could not be decoded ({error}); it may have "
-                "applied - reconcile before re-sending",
-                latency_ms=latency,
-            )
+        rule = error_rule(error, phase)
         return Outcome(
-            AttemptOutcome.UNKNOWN,
-            Category.UNKNOWN_OUTCOME,
+            rule.outcome,
+            rule.category,
             summary=summary,
-            detail=f"the request may have reached the EHR but no trustworthy answer came back "
-            f"({name}: {error or 'no detail'}); reconcile (search by identifier) before re-sending",
+            detail=rule.detail.format(where=where, name=type(error).__name__, error=error),
             latency_ms=latency,
+            provably_not_applied=rule.not_applied,
         )
 
     assert response is not None
     status = response.status_code
-    excerpt = _excerpt(response)
-    common = {"summary": summary, "status_code": status, "response_excerpt": excerpt, "latency_ms": latency}
-
-    if 200 <= status < 300:
-        if preflight:  # a preflight 2xx reaches here only when its body was unusable
-            return Outcome(
-                AttemptOutcome.REJECTED,
-                Category.MALFORMED_RESPONSE,
-                detail=f"{where}{detail or 'unusable response body'}",
-                provably_not_applied=True,
-                **common,
-            )
-        body = _json_or_none(response.content) if response.content else None
-        location = response.headers.get("Location") or response.headers.get("Content-Location")
-        ref = _ref_from_location(location, resource_type or "")
-        if isinstance(body, dict) and body.get("resourceType") == resource_type and status in (200, 201):
-            rid = body.get("id")
-            ref = f"{resource_type}/{rid}" if isinstance(rid, str) and rid else ref
-            return Outcome(
-                AttemptOutcome.DELIVERED, None, resource_ref=ref, detail=f"HTTP {status}", **common
-            )
-        # Prefer: return=minimal / return=OperationOutcome: the Location header is the proof.
-        empty_or_oo = not response.content.strip() or (
-            isinstance(body, dict) and body.get("resourceType") == "OperationOutcome"
-        )
-        if status in (200, 201, 204) and ref and empty_or_oo:
-            return Outcome(
-                AttemptOutcome.DELIVERED,
-                None,
-                resource_ref=ref,
-                detail=f"HTTP {status} (location only)",
-                issues=_issues_of(response.content),
-                **common,
-            )
-        what = "accepted for asynchronous processing" if status == 202 else "a body we cannot trust"
+    common = {
+        "summary": summary,
+        "status_code": status,
+        "response_excerpt": _excerpt(response),
+        "latency_ms": latency,
+    }
+    rule = status_rule(status, phase)
+    if rule.outcome is AttemptOutcome.DELIVERED:
+        return _success(response, resource_type, common)
+    if not rule.answer:
         return Outcome(
-            AttemptOutcome.UNKNOWN,
-            Category.MALFORMED_RESPONSE,
-            detail=f"the EHR answered HTTP {status} with {what}; it probably applied - "
-            "reconcile before re-sending",
+            rule.outcome,
+            rule.category,
+            detail=rule.detail.format(
+                where=where,
+                status=status,
+                location=response.headers.get("Location"),
+                detail=detail or "unusable response body",
+            ),
+            provably_not_applied=rule.not_applied,
             **common,
         )
-
-    if 300 <= status < 400:
-        if status in (301, 302, 307, 308):
-            return Outcome(
-                AttemptOutcome.REJECTED,
-                Category.CONFIG,
-                detail=f"{where}the EHR redirects (HTTP {status} to {response.headers.get('Location')}); "
-                "fix the connection endpoint",
-                provably_not_applied=True,
-                **common,
-            )
-        return Outcome(
-            AttemptOutcome.REJECTED if preflight else AttemptOutcome.UNKNOWN,
-            Category.MALFORMED_RESPONSE,
-            detail=f"{where}unexpected HTTP {status}",
-            provably_not_applied=preflight,
-            **common,
-        )
-
     issues = _issues_of(response.content)
-    if phase == TOKEN and 400 <= status < 500 and status != 429:
-        category = Category.AUTH  # the authorization server refused our client credentials
+    if rule.category is Category.AUTH and phase == TOKEN:
         oauth = _json_or_none(response.content)
         if isinstance(oauth, dict) and oauth.get("error"):
             detail = f"{oauth.get('error')}: {oauth.get('error_description', '')}".strip(": ")
-    else:
-        category = categorize_fhir_status(status, issues)
-    transient = status == 429 or status >= 500
-    if preflight:
-        provably = True
-    elif status in (401, 403, 429, 503):
-        provably = True  # refused before processing
-    elif 400 <= status < 500:
-        # The EHR processed and refused; except conflicts/duplicates, where something exists.
-        provably = status not in (409, 412)
-    else:
-        provably = False  # 500 and friends: it may have applied before failing
     text = _describe_issues(issues) or detail or response.reason_phrase or ""
-    verb = "unavailable" if transient else "rejected the request"
     return Outcome(
-        AttemptOutcome.TRANSIENT if transient else AttemptOutcome.REJECTED,
-        category,
-        detail=f"{where}EHR {verb} (HTTP {status}){': ' + text if text else ''}",
+        rule.outcome,
+        rule.category or categorize_fhir_status(status, issues),
+        detail=rule.detail.format(where=where, status=status, text=f": {text}" if text else ""),
         retry_after_seconds=retry_after_seconds(response.headers.get("Retry-After")),
-        provably_not_applied=provably,
+        provably_not_applied=rule.not_applied,
         issues=issues,
+        **common,
+    )
+
+
+def _success(response: httpx.Response, resource_type: str | None, common: dict) -> Outcome:
+    """A 2xx to create: delivered when the body (or, for return=minimal, the Location) proves it."""
+    status = response.status_code
+    body = _json_or_none(response.content) if response.content else None
+    location = response.headers.get("Location") or response.headers.get("Content-Location")
+    ref = _ref_from_location(location, resource_type or "")
+    if isinstance(body, dict) and body.get("resourceType") == resource_type and status in (200, 201):
+        rid = body.get("id")
+        ref = f"{resource_type}/{rid}" if isinstance(rid, str) and rid else ref
+        return Outcome(AttemptOutcome.DELIVERED, None, resource_ref=ref, detail=f"HTTP {status}", **common)
+    # Prefer: return=minimal / return=OperationOutcome: the Location header is the proof.
+    empty_or_oo = not response.content.strip() or (
+        isinstance(body, dict) and body.get("resourceType") == "OperationOutcome"
+    )
+    if status in (200, 201, 204) and ref and empty_or_oo:
+        return Outcome(
+            AttemptOutcome.DELIVERED,
+            None,
+            resource_ref=ref,
+            detail=f"HTTP {status} (location only)",
+            issues=_issues_of(response.content),
+            **common,
+        )
+    what = "accepted for asynchronous processing" if status == 202 else "a body we cannot trust"
+    return Outcome(
+        AttemptOutcome.UNKNOWN,
+        Category.MALFORMED_RESPONSE,
+        detail=f"the EHR answered HTTP {status} with {what}; it probably applied - reconcile before re-sending",
         **common,
     )
 
