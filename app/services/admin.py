@@ -10,10 +10,11 @@ import sqlalchemy as sa
 import sqlalchemy.orm as so
 
 from app.db.models import ApiToken, Connection, Customer, SlaRuleRow, User
-from app.domain.delivery import Category
-from app.domain.errors import Conflict, Invalid, NotFound
+from app.domain.delivery import Category, ConnectionSettings
+from app.domain.errors import Conflict, DomainError, Invalid, NotFound
+from app.domain.roles import Role
 
-from . import audit
+from . import audit, connections, queries, users
 from .clock import utcnow
 from .users import end_sessions
 
@@ -29,9 +30,10 @@ def _connection(session: so.Session, connection_id: int) -> Connection:
 
 
 def set_connection_enabled(
-    session: so.Session, connection_id: int, enabled: bool, *, actor: str
+    session: so.Session, connection_id: int, enabled: bool, *, actor: str, reason: str | None = None
 ) -> Connection:
-    """Enable or disable a connection. A disabled connection's new messages become `config` exceptions."""
+    """Enable or disable a connection. A disabled connection's new messages become `config` exceptions.
+    The reason (the console requires one to disable) is audited."""
     conn = _connection(session, connection_id)
     if conn.enabled == enabled:
         return conn
@@ -45,6 +47,7 @@ def set_connection_enabled(
         subject_id=conn.id,
         from_state="disabled" if enabled else "enabled",
         to_state="enabled" if enabled else "disabled",
+        reason=reason or None,
         details={"name": conn.name},
     )
     return conn
@@ -214,7 +217,7 @@ def update_sla_rule(session: so.Session, rule_id: int, minutes: int, *, actor: s
     return rule
 
 
-def delete_sla_rule(session: so.Session, rule_id: int, *, actor: str) -> None:
+def delete_sla_rule(session: so.Session, rule_id: int, *, actor: str, reason: str | None = None) -> None:
     """Remove one SLA rule; lookups fall back to less specific rules or the built-in defaults."""
     rule = _rule(session, rule_id)
     details = {
@@ -231,11 +234,14 @@ def delete_sla_rule(session: so.Session, rule_id: int, *, actor: str) -> None:
         action="sla_rule.delete",
         subject_type="sla_rule",
         subject_id=rule_id,
+        reason=reason or None,
         details=details,
     )
 
 
-def set_user_active(session: so.Session, user_id: int, active: bool, *, actor: User) -> User:
+def set_user_active(
+    session: so.Session, user_id: int, active: bool, *, actor: User, reason: str | None = None
+) -> User:
     """Deactivate (or reactivate) a user. A deactivated user can neither log in nor use tokens."""
     user = session.get(User, user_id)
     if user is None:
@@ -256,12 +262,13 @@ def set_user_active(session: so.Session, user_id: int, active: bool, *, actor: U
         subject_id=user.id,
         from_state="inactive" if active else "active",
         to_state="active" if active else "inactive",
+        reason=reason or None,
         details={"username": user.username, "role": user.role},
     )
     return user
 
 
-def revoke_token(session: so.Session, token_id: int, *, actor: str) -> ApiToken:
+def revoke_token(session: so.Session, token_id: int, *, actor: str, reason: str | None = None) -> ApiToken:
     """Revoke an API token; it stops working on the next request."""
     token = session.get(ApiToken, token_id)
     if token is None:
@@ -276,6 +283,118 @@ def revoke_token(session: so.Session, token_id: int, *, actor: str) -> ApiToken:
         action="token.revoke",
         subject_type="user",
         subject_id=token.user_id,
+        reason=reason or None,
         details={"token_id": token.id, "prefix": token.prefix},
     )
     return token
+
+
+# --- what the admin pages show, and the steps they take (the web layer runs no queries) ------------
+
+
+def overview(session: so.Session) -> dict:
+    """The admin landing page: users, connections with their circuit, SLA rules, active tokens."""
+    conns = queries.connections_overview(session)
+    return {
+        "users": queries.all_users(session),
+        "connections": conns,
+        "circuits": {c.id: connections.circuit_state(c) for c in conns},
+        "rules": queries.sla_rules(session),
+        "active_tokens": [t for t in queries.api_tokens(session) if t.revoked_at is None],
+    }
+
+
+def users_overview(session: so.Session) -> dict:
+    """Every user, who created each, and the clinical-lead grants."""
+    user_list = queries.all_users(session)
+    return {
+        "users": user_list,
+        "creators": {u.id: u.username for u in user_list},
+        "grants": users.clinical_lead_grants(session),
+    }
+
+
+def tokens_overview(session: so.Session) -> list[ApiToken]:
+    """Every API token (prefix only), newest first."""
+    return queries.api_tokens(session)
+
+
+def active_accounts(session: so.Session, *, service_only: bool = False) -> list[User]:
+    """Active accounts (token owners); service accounts only when `service_only`."""
+    return [
+        u
+        for u in queries.all_users(session)
+        if u.active and (not service_only or u.role == Role.SERVICE.value)
+    ]
+
+
+def connections_overview(session: so.Session) -> dict:
+    """Connections with their circuit state, and the customers."""
+    conns = queries.connections_overview(session)
+    return {
+        "connections": conns,
+        "customers": queries.customers(session),
+        "circuits": {c.id: connections.circuit_state(c) for c in conns},
+    }
+
+
+def create_console_user(
+    session: so.Session, username: str, role: str, *, actor_id: int
+) -> tuple[str, str | None]:
+    """Create a user; a person also gets a one-time enrollment link (the secret is returned once,
+    never a password). Returns (username, secret or None for a service account)."""
+    me = users.get(session, actor_id)
+    user = users.create_user(session, username, role, None, actor=me.username, created_by=me)
+    secret = None if user.role == Role.SERVICE.value else users.issue_enrollment_link(session, user, actor=me)
+    return user.username, secret
+
+
+def reset_password(
+    session: so.Session, user_id: int, *, actor_id: int, reason: str | None = None
+) -> tuple[str, str]:
+    """Clear a person's password, end their sessions and issue a new one-time link (audited with
+    the reason). Returns (username, secret)."""
+    user = users.get(session, user_id)
+    secret = users.issue_enrollment_link(session, user, actor=users.get(session, actor_id), reason=reason)
+    return user.username, secret
+
+
+def change_role(session: so.Session, user_id: int, role: str, *, actor_id: int) -> User:
+    return users.set_role(session, users.get(session, user_id), role, actor=users.get(session, actor_id))
+
+
+def clear_approval_lock(session: so.Session, user_id: int, *, actor_id: int) -> User:
+    return users.clear_approval_lock(session, user_id, actor=users.get(session, actor_id))
+
+
+def create_service_token(session: so.Session, user_id: int, *, actor_id: int, days: int) -> tuple[str, str]:
+    """A token for a service account (a person's account is refused by the rule). Returns
+    (owner's username, token shown once)."""
+    user = users.get(session, user_id)
+    token = users.create_service_token(session, user, actor=users.get(session, actor_id), days=days)
+    return user.username, token
+
+
+def connection_probe(session: so.Session, connection_id: int) -> tuple[ConnectionSettings, str]:
+    """What 'Test connection' needs to probe outside any transaction: settings and name."""
+    conn = _connection(session, connection_id)
+    return connections.settings_for(conn), conn.name
+
+
+def probe(settings: ConnectionSettings) -> dict:
+    """Call the EHR through its adapter (no message is delivered): {"ok", "detail"}. Only the
+    connection's own endpoint, and only one valid for its protocol; a failure is a result."""
+    from app.adapters.ehr.base import adapter_for
+
+    try:
+        connections.validated_endpoint(settings.protocol, settings.endpoint)
+        with adapter_for(settings) as adapter:
+            return dict(adapter.check_connection())
+    except DomainError as exc:
+        return {"ok": False, "detail": f"not probed: {exc.message}"}
+    except Exception as exc:  # a failed probe is a result to show, not a 500
+        return {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
+
+
+def sla_overview(session: so.Session) -> dict:
+    return {"rules": queries.sla_rules(session), "customers": queries.customers(session)}

@@ -213,7 +213,12 @@ def set_role(session: so.Session, user: User, role: str, *, actor: User) -> User
 
 
 def issue_enrollment_link(
-    session: so.Session, user: User, *, actor: User, hours: int = DEFAULT_ENROLLMENT_HOURS
+    session: so.Session,
+    user: User,
+    *,
+    actor: User,
+    hours: int = DEFAULT_ENROLLMENT_HOURS,
+    reason: str | None = None,
 ) -> str:
     """A one-time secret (stored hashed, expiring) with which `user` sets their own password.
 
@@ -249,6 +254,7 @@ def issue_enrollment_link(
         action="user.password_reset" if reset else "user.enrollment_link",
         subject_type="user",
         subject_id=user.id,
+        reason=reason or None,
         details={
             "username": user.username,
             "link_id": link.id,
@@ -492,3 +498,25 @@ def clear_approval_lock(session: so.Session, user_id: int, *, actor: User) -> Us
 
 def by_username(session: so.Session, username: str) -> User | None:
     return session.scalar(sa.select(User).where(User.username == username))
+
+
+def get(session: so.Session, user_id: int) -> User:
+    """One user by id, or NotFound."""
+    user = session.get(User, user_id)
+    if user is None:
+        raise NotFound(f"user {user_id} not found")
+    return user
+
+
+def active_user(session: so.Session, user_id: int) -> User | None:
+    """The user behind a console session, if the account still exists and is active."""
+    user = session.get(User, user_id)
+    return user if user is not None and user.active else None
+
+
+def log_out(session: so.Session, user_id: int) -> User:
+    """Log out everywhere: every session of this user ends, including a copied cookie (audited)."""
+    user = get(session, user_id)
+    end_sessions(user)
+    audit.record(session, actor=user.username, action="auth.logout", subject_type="user", subject_id=user.id)
+    return user

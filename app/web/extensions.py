@@ -77,8 +77,7 @@ def redis_client():
 
 @login_manager.user_loader
 def _load_user(user_id: str):
-    from app.db.models import User
+    from app.services.users import active_user
 
     with unit_of_work(read_only=True) as s:
-        user = s.get(User, int(user_id))
-        return user if user is not None and user.active else None
+        return active_user(s, int(user_id))

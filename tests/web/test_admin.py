@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import sqlalchemy as sa
 
 from app.db.models import ApiToken, Connection, SlaRuleRow, User
 from app.db.session import transaction
+from app.services import admin
 from app.services.users import user_for_token
+from app.web.admin import routes as admin_routes
 
 
 def test_admin_creates_a_user_and_it_is_audited(login, post, sessions, audit_events):
@@ -42,11 +45,13 @@ def test_user_form_errors_are_422_messages(login, post):
 
 def test_admin_deactivates_a_user_but_not_themselves(login, post, users, sessions, audit_events, auth):
     login("adam")
-    assert post(f"/admin/users/{users['ravi'].id}/active", {"active": "0"}).status_code == 303
+    deactivate = {"active": "0", "reason": "left the team"}
+    assert post(f"/admin/users/{users['ravi'].id}/active", deactivate).status_code == 303
     with transaction(sessions) as s:
         assert not s.get(User, users["ravi"].id).active
-    assert [e.subject_id for e in audit_events(action="user.deactivate")] == [str(users["ravi"].id)]
-    response = post(f"/admin/users/{users['adam'].id}/active", {"active": "0"})
+    [event] = audit_events(action="user.deactivate")
+    assert (event.subject_id, event.reason) == (str(users["ravi"].id), "left the team")
+    response = post(f"/admin/users/{users['adam'].id}/active", deactivate)
     assert response.status_code == 409 and "your own account" in response.get_data(as_text=True)
     assert auth.login("ravi").status_code == 401  # deactivated users cannot log in
 
@@ -61,13 +66,13 @@ def test_admin_creates_a_token_shown_once_and_revokes_it(login, post, users, ses
         assert user_for_token(s, token).username == "svc"
         row = s.scalar(sa.select(ApiToken).order_by(ApiToken.id.desc()))
     assert token not in client.get("/admin/tokens").get_data(as_text=True)  # never shown again
-    assert post(f"/admin/tokens/{row.id}/revoke").status_code == 303
+    assert post(f"/admin/tokens/{row.id}/revoke", {"reason": "rotated"}).status_code == 303
     with transaction(sessions) as s:
         assert user_for_token(s, token) is None
     assert audit_events(action="token.create", actor="adam") and audit_events(
         action="token.revoke", actor="adam"
     )
-    assert post(f"/admin/tokens/{row.id}/revoke").status_code == 409
+    assert post(f"/admin/tokens/{row.id}/revoke", {"reason": "again"}).status_code == 409
 
 
 def test_admin_adds_a_customer_and_a_connection(login, post, sessions, audit_events):
@@ -98,11 +103,13 @@ def test_admin_adds_a_customer_and_a_connection(login, post, sessions, audit_eve
 
 def test_admin_disables_a_connection_and_it_is_audited(login, post, connection, sessions, audit_events):
     login("adam")
-    assert post(f"/admin/connections/{connection.id}/enabled", {"active": "0"}).status_code == 303
+    disable = {"active": "0", "reason": "EHR maintenance window"}
+    assert post(f"/admin/connections/{connection.id}/enabled", disable).status_code == 303
     with transaction(sessions) as s:
         assert not s.get(Connection, connection.id).enabled
     [event] = audit_events(action="connection.disable")
     assert (event.actor, event.subject_id, event.to_state) == ("adam", str(connection.id), "disabled")
+    assert event.reason == "EHR maintenance window"
     assert post(f"/admin/connections/{connection.id}/enabled", {"active": "1"}).status_code == 303
     assert audit_events(action="connection.enable")
 
@@ -172,8 +179,8 @@ def test_admin_adds_edits_and_deletes_an_sla_rule_all_audited(
     assert post("/admin/sla", dict(data, minutes="0")).status_code == 422
     assert post(f"/admin/sla/{rule.id}", {"minutes": "25"}).status_code == 303
     assert audit_events(action="sla_rule.update")[0].details["minutes"] == {"from": 20, "to": 25}
-    assert post(f"/admin/sla/{rule.id}/delete").status_code == 303
-    assert audit_events(action="sla_rule.delete")
+    assert post(f"/admin/sla/{rule.id}/delete", {"reason": "policy simplified"}).status_code == 303
+    assert audit_events(action="sla_rule.delete")[0].reason == "policy simplified"
     with transaction(sessions) as s:
         assert s.scalar(sa.select(sa.func.count()).select_from(SlaRuleRow)) == 0
 
@@ -192,3 +199,75 @@ def test_an_sla_rule_changes_the_due_time_of_new_exceptions(login, post, connect
 def test_admin_overview(login, connection):
     html = login("adam").get("/admin").get_data(as_text=True)
     assert "mercy-epic" in html and "active of" in html
+
+
+DESTRUCTIVE = {
+    # action: (url, extra form fields, audit action)
+    "deactivate a user": ("/admin/users/{ravi}/active", {"active": "0"}, "user.deactivate"),
+    "reset a password": ("/admin/users/{ravi}/reset", {}, "user.password_reset"),
+    "revoke a token": ("/admin/tokens/{token}/revoke", {}, "token.revoke"),
+    "disable a connection": (
+        "/admin/connections/{connection}/enabled",
+        {"active": "0"},
+        "connection.disable",
+    ),
+    "delete an SLA rule": ("/admin/sla/{rule}/delete", {}, "sla_rule.delete"),
+}
+
+
+@pytest.fixture
+def targets(users, connection, sessions):
+    """Ids of one thing of each kind a destructive admin action acts on."""
+    with transaction(sessions) as s:
+        rule = admin.add_sla_rule(s, minutes=30, category="transport", actor="test")
+        token = s.scalar(sa.select(ApiToken.id).where(ApiToken.user_id == users["svc"].id))
+    return {"ravi": users["ravi"].id, "token": token, "connection": connection.id, "rule": rule.id}
+
+
+@pytest.mark.parametrize("name", DESTRUCTIVE)
+def test_destructive_admin_actions_refuse_without_a_reason_and_audit_it(
+    name, login, post, targets, audit_events
+):
+    url, fields, audited = DESTRUCTIVE[name]
+    url = url.format(**targets)
+    login("adam")
+    for blank in ({}, {"reason": "   "}):
+        response = post(url, {**fields, **blank})
+        assert response.status_code == 422, name
+        assert "say why" in response.get_data(as_text=True)
+    assert audit_events(action=audited) == []  # nothing happened
+    response = post(url, {**fields, "reason": "ticket OPS-42"})
+    assert response.status_code in (200, 303), name
+    [event] = audit_events(action=audited)
+    assert (event.actor, event.reason) == ("adam", "ticket OPS-42")
+
+
+def test_destructive_admin_buttons_ask_for_confirmation_and_a_reason_first(login, targets):
+    client = login("adam")
+    for page, key in (
+        ("/admin/users", f"deactivate-{targets['ravi']}"),
+        ("/admin/users", f"reset-{targets['ravi']}"),
+        ("/admin/tokens", f"revoke-{targets['token']}"),
+        ("/admin/connections", f"disable-{targets['connection']}"),
+        ("/admin/sla", f"delete-{targets['rule']}"),
+    ):
+        html = client.get(page).get_data(as_text=True)
+        block = re.search(rf'<details class="confirm" data-confirm="{key}">.*?</details>', html, re.S)
+        assert block, (page, key)  # the first click only opens the confirmation
+        assert re.search(r'<input type="text" name="reason" required', block.group(0)), key
+        assert block.group(0).count('type="submit"') == 1
+
+
+def test_admin_routes_run_no_queries_and_import_no_models():
+    import ast
+    from pathlib import Path
+
+    source = Path(admin_routes.__file__).read_text()
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert not {m for m in imported if m.startswith(("app.db", "sqlalchemy"))}, imported
+    for query in ("s.get(", "s.scalar", "s.execute", "select("):
+        assert query not in source, query

@@ -187,12 +187,13 @@ def test_an_admin_resetting_a_leads_password_gets_a_link_not_a_password(
     assert AuthActions(lena_client).login("lena").status_code == 302
     assert lena_client.get("/approvals").status_code == 200
     login("adam")
-    response = post(f"/admin/users/{users['lena'].id}/reset")
+    response = post(f"/admin/users/{users['lena'].id}/reset", {"reason": "lost her password"})
     assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
     secret = _secret(_link(response))
     assert PASSWORD not in response.get_data(as_text=True)
     [event] = audit_events(action="user.password_reset")
     assert event.actor == "adam" and event.subject_id == str(users["lena"].id)
+    assert event.reason == "lost her password"
     # the old password and every open session of lena end
     assert lena_client.get("/approvals").status_code == 302
     auth.logout()
@@ -206,8 +207,10 @@ def test_an_admin_resetting_a_leads_password_gets_a_link_not_a_password(
 
 def test_admins_cannot_reset_service_accounts_or_themselves(login, post, users):
     login("adam")
-    assert post(f"/admin/users/{users['svc'].id}/reset").status_code == 422
-    assert post(f"/admin/users/{users['adam'].id}/reset").status_code == 409
+    reason = {"reason": "test"}
+    svc = post(f"/admin/users/{users['svc'].id}/reset", reason)
+    assert svc.status_code == 422 and "service accounts have no password" in svc.get_data(as_text=True)
+    assert post(f"/admin/users/{users['adam'].id}/reset", reason).status_code == 409
 
 
 def test_a_role_change_to_clinical_lead_is_audited_and_listed(login, post, users, audit_events):

@@ -9,7 +9,6 @@ from flask_wtf import FlaskForm
 from wtforms import IntegerField, PasswordField
 from wtforms.validators import DataRequired, EqualTo, Length, NumberRange, Optional
 
-from app.db.models import User
 from app.domain.errors import DomainError
 from app.domain.roles import Permission
 from app.services import users
@@ -41,7 +40,7 @@ class EnrollForm(FlaskForm):
 
 def _tokens_page(*, form=None, status: int = 200, error: str | None = None, new_token: str | None = None):
     with unit_of_work(read_only=True) as s:
-        tokens = users.personal_tokens(s, s.get(User, current_actor().id))
+        tokens = users.personal_tokens(s, users.get(s, current_actor().id))
     response = make_response(
         render_template(
             "account/tokens.html",
@@ -74,7 +73,7 @@ def create_token():
     try:
         with unit_of_work() as s:
             token = users.create_personal_token(
-                s, s.get(User, current_actor().id), days=form.days.data or users.DEFAULT_TOKEN_DAYS
+                s, users.get(s, current_actor().id), days=form.days.data or users.DEFAULT_TOKEN_DAYS
             )
     except DomainError as exc:
         return _tokens_page(form=form, status=exc.http_status, error=exc.message)
@@ -89,7 +88,7 @@ def revoke_token(token_id: int):
         return _tokens_page(status=422, error=first_error(form))
     try:
         with unit_of_work() as s:
-            users.revoke_own_token(s, s.get(User, current_actor().id), token_id)
+            users.revoke_own_token(s, users.get(s, current_actor().id), token_id)
     except DomainError as exc:
         return _tokens_page(status=exc.http_status, error=exc.message)
     flash(f"Token {token_id} revoked.", "success")
@@ -99,7 +98,7 @@ def revoke_token(token_id: int):
 def _enroll_page(secret: str, *, form=None, status: int = 200, error: str | None = None):
     with unit_of_work(read_only=True) as s:
         link = users.enrollment_for(s, secret)
-        username = s.get(User, link.user_id).username if link else None
+        username = users.get(s, link.user_id).username if link else None
     if link is None:
         status, error = (
             404,

@@ -3,6 +3,8 @@ by the service it goes through, in the same unit of work."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flask import flash, make_response, redirect, render_template, url_for
 from flask_wtf import FlaskForm
 from wtforms import (
@@ -21,14 +23,14 @@ from wtforms.validators import (
     NumberRange,
     Optional,
     Regexp,
+    ValidationError,
 )
 
-from app.db.models import Connection, User
 from app.domain.delivery import Category, Protocol
-from app.domain.errors import DomainError, NotFound
+from app.domain.errors import DomainError
 from app.domain.roles import Permission, Role
 from app.domain.sla import DEFAULT_HIGH_RISK, DEFAULT_OTHER, DEFAULT_UNKNOWN_OUTCOME
-from app.services import admin, connections, queries, users
+from app.services import admin, connections, users
 
 from ..access import current_actor, requires
 from ..console import first_error, labelled, options
@@ -38,8 +40,24 @@ from . import bp
 # --- forms ----------------------------------------------------------------------------------------
 
 
+def _strip(value):
+    return value.strip() if isinstance(value, str) else value
+
+
 class ConfirmForm(FlaskForm):
     """A button that changes something: CSRF and nothing else."""
+
+
+REASON_REQUIRED = "say why (it is kept in the audit log)"
+
+
+class DestructiveForm(FlaskForm):
+    """Deactivate, disable, revoke, delete, reset: confirmed in a second step with a reason,
+    which is audited with the change."""
+
+    reason = StringField(
+        "Reason", validators=[DataRequired(message=REASON_REQUIRED), Length(max=500)], filters=[_strip]
+    )
 
 
 class UserForm(FlaskForm):
@@ -62,7 +80,14 @@ class RoleForm(FlaskForm):
 
 
 class ActiveForm(FlaskForm):
+    """Turn something on ("1") or off ("0"); turning it off needs a reason (DestructiveForm)."""
+
     active = HiddenField(validators=[DataRequired(), AnyOf(["0", "1"])])
+    reason = StringField("Reason", validators=[Length(max=500)], filters=[_strip])
+
+    def validate_reason(self, field):  # not Optional(): that would stop the chain before this
+        if self.active.data == "0" and not field.data:
+            raise ValidationError(REASON_REQUIRED)
 
 
 class TokenForm(FlaskForm):
@@ -128,6 +153,29 @@ def _actor_name() -> str:
     return current_actor().username
 
 
+def _actor_id() -> int:
+    return current_actor().id
+
+
+def _submit(submitted: FlaskForm, page: Callable, work: Callable, done: Callable, /, **page_args):
+    """The one shape of every admin change: validate the form (422 and the page with the message),
+    run `work(session)` in one unit of work (a refusal: the page with its status and message),
+    then `done(result)` — a flash message and a redirect, or a page of its own."""
+    if not submitted.validate():
+        return page(status=422, error=first_error(submitted), **page_args)
+    try:
+        with unit_of_work() as s:
+            result = work(s)
+    except DomainError as exc:
+        return page(status=exc.http_status, error=exc.message, **page_args)
+    return done(result)
+
+
+def _back(endpoint: str, message: str, category: str = "success"):
+    flash(message, category)
+    return redirect(url_for(endpoint), code=303)
+
+
 # --- overview -------------------------------------------------------------------------------------
 
 
@@ -136,19 +184,8 @@ def _actor_name() -> str:
 def index():
     """Admin landing page with the state of each area."""
     with unit_of_work(read_only=True) as s:
-        user_list = queries.all_users(s)
-        conns = queries.connections_overview(s)
-        rules = queries.sla_rules(s)
-        tokens = queries.api_tokens(s)
-        circuits = {c.id: connections.circuit_state(c) for c in conns}
-    return render_template(
-        "admin/index.html",
-        users=user_list,
-        connections=conns,
-        circuits=circuits,
-        rules=rules,
-        active_tokens=[t for t in tokens if t.revoked_at is None],
-    )
+        context = admin.overview(s)
+    return render_template("admin/index.html", **context)
 
 
 # --- users ----------------------------------------------------------------------------------------
@@ -156,19 +193,13 @@ def index():
 
 def _users_page(*, form: UserForm | None = None, status: int = 200, error: str | None = None, new_link=None):
     with unit_of_work(read_only=True) as s:
-        user_list = queries.all_users(s)
-        grants = users.clinical_lead_grants(s)
-        creators = {u.id: u.username for u in user_list}
+        context = admin.users_overview(s)
     response = make_response(
         render_template(
             "admin/users.html",
-            users=user_list,
-            creators=creators,
-            grants=grants,
+            **context,
             form=form or UserForm(formdata=None),
             person_roles=[r.value for r in Role if r is not Role.SERVICE],
-            toggle=ActiveForm(formdata=None),
-            confirm=ConfirmForm(formdata=None),
             error=error,
             new_link=new_link,
         ),
@@ -179,8 +210,10 @@ def _users_page(*, form: UserForm | None = None, status: int = 200, error: str |
     return response
 
 
-def _link_for(secret: str) -> str:
-    return url_for("account.enroll", secret=secret, _external=True)
+def _link_page(result: tuple[str, str]):
+    name, secret = result
+    url = url_for("account.enroll", secret=secret, _external=True)
+    return _users_page(new_link={"username": name, "url": url, "hours": users.DEFAULT_ENROLLMENT_HOURS})
 
 
 @bp.route("/admin/users")
@@ -196,45 +229,33 @@ def create_user():
     """Create a user (audited by users.create_user). A console user gets a one-time enrollment
     link, shown once, to set their own password: the admin never learns it."""
     form = UserForm()
-    if not form.validate():
-        return _users_page(form=form, status=422, error=first_error(form))
-    try:
-        with unit_of_work() as s:
-            me = s.get(User, current_actor().id)
-            user = users.create_user(
-                s, form.username.data, form.role.data, None, actor=me.username, created_by=me
-            )
-            secret = None if user.role == Role.SERVICE else users.issue_enrollment_link(s, user, actor=me)
-            name = user.username
-    except DomainError as exc:
-        return _users_page(form=form, status=exc.http_status, error=exc.message)
-    if secret is None:
-        flash(f"Service user {name} created; give it an API token.", "success")
-        return redirect(url_for(".users_page"), code=303)
-    return _users_page(
-        new_link={"username": name, "url": _link_for(secret), "hours": users.DEFAULT_ENROLLMENT_HOURS}
+
+    def done(result):
+        name, secret = result
+        if secret is None:
+            return _back(".users_page", f"Service user {name} created; give it an API token.")
+        return _link_page(result)
+
+    return _submit(
+        form,
+        _users_page,
+        lambda s: admin.create_console_user(s, form.username.data, form.role.data, actor_id=_actor_id()),
+        done,
+        form=form,
     )
 
 
 @bp.route("/admin/users/<int:user_id>/reset", methods=["POST"])
 @requires(Permission.ADMIN)
 def reset_password(user_id: int):
-    """Reset a person's password: the old one stops working, every session ends, and a new
-    one-time link (not a password) is shown once for the user."""
-    form = ConfirmForm()
-    if not form.validate():
-        return _users_page(status=422, error=first_error(form))
-    try:
-        with unit_of_work() as s:
-            user = s.get(User, user_id)
-            if user is None:
-                raise NotFound(f"user {user_id} not found")
-            secret = users.issue_enrollment_link(s, user, actor=s.get(User, current_actor().id))
-            name = user.username
-    except DomainError as exc:
-        return _users_page(status=exc.http_status, error=exc.message)
-    return _users_page(
-        new_link={"username": name, "url": _link_for(secret), "hours": users.DEFAULT_ENROLLMENT_HOURS}
+    """Reset a person's password (confirmed, with a reason): the old one stops working, every
+    session ends, and a new one-time link (not a password) is shown once for the user."""
+    form = DestructiveForm()
+    return _submit(
+        form,
+        _users_page,
+        lambda s: admin.reset_password(s, user_id, actor_id=_actor_id(), reason=form.reason.data),
+        _link_page,
     )
 
 
@@ -243,78 +264,56 @@ def reset_password(user_id: int):
 def set_role(user_id: int):
     """Change a user's role (a clinical-lead grant is audited and listed)."""
     form = RoleForm()
-    if not form.validate():
-        return _users_page(status=422, error=first_error(form))
-    try:
-        with unit_of_work() as s:
-            user = s.get(User, user_id)
-            if user is None:
-                raise NotFound(f"user {user_id} not found")
-            users.set_role(s, user, form.role.data, actor=s.get(User, current_actor().id))
-            name, role = user.username, user.role
-    except DomainError as exc:
-        return _users_page(status=exc.http_status, error=exc.message)
-    flash(f"{name} is now {role.replace('_', ' ')}.", "success")
-    return redirect(url_for(".users_page"), code=303)
+    return _submit(
+        form,
+        _users_page,
+        lambda s: admin.change_role(s, user_id, form.role.data, actor_id=_actor_id()),
+        lambda user: _back(".users_page", f"{user.username} is now {user.role.replace('_', ' ')}."),
+    )
 
 
 @bp.route("/admin/users/<int:user_id>/approval-lock", methods=["POST"])
 @requires(Permission.ADMIN)
 def clear_approval_lock(user_id: int):
     """Clear approval lock: after 5 wrong approval passwords in 15 minutes (audited)."""
-    form = ConfirmForm()
-    if not form.validate():
-        return _users_page(status=422, error=first_error(form))
-    try:
-        with unit_of_work() as s:
-            name = users.clear_approval_lock(s, user_id, actor=s.get(User, current_actor().id)).username
-    except DomainError as exc:
-        return _users_page(status=exc.http_status, error=exc.message)
-    flash(f"Approval lock of {name} cleared.", "success")
-    return redirect(url_for(".users_page"), code=303)
+    return _submit(
+        ConfirmForm(),
+        _users_page,
+        lambda s: admin.clear_approval_lock(s, user_id, actor_id=_actor_id()),
+        lambda user: _back(".users_page", f"Approval lock of {user.username} cleared."),
+    )
 
 
 @bp.route("/admin/users/<int:user_id>/active", methods=["POST"])
 @requires(Permission.ADMIN)
 def set_user_active(user_id: int):
-    """Deactivate or reactivate a user."""
+    """Deactivate (confirmed, with a reason) or reactivate a user."""
     form = ActiveForm()
-    if not form.validate():
-        return _users_page(status=422, error=first_error(form))
-    try:
-        with unit_of_work() as s:
-            user = admin.set_user_active(s, user_id, form.active.data == "1", actor=current_actor())
-            name, active = user.username, user.active
-    except DomainError as exc:
-        return _users_page(status=exc.http_status, error=exc.message)
-    flash(f"User {name} {'reactivated' if active else 'deactivated'}.", "success")
-    return redirect(url_for(".users_page"), code=303)
+    return _submit(
+        form,
+        _users_page,
+        lambda s: admin.set_user_active(
+            s, user_id, form.active.data == "1", actor=current_actor(), reason=form.reason.data
+        ),
+        lambda user: _back(
+            ".users_page", f"User {user.username} {'reactivated' if user.active else 'deactivated'}."
+        ),
+    )
 
 
 # --- API tokens -----------------------------------------------------------------------------------
-
-
-def _service_accounts(s) -> list[User]:
-    return [u for u in queries.all_users(s) if u.active and u.role == Role.SERVICE]
 
 
 def _tokens_page(
     *, form: TokenForm | None = None, status: int = 200, error: str | None = None, new_token=None
 ):
     with unit_of_work(read_only=True) as s:
-        tokens = queries.api_tokens(s)
-        candidates = _service_accounts(s)
+        tokens = admin.tokens_overview(s)
+        candidates = admin.active_accounts(s, service_only=True)
     form = form or TokenForm(formdata=None)
     form.user_id.choices = options((u.id, u.username) for u in candidates)
     response = make_response(
-        render_template(
-            "admin/tokens.html",
-            tokens=tokens,
-            form=form,
-            confirm=ConfirmForm(formdata=None),
-            error=error,
-            new_token=new_token,
-        ),
+        render_template("admin/tokens.html", tokens=tokens, form=form, error=error, new_token=new_token),
         status,
     )
     if new_token:
@@ -338,40 +337,34 @@ def create_token():
     with unit_of_work(read_only=True) as s:
         # every active account is a valid choice for the form, so that a person's account is
         # refused by the rule (403) and not by the select list
-        form.user_id.choices = options((u.id, u.username) for u in queries.all_users(s) if u.active)
-    if not form.validate():
-        return _tokens_page(form=form, status=422, error=first_error(form))
-    try:
-        with unit_of_work() as s:
-            user = s.get(User, int(form.user_id.data))
-            if user is None:
-                raise NotFound("user not found")
-            token = users.create_service_token(
-                s,
-                user,
-                actor=s.get(User, current_actor().id),
-                days=form.days.data or users.DEFAULT_TOKEN_DAYS,
-            )
-            owner = user.username
-    except DomainError as exc:
-        return _tokens_page(status=exc.http_status, error=exc.message)
-    return _tokens_page(new_token={"token": token, "username": owner})
+        form.user_id.choices = options((u.id, u.username) for u in admin.active_accounts(s))
+
+    def done(result):
+        owner, token = result
+        return _tokens_page(new_token={"token": token, "username": owner})
+
+    return _submit(
+        form,
+        _tokens_page,
+        lambda s: admin.create_service_token(
+            s, int(form.user_id.data), actor_id=_actor_id(), days=form.days.data or users.DEFAULT_TOKEN_DAYS
+        ),
+        done,
+        form=form,
+    )
 
 
 @bp.route("/admin/tokens/<int:token_id>/revoke", methods=["POST"])
 @requires(Permission.ADMIN)
 def revoke_token(token_id: int):
-    """Revoke a token; requests with it fail from now on."""
-    form = ConfirmForm()
-    if not form.validate():
-        return _tokens_page(status=422, error=first_error(form))
-    try:
-        with unit_of_work() as s:
-            admin.revoke_token(s, token_id, actor=_actor_name())
-    except DomainError as exc:
-        return _tokens_page(status=exc.http_status, error=exc.message)
-    flash(f"Token {token_id} revoked.", "success")
-    return redirect(url_for(".tokens_page"), code=303)
+    """Revoke a token (confirmed, with a reason); requests with it fail from now on."""
+    form = DestructiveForm()
+    return _submit(
+        form,
+        _tokens_page,
+        lambda s: admin.revoke_token(s, token_id, actor=_actor_name(), reason=form.reason.data),
+        lambda _token: _back(".tokens_page", f"Token {token_id} revoked."),
+    )
 
 
 # --- customers and connections --------------------------------------------------------------------
@@ -386,22 +379,18 @@ def _connections_page(
     error_for: int | None = None,
 ):
     with unit_of_work(read_only=True) as s:
-        conns = queries.connections_overview(s)
-        customer_list = queries.customers(s)
-        circuits = {c.id: connections.circuit_state(c) for c in conns}
+        context = admin.connections_overview(s)
     connection_form = connection_form or ConnectionForm(formdata=None)
-    connection_form.customer.choices = options((c.name, c.name) for c in customer_list)
+    connection_form.customer.choices = options((c.name, c.name) for c in context["customers"])
     return (
         render_template(
             "admin/connections.html",
-            connections=conns,
-            customers=customer_list,
-            circuits=circuits,
+            **context,
             customer_form=customer_form or CustomerForm(formdata=None),
             connection_form=connection_form,
-            confirm=ConfirmForm(formdata=None),
             error=error,
             error_for=error_for,
+            can_pause=hasattr(connections, "pause_connection"),
         ),
         status,
     )
@@ -419,15 +408,13 @@ def connections_page():
 def add_customer():
     """Add a customer (audited by connections.add_customer)."""
     form = CustomerForm()
-    if not form.validate():
-        return _connections_page(customer_form=form, status=422, error=first_error(form))
-    try:
-        with unit_of_work() as s:
-            connections.add_customer(s, form.name.data, actor=_actor_name())
-    except DomainError as exc:
-        return _connections_page(customer_form=form, status=exc.http_status, error=exc.message)
-    flash(f"Customer {form.name.data} added.", "success")
-    return redirect(url_for(".connections_page"), code=303)
+    return _submit(
+        form,
+        _connections_page,
+        lambda s: connections.add_customer(s, form.name.data, actor=_actor_name()),
+        lambda _c: _back(".connections_page", f"Customer {form.name.data} added."),
+        customer_form=form,
+    )
 
 
 @bp.route("/admin/connections", methods=["POST"])
@@ -436,50 +423,47 @@ def add_connection():
     """Add a connection (audited by connections.add_connection)."""
     form = ConnectionForm()
     with unit_of_work(read_only=True) as s:
-        form.customer.choices = options((c.name, c.name) for c in queries.customers(s))
-    if not form.validate():
-        return _connections_page(connection_form=form, status=422, error=first_error(form))
+        form.customer.choices = options((c.name, c.name) for c in admin.connections_overview(s)["customers"])
     message_types = [t.strip() for t in (form.message_types.data or "").split(",") if t.strip()]
-    try:
-        with unit_of_work() as s:
-            connections.add_connection(
-                s,
-                form.name.data,
-                customer=form.customer.data,
-                protocol=form.protocol.data,
-                endpoint=form.endpoint.data.strip(),
-                environment=form.environment.data,
-                conditional_create=form.conditional_create.data,
-                identifier_search=form.identifier_search.data,
-                vendor=form.vendor.data or "generic",
-                fhir_version=form.fhir_version.data or "4.0.1",
-                enabled_message_types=message_types,
-                diagnosis_code_system=form.diagnosis_codes.data or "icd-10",
-                actor=_actor_name(),
-            )
-    except DomainError as exc:
-        return _connections_page(connection_form=form, status=exc.http_status, error=exc.message)
-    flash(f"Connection {form.name.data} added.", "success")
-    return redirect(url_for(".connections_page"), code=303)
+    return _submit(
+        form,
+        _connections_page,
+        lambda s: connections.add_connection(
+            s,
+            form.name.data,
+            customer=form.customer.data,
+            protocol=form.protocol.data,
+            endpoint=form.endpoint.data.strip(),
+            environment=form.environment.data,
+            conditional_create=form.conditional_create.data,
+            identifier_search=form.identifier_search.data,
+            vendor=form.vendor.data or "generic",
+            fhir_version=form.fhir_version.data or "4.0.1",
+            enabled_message_types=message_types,
+            diagnosis_code_system=form.diagnosis_codes.data or "icd-10",
+            actor=_actor_name(),
+        ),
+        lambda _c: _back(".connections_page", f"Connection {form.name.data} added."),
+        connection_form=form,
+    )
 
 
 @bp.route("/admin/connections/<int:connection_id>/enabled", methods=["POST"])
 @requires(Permission.ADMIN)
 def set_connection_enabled(connection_id: int):
-    """Enable or disable a connection."""
+    """Enable, or disable (confirmed, with a reason), a connection."""
     form = ActiveForm()
-    if not form.validate():
-        return _connections_page(status=422, error=first_error(form), error_for=connection_id)
-    try:
-        with unit_of_work() as s:
-            conn = admin.set_connection_enabled(
-                s, connection_id, form.active.data == "1", actor=_actor_name()
-            )
-            name, enabled = conn.name, conn.enabled
-    except DomainError as exc:
-        return _connections_page(status=exc.http_status, error=exc.message, error_for=connection_id)
-    flash(f"Connection {name} {'enabled' if enabled else 'disabled'}.", "success")
-    return redirect(url_for(".connections_page"), code=303)
+    return _submit(
+        form,
+        _connections_page,
+        lambda s: admin.set_connection_enabled(
+            s, connection_id, form.active.data == "1", actor=_actor_name(), reason=form.reason.data
+        ),
+        lambda conn: _back(
+            ".connections_page", f"Connection {conn.name} {'enabled' if conn.enabled else 'disabled'}."
+        ),
+        error_for=connection_id,
+    )
 
 
 @bp.route("/admin/connections/<int:connection_id>/test", methods=["POST"])
@@ -490,47 +474,28 @@ def test_connection(connection_id: int):
     if not form.validate():
         return _connections_page(status=422, error=first_error(form), error_for=connection_id)
     with unit_of_work(read_only=True) as s:
-        conn = s.get(Connection, connection_id)
-        if conn is None:
-            raise NotFound(f"connection {connection_id} not found")
-        settings, name = connections.settings_for(conn), conn.name
+        settings, name = admin.connection_probe(s, connection_id)
     # The network call happens outside any transaction: never hold the database while waiting on an EHR.
-    try:
-        from app.adapters.ehr.base import adapter_for
-
-        # Only the connection's own endpoint, and only one that is valid for its protocol (a row
-        # stored before endpoints were validated is refused, not probed).
-        connections.validated_endpoint(settings.protocol, settings.endpoint)
-        with adapter_for(settings) as adapter:
-            result = dict(adapter.check_connection())
-    except DomainError as exc:
-        result = {"ok": False, "detail": f"not probed: {exc.message}"}
-    except Exception as exc:  # a failed probe is a result to show, not a 500
-        result = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
+    result = admin.probe(settings)
     with unit_of_work() as s:
         admin.record_connection_test(s, connection_id, result, actor=_actor_name())
     detail = str(result.get("detail") or "")[:300]
     if result.get("ok"):
-        flash(f"{name}: connection OK. {detail}".strip(), "success")
-    else:
-        flash(f"{name}: connection test failed. {detail}".strip(), "error")
-    return redirect(url_for(".connections_page"), code=303)
+        return _back(".connections_page", f"{name}: connection OK. {detail}".strip())
+    return _back(".connections_page", f"{name}: connection test failed. {detail}".strip(), "error")
 
 
 @bp.route("/admin/connections/<int:connection_id>/circuit", methods=["POST"])
 @requires(Permission.ADMIN)
 def reset_circuit(connection_id: int):
     """Close a connection's circuit breaker."""
-    form = ConfirmForm()
-    if not form.validate():
-        return _connections_page(status=422, error=first_error(form), error_for=connection_id)
-    try:
-        with unit_of_work() as s:
-            name = admin.reset_circuit(s, connection_id, actor=_actor_name()).name
-    except DomainError as exc:
-        return _connections_page(status=exc.http_status, error=exc.message, error_for=connection_id)
-    flash(f"Circuit of {name} reset (closed).", "success")
-    return redirect(url_for(".connections_page"), code=303)
+    return _submit(
+        ConfirmForm(),
+        _connections_page,
+        lambda s: admin.reset_circuit(s, connection_id, actor=_actor_name()),
+        lambda conn: _back(".connections_page", f"Circuit of {conn.name} reset (closed)."),
+        error_for=connection_id,
+    )
 
 
 @bp.route("/admin/connections/<int:connection_id>/retry", methods=["POST"])
@@ -538,23 +503,21 @@ def reset_circuit(connection_id: int):
 def retry_policy(connection_id: int):
     """Edit a connection's retry and circuit-breaker policy."""
     form = RetryPolicyForm()
-    if not form.validate():
-        return _connections_page(status=422, error=first_error(form), error_for=connection_id)
-    try:
-        with unit_of_work() as s:
-            name = admin.update_retry_policy(
-                s,
-                connection_id,
-                actor=_actor_name(),
-                max_auto_retries=form.max_auto_retries.data,
-                retry_backoff_seconds=form.retry_backoff_seconds.data,
-                circuit_failure_threshold=form.circuit_failure_threshold.data,
-                circuit_cooldown_seconds=form.circuit_cooldown_seconds.data,
-            ).name
-    except DomainError as exc:
-        return _connections_page(status=exc.http_status, error=exc.message, error_for=connection_id)
-    flash(f"Retry policy of {name} saved.", "success")
-    return redirect(url_for(".connections_page"), code=303)
+    return _submit(
+        form,
+        _connections_page,
+        lambda s: admin.update_retry_policy(
+            s,
+            connection_id,
+            actor=_actor_name(),
+            max_auto_retries=form.max_auto_retries.data,
+            retry_backoff_seconds=form.retry_backoff_seconds.data,
+            circuit_failure_threshold=form.circuit_failure_threshold.data,
+            circuit_cooldown_seconds=form.circuit_cooldown_seconds.data,
+        ),
+        lambda conn: _back(".connections_page", f"Retry policy of {conn.name} saved."),
+        error_for=connection_id,
+    )
 
 
 # --- SLA policy -----------------------------------------------------------------------------------
@@ -566,21 +529,22 @@ DEFAULT_WINDOWS = (
 )
 
 
+def _customer_choices(customer_list) -> list:
+    return options([("", "every customer")] + [(c.id, c.name) for c in customer_list])
+
+
 def _sla_page(
     *, form: SlaRuleForm | None = None, status: int = 200, error: str | None = None, error_for=None
 ):
     with unit_of_work(read_only=True) as s:
-        rules = queries.sla_rules(s)
-        customer_list = queries.customers(s)
+        context = admin.sla_overview(s)
     form = form or SlaRuleForm(formdata=None)
-    form.customer_id.choices = options([("", "every customer")] + [(c.id, c.name) for c in customer_list])
+    form.customer_id.choices = _customer_choices(context["customers"])
     return (
         render_template(
             "admin/sla.html",
-            rules=rules,
+            rules=context["rules"],
             form=form,
-            edit=SlaEditForm(formdata=None),
-            confirm=ConfirmForm(formdata=None),
             defaults=DEFAULT_WINDOWS,
             error=error,
             error_for=error_for,
@@ -602,25 +566,21 @@ def add_sla_rule():
     """Add an SLA rule."""
     form = SlaRuleForm()
     with unit_of_work(read_only=True) as s:
-        form.customer_id.choices = options(
-            [("", "every customer")] + [(c.id, c.name) for c in queries.customers(s)]
-        )
-    if not form.validate():
-        return _sla_page(form=form, status=422, error=first_error(form))
-    try:
-        with unit_of_work() as s:
-            admin.add_sla_rule(
-                s,
-                minutes=form.minutes.data,
-                category=form.category.data or None,
-                risk=form.risk.data or None,
-                customer_id=int(form.customer_id.data) if form.customer_id.data else None,
-                actor=_actor_name(),
-            )
-    except DomainError as exc:
-        return _sla_page(form=form, status=exc.http_status, error=exc.message)
-    flash("SLA rule added; it applies to exceptions opened from now on.", "success")
-    return redirect(url_for(".sla_page"), code=303)
+        form.customer_id.choices = _customer_choices(admin.sla_overview(s)["customers"])
+    return _submit(
+        form,
+        _sla_page,
+        lambda s: admin.add_sla_rule(
+            s,
+            minutes=form.minutes.data,
+            category=form.category.data or None,
+            risk=form.risk.data or None,
+            customer_id=int(form.customer_id.data) if form.customer_id.data else None,
+            actor=_actor_name(),
+        ),
+        lambda _rule: _back(".sla_page", "SLA rule added; it applies to exceptions opened from now on."),
+        form=form,
+    )
 
 
 @bp.route("/admin/sla/<int:rule_id>", methods=["POST"])
@@ -628,28 +588,24 @@ def add_sla_rule():
 def update_sla_rule(rule_id: int):
     """Change one rule's minutes."""
     form = SlaEditForm()
-    if not form.validate():
-        return _sla_page(status=422, error=first_error(form), error_for=rule_id)
-    try:
-        with unit_of_work() as s:
-            admin.update_sla_rule(s, rule_id, form.minutes.data, actor=_actor_name())
-    except DomainError as exc:
-        return _sla_page(status=exc.http_status, error=exc.message, error_for=rule_id)
-    flash(f"SLA rule {rule_id} saved.", "success")
-    return redirect(url_for(".sla_page"), code=303)
+    return _submit(
+        form,
+        _sla_page,
+        lambda s: admin.update_sla_rule(s, rule_id, form.minutes.data, actor=_actor_name()),
+        lambda _rule: _back(".sla_page", f"SLA rule {rule_id} saved."),
+        error_for=rule_id,
+    )
 
 
 @bp.route("/admin/sla/<int:rule_id>/delete", methods=["POST"])
 @requires(Permission.ADMIN)
 def delete_sla_rule(rule_id: int):
-    """Delete one rule."""
-    form = ConfirmForm()
-    if not form.validate():
-        return _sla_page(status=422, error=first_error(form), error_for=rule_id)
-    try:
-        with unit_of_work() as s:
-            admin.delete_sla_rule(s, rule_id, actor=_actor_name())
-    except DomainError as exc:
-        return _sla_page(status=exc.http_status, error=exc.message, error_for=rule_id)
-    flash(f"SLA rule {rule_id} deleted.", "success")
-    return redirect(url_for(".sla_page"), code=303)
+    """Delete one rule (confirmed, with a reason)."""
+    form = DestructiveForm()
+    return _submit(
+        form,
+        _sla_page,
+        lambda s: admin.delete_sla_rule(s, rule_id, actor=_actor_name(), reason=form.reason.data),
+        lambda _none: _back(".sla_page", f"SLA rule {rule_id} deleted."),
+        error_for=rule_id,
+    )

@@ -12,10 +12,9 @@ from flask_wtf import FlaskForm
 from wtforms import PasswordField, StringField
 from wtforms.validators import DataRequired, Length
 
-from app.db.models import User
 from app.domain.roles import Permission
 from app.services import audit
-from app.services.users import authenticate, end_sessions
+from app.services.users import authenticate, log_out
 
 from ..access import begin_session, current_actor, public, requires
 from ..extensions import unit_of_work
@@ -102,10 +101,8 @@ def login():
 @requires(Permission.CONSOLE_LOGIN)
 def logout():
     """Log out everywhere: every session of this user ends, including a copied cookie."""
-    actor = current_actor()
     with unit_of_work() as s:
-        end_sessions(s.get(User, actor.id))
-        audit.record(s, actor=actor.username, action="auth.logout", subject_type="user", subject_id=actor.id)
+        log_out(s, current_actor().id)
     logout_user()
     _fresh_session()
     flash("Logged out.")
