@@ -186,6 +186,7 @@ class TenantState:
         self.hl7_last: dict[str, bytes] = {}  # control id -> the bytes last applied
         # Faults served (drawn or from a burst), by Fault value, over both halves.
         self.faults: Counter[str] = Counter()
+        self.burst_faults: Counter[str] = Counter()  # of which served by a burst
         # A burst: every create / HL7 message gets `burst_fault` until `burst_until` (monotonic).
         self.burst_fault: Fault | None = None
         self.burst_until = 0.0
@@ -198,6 +199,7 @@ class TenantState:
             fault, retry_after = drawn, None
             if self.burst_fault is not None and time.monotonic() < self.burst_until:
                 fault, retry_after = self.burst_fault, self.burst_retry_after
+                self.burst_faults[fault.value] += 1
             if fault is not None:
                 self.faults[fault.value] += 1
             return fault, retry_after
@@ -218,6 +220,7 @@ class TenantState:
                 "fault": self.burst_fault.value if running else None,
                 "remaining_seconds": round(left, 3) if running else 0.0,
                 "faults": dict(sorted(self.faults.items())),
+                "burst_faults": dict(sorted(self.burst_faults.items())),
             }
 
     # -- store (callers hold the lock)

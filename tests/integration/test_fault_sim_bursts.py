@@ -38,21 +38,29 @@ def create(sim, tenant: str, n: int) -> httpx.Response:
         )
 
 
-def test_a_429_burst_answers_every_create_with_its_retry_after_then_ends(sim, ctl, tenant):
+def test_a_429_burst_answers_every_create_with_its_retry_after_until_it_is_ended(sim, ctl, tenant):
     started = ctl.post(
-        f"tenants/{tenant}/burst", json={"fault": "throttled_429", "seconds": 0.4, "retry_after": 7}
+        f"tenants/{tenant}/burst", json={"fault": "throttled_429", "seconds": 30, "retry_after": 7}
     )
     assert started.status_code == 200 and started.json()["fault"] == "throttled_429"
     answers = [create(sim, tenant, n) for n in range(3)]
     assert [(r.status_code, r.headers["Retry-After"]) for r in answers] == [(429, "7")] * 3
     assert sim.applied(tenant)["total"] == 0  # refused before processing
-    time.sleep(0.45)
-    assert create(sim, tenant, 3).status_code == 201  # the burst is over
+    ctl.post(f"tenants/{tenant}/burst", json={"fault": None}).raise_for_status()
+    assert create(sim, tenant, 3).status_code == 201
     assert ctl.get(f"tenants/{tenant}/burst").json() == {
         "fault": None,
         "remaining_seconds": 0.0,
         "faults": {"throttled_429": 3},
+        "burst_faults": {"throttled_429": 3},
     }
+
+
+def test_a_burst_ends_by_itself_after_its_seconds(sim, ctl, tenant):
+    sim.burst(tenant, "unavailable_503", 0.2)
+    time.sleep(0.3)
+    assert ctl.get(f"tenants/{tenant}/burst").json()["fault"] is None
+    assert create(sim, tenant, 0).status_code == 201
 
 
 def test_a_503_burst_sends_the_profiles_retry_after_unless_it_names_its_own(sim, ctl, tenant):
@@ -111,6 +119,6 @@ def test_an_mllp_burst_closes_the_connection_without_an_ack(sim, tenant, fault, 
     assert _send_hl7(sim.mllp_port, tenant, "C1") is None
     state = sim.state.peek(tenant)
     assert dict(state.hl7_applied) == applied
-    assert state.burst()["faults"] == {fault: 1}
+    assert state.burst()["burst_faults"] == {fault: 1}
     sim.burst(tenant, None, 0)
     assert b"MSA|AA|C2" in _send_hl7(sim.mllp_port, tenant, "C2")
