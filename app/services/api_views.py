@@ -299,6 +299,15 @@ def decide_replay(
 # --- admin: customers and connections ------------------------------------------------------------
 
 
+def destructive_reason(reason: str | None) -> str:
+    """Disable, deactivate, reset, revoke and delete need a reason, audited with the change
+    (issue 8; the console asks for one too)."""
+    reason = (reason or "").strip()
+    if not reason:
+        raise Invalid("say why: this change needs a reason", code="reason_required")
+    return reason[:500]
+
+
 def customer_json(c: Customer) -> dict:
     return {"id": c.id, "name": c.name, "created_at": iso(c.created_at)}
 
@@ -370,15 +379,19 @@ def create_connection(session: so.Session, actor: str, fields: dict) -> dict:
     return connection_json(conn)
 
 
-def update_connection(session: so.Session, actor: str, connection_id: int, changes: dict) -> dict:
-    """PATCH /connections/{id}: enable/disable and the retry and circuit-breaker policy, each
-    audited by the admin service like the console's forms."""
+def update_connection(
+    session: so.Session, actor: str, connection_id: int, changes: dict, *, reason: str | None = None
+) -> dict:
+    """PATCH /connections/{id}: enable/disable (disabling needs a reason) and the retry and
+    circuit-breaker policy, each audited by the admin service like the console's forms."""
     conn = _connection(session, connection_id)
+    if changes.get("enabled") is False and conn.enabled:
+        reason = destructive_reason(reason)
     retry = {k: v for k, v in changes.items() if k in admin.RETRY_FIELDS}
     if retry:
         admin.update_retry_policy(session, conn.id, actor=actor, **retry)
     if "enabled" in changes:
-        admin.set_connection_enabled(session, conn.id, changes["enabled"], actor=actor)
+        admin.set_connection_enabled(session, conn.id, changes["enabled"], actor=actor, reason=reason)
     return connection_json(conn)
 
 
@@ -460,8 +473,8 @@ def update_sla_rule(session: so.Session, actor: str, rule_id: int, minutes: int)
     return sla_rule_json(rule, customer.name if customer else None)
 
 
-def delete_sla_rule(session: so.Session, actor: str, rule_id: int) -> None:
-    admin.delete_sla_rule(session, rule_id, actor=actor)
+def delete_sla_rule(session: so.Session, actor: str, rule_id: int, reason: str | None) -> None:
+    admin.delete_sla_rule(session, rule_id, actor=actor, reason=destructive_reason(reason))
 
 
 # --- admin: users and service tokens --------------------------------------------------------------
@@ -509,20 +522,26 @@ def create_user(session: so.Session, actor_id: int, username: str, role: str) ->
     return NewUser(user_json(user), secret)
 
 
-def update_user(session: so.Session, actor_id: int, user_id: int, changes: dict) -> dict:
-    """PATCH /users/{id}: role and/or active, through the same services as the console."""
+def update_user(
+    session: so.Session, actor_id: int, user_id: int, changes: dict, *, reason: str | None = None
+) -> dict:
+    """PATCH /users/{id}: role and/or active (deactivating needs a reason), through the same
+    services as the console."""
     me = actor_row(session, actor_id)
     user = _user(session, user_id)
+    if changes.get("active") is False and user.active:
+        reason = destructive_reason(reason)
     if "role" in changes:
         users.set_role(session, user, changes["role"], actor=me)
     if "active" in changes:
-        admin.set_user_active(session, user.id, changes["active"], actor=me)
+        admin.set_user_active(session, user.id, changes["active"], actor=me, reason=reason)
     return user_json(user)
 
 
-def reset_password(session: so.Session, actor_id: int, user_id: int) -> str:
+def reset_password(session: so.Session, actor_id: int, user_id: int, reason: str | None) -> str:
     """A new one-time enrollment link for a person (the current password stops working)."""
-    return users.issue_enrollment_link(session, _user(session, user_id), actor=actor_row(session, actor_id))
+    user, me = _user(session, user_id), actor_row(session, actor_id)
+    return users.issue_enrollment_link(session, user, actor=me, reason=destructive_reason(reason))
 
 
 def clear_approval_lock(session: so.Session, actor_id: int, user_id: int) -> dict:
@@ -557,8 +576,8 @@ def create_service_token(session: so.Session, actor_id: int, username: str, days
     return {**token_json(row), "token": token}
 
 
-def revoke_token(session: so.Session, actor: str, token_id: int) -> dict:
-    return token_json(admin.revoke_token(session, token_id, actor=actor))
+def revoke_token(session: so.Session, actor: str, token_id: int, reason: str | None) -> dict:
+    return token_json(admin.revoke_token(session, token_id, actor=actor, reason=destructive_reason(reason)))
 
 
 # --- audit and drift ------------------------------------------------------------------------------

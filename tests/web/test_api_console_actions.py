@@ -167,12 +167,20 @@ def test_an_admin_configures_customers_connections_and_sla_rules_through_the_api
     bad = api("adam", "POST", "/connections", body | {"name": "evil", "endpoint": "javascript:alert(1)"})
     assert bad.status_code == 422
 
-    r = api("adam", "PATCH", f"/connections/{conn_id}", {"enabled": False, "max_auto_retries": 5})
+    no_reason = api("adam", "PATCH", f"/connections/{conn_id}", {"enabled": False})
+    assert (no_reason.status_code, no_reason.json["error"]["code"]) == (422, "reason_required")
+    r = api(
+        "adam",
+        "PATCH",
+        f"/connections/{conn_id}",
+        {"enabled": False, "max_auto_retries": 5, "reason": "EHR upgrade"},
+    )
     assert r.status_code == 200 and r.json["enabled"] is False and r.json["max_auto_retries"] == 5
     assert api("adam", "PATCH", f"/connections/{conn_id}", {"max_auto_retries": 99}).status_code == 422
     assert api("adam", "PATCH", f"/connections/{conn_id}", {"enabled": "no"}).status_code == 422
     assert [c["name"] for c in api("adam", "GET", "/connections").json["items"]] == ["lake-fhir"]
-    assert audit_events(action="connection.disable")[0].actor == "adam"
+    [disabled] = audit_events(action="connection.disable")
+    assert (disabled.actor, disabled.reason) == ("adam", "EHR upgrade")
     assert audit_events(action="connection.retry_policy")
 
     rule = api(
@@ -184,7 +192,8 @@ def test_an_admin_configures_customers_connections_and_sla_rules_through_the_api
     assert rule.status_code == 201 and rule.json["customer"] == "Lakeside"
     assert api("adam", "PATCH", f"/sla-rules/{rule.json['id']}", {"minutes": 25}).json["minutes"] == 25
     assert api("adam", "GET", "/sla-rules").json["items"][0]["minutes"] == 25
-    assert api("adam", "DELETE", f"/sla-rules/{rule.json['id']}").status_code == 204
+    assert api("adam", "DELETE", f"/sla-rules/{rule.json['id']}").status_code == 422  # no reason
+    assert api("adam", "DELETE", f"/sla-rules/{rule.json['id']}?reason=superseded").status_code == 204
     assert api("adam", "GET", "/sla-rules").json["items"] == []
     assert [e.action for e in audit_events(subject_type="sla_rule")] == [
         "sla_rule.create",
@@ -216,9 +225,12 @@ def test_admins_mint_tokens_for_service_accounts_only(api, client, sessions, aud
     assert client.get("/api/v1/replays", headers={"Authorization": f"Bearer {token}"}).status_code == 403
     listed = api("adam", "GET", "/tokens").json["items"]
     assert all("token" not in t for t in listed) and created.json["id"] in {t["id"] for t in listed}
-    assert api("adam", "POST", f"/tokens/{created.json['id']}/revoke").status_code == 200
+    assert api("adam", "POST", f"/tokens/{created.json['id']}/revoke").status_code == 422  # no reason
+    assert (
+        api("adam", "POST", f"/tokens/{created.json['id']}/revoke", {"reason": "rotated"}).status_code == 200
+    )
     assert client.get("/api/v1/messages/x", headers={"Authorization": f"Bearer {token}"}).status_code == 401
-    assert api("adam", "POST", f"/tokens/{created.json['id']}/revoke").status_code == 409
+    assert api("adam", "POST", f"/tokens/{created.json['id']}/revoke", {"reason": "again"}).status_code == 409
     with transaction(sessions) as s:
         assert s.get(ApiToken, created.json["id"]).revoked_at is not None
 
@@ -240,12 +252,17 @@ def test_an_admin_creates_people_with_an_enrollment_link_never_a_password(
     assert api("adam", "POST", "/users", {"username": "x", "role": "wizard"}).status_code == 422
 
     user_id = refused.json["user"]["id"]
-    reset = api("adam", "POST", f"/users/{user_id}/reset")
+    assert api("adam", "POST", f"/users/{user_id}/reset").status_code == 422  # no reason
+    reset = api("adam", "POST", f"/users/{user_id}/reset", {"reason": "lost phone"})
     assert reset.status_code == 200 and reset.json["enrollment_url"] != refused.json["enrollment_url"]
     assert api("adam", "PATCH", f"/users/{user_id}", {"role": "reviewer"}).json["role"] == "reviewer"
-    assert api("adam", "PATCH", f"/users/{user_id}", {"active": False}).json["active"] is False
+    assert api("adam", "PATCH", f"/users/{user_id}", {"active": False}).status_code == 422  # no reason
+    assert (
+        api("adam", "PATCH", f"/users/{user_id}", {"active": False, "reason": "left"}).json["active"] is False
+    )
+    assert audit_events(action="user.deactivate")[0].reason == "left"
     me = next(u for u in api("adam", "GET", "/users").json["items"] if u["username"] == "adam")
-    assert api("adam", "PATCH", f"/users/{me['id']}", {"active": False}).status_code == 409
+    assert api("adam", "PATCH", f"/users/{me['id']}", {"active": False, "reason": "x"}).status_code == 409
     assert api("adam", "PATCH", f"/users/{me['id']}", {"role": "reviewer"}).status_code == 409
     assert api("adam", "POST", f"/users/{user_id}/approval-lock/clear").status_code == 409  # not locked
 

@@ -297,7 +297,12 @@ def test_real_answers_match_the_document_and_cover_every_documented_status(clien
     call("adam", "GET", "/connections")
     call("adam", "GET", f"/connections/{conn_id}")
     call("adam", "GET", "/connections/999999")
-    call("adam", "PATCH", f"/connections/{conn_id}", {"enabled": False, "retry_backoff_seconds": 2.5})
+    call(
+        "adam",
+        "PATCH",
+        f"/connections/{conn_id}",
+        {"enabled": False, "retry_backoff_seconds": 2.5, "reason": "r"},
+    )
     call("adam", "PATCH", f"/connections/{conn_id}", {"max_auto_retries": -1})
     call("adam", "PATCH", "/connections/999999", {"enabled": True})
     call("adam", "POST", f"/connections/{conn_id}/circuit/reset")
@@ -316,8 +321,9 @@ def test_real_answers_match_the_document_and_cover_every_documented_status(clien
     call("adam", "PATCH", f"/sla-rules/{rule.json['id']}", {"minutes": 45})
     call("adam", "PATCH", f"/sla-rules/{rule.json['id']}", {"minutes": "45"})
     call("adam", "PATCH", "/sla-rules/999999", {"minutes": 45})
-    call("adam", "DELETE", f"/sla-rules/{rule.json['id']}")
-    call("adam", "DELETE", f"/sla-rules/{rule.json['id']}")  # 404
+    call("adam", "DELETE", f"/sla-rules/{rule.json['id']}")  # 422 without a reason
+    call("adam", "DELETE", f"/sla-rules/{rule.json['id']}?reason=superseded")
+    call("adam", "DELETE", f"/sla-rules/{rule.json['id']}?reason=again")  # 404
     person = call("adam", "POST", "/users", {"username": "nia", "role": "reviewer"})
     call("adam", "POST", "/users", {"username": "nia", "role": "reviewer"})  # 409
     call("adam", "POST", "/users", {"username": "x", "role": "wizard"})  # 422
@@ -328,12 +334,12 @@ def test_real_answers_match_the_document_and_cover_every_documented_status(clien
     call("adam", "GET", "/users/999999")
     call("adam", "PATCH", f"/users/{nia}", {"role": "clinical_lead", "active": True})
     call("adam", "PATCH", f"/users/{nia}", {"role": "service"})  # 422
-    call("adam", "PATCH", f"/users/{world['users']['adam']}", {"active": False})  # 409
+    call("adam", "PATCH", f"/users/{world['users']['adam']}", {"active": False, "reason": "r"})  # 409
     call("adam", "PATCH", "/users/999999", {"active": False})
-    call("adam", "POST", f"/users/{nia}/reset")
-    call("adam", "POST", f"/users/{world['users']['adam']}/reset")  # 409 (yourself)
-    call("adam", "POST", "/users/999999/reset")
-    call("adam", "POST", f"/users/{world['users']['svc']}/reset")  # 422: services have no password
+    call("adam", "POST", f"/users/{nia}/reset", {"reason": "lost phone"})
+    call("adam", "POST", f"/users/{world['users']['adam']}/reset", {"reason": "r"})  # 409 (yourself)
+    call("adam", "POST", "/users/999999/reset", {"reason": "r"})
+    call("adam", "POST", f"/users/{world['users']['svc']}/reset", {"reason": "r"})  # 422: no password
     call("adam", "POST", f"/users/{nia}/approval-lock/clear")  # 409 not locked
     call("adam", "POST", "/users/999999/approval-lock/clear")
     _lock_approvals(world, call)
@@ -342,12 +348,13 @@ def test_real_answers_match_the_document_and_cover_every_documented_status(clien
     call("adam", "POST", "/tokens", {"user": "lena"})  # 403 a person
     call("adam", "POST", "/tokens", {"user": "nobody"})  # 404
     call("adam", "POST", "/tokens", {"user": "svc", "days": 999})  # 422
-    call("adam", "PATCH", f"/users/{world['users']['svc']}", {"active": False})
+    call("adam", "PATCH", f"/users/{world['users']['svc']}", {"active": False, "reason": "retired"})
     call("adam", "POST", "/tokens", {"user": "svc"})  # 409 deactivated
     call("adam", "GET", "/tokens")
-    call("adam", "POST", f"/tokens/{token.json['id']}/revoke")
-    call("adam", "POST", f"/tokens/{token.json['id']}/revoke")  # 409
-    call("adam", "POST", "/tokens/999999/revoke")
+    call("adam", "POST", f"/tokens/{token.json['id']}/revoke")  # 422 without a reason
+    call("adam", "POST", f"/tokens/{token.json['id']}/revoke", {"reason": "rotated"})
+    call("adam", "POST", f"/tokens/{token.json['id']}/revoke", {"reason": "again"})  # 409
+    call("adam", "POST", "/tokens/999999/revoke", {"reason": "r"})
 
     missing = contract.documented() - contract.seen - NOT_EXERCISED
     assert missing == set(), f"documented answers never seen: {sorted(missing)}"

@@ -6,7 +6,7 @@ enrollment link (to set their own password), never a password chosen by the admi
 
 from __future__ import annotations
 
-from flask import jsonify, url_for
+from flask import jsonify, request, url_for
 
 from app.domain.roles import Permission
 from app.services import api_views, users
@@ -46,6 +46,13 @@ def _typed(body: dict, spec: dict[str, type], required: tuple[str, ...] = ()) ->
         for name, kind in spec.items()
         if name in required or body.get(name) is not None
     }
+
+
+def _reason() -> str | None:
+    """The `reason` of an optional JSON body (or, for DELETE, of the query string)."""
+    if not request.get_data():
+        return request.args.get("reason")
+    return field(json_object(), "reason", str)
 
 
 def _created(payload: dict):
@@ -109,12 +116,13 @@ def get_connection(connection_id: int):
 @bp.patch("/connections/<int:connection_id>")
 @requires(Permission.ADMIN)
 def update_connection(connection_id: int):
-    """Enable/disable (a disabled connection's new messages become `config` exceptions) and the
-    retry and circuit-breaker policy; only the fields sent change."""
+    """Enable/disable (disabling needs a reason; a disabled connection's new messages become
+    `config` exceptions) and the retry and circuit-breaker policy; only the fields sent change."""
     body = json_object()
     changes = _typed(present(body, tuple(CONNECTION_CHANGES)), CONNECTION_CHANGES)
+    reason = field(body, "reason", str)
     with unit_of_work() as s:
-        return jsonify(api_views.update_connection(s, _me(), connection_id, changes))
+        return jsonify(api_views.update_connection(s, _me(), connection_id, changes, reason=reason))
 
 
 @bp.post("/connections/<int:connection_id>/circuit/reset")
@@ -169,8 +177,10 @@ def update_sla_rule(rule_id: int):
 @bp.delete("/sla-rules/<int:rule_id>")
 @requires(Permission.ADMIN)
 def delete_sla_rule(rule_id: int):
+    """Delete a rule; a reason is required (JSON body or ?reason=)."""
+    reason = _reason()
     with unit_of_work() as s:
-        api_views.delete_sla_rule(s, _me(), rule_id)
+        api_views.delete_sla_rule(s, _me(), rule_id, reason)
     return "", 204
 
 
@@ -210,21 +220,23 @@ def get_user(user_id: int):
 @bp.patch("/users/<int:user_id>")
 @requires(Permission.ADMIN)
 def update_user(user_id: int):
-    """Change the role (a clinical-lead grant is audited and listed) and/or deactivate or
-    reactivate (deactivation ends every session and stops every token)."""
+    """Change the role (a clinical-lead grant is audited and listed) and/or deactivate (with a
+    reason; it ends every session and stops every token) or reactivate."""
     body = json_object()
     changes = _typed(present(body, ("role", "active")), {"role": str, "active": bool})
+    reason = field(body, "reason", str)
     with unit_of_work() as s:
-        return jsonify(api_views.update_user(s, current_actor().id, user_id, changes))
+        return jsonify(api_views.update_user(s, current_actor().id, user_id, changes, reason=reason))
 
 
 @bp.post("/users/<int:user_id>/reset")
 @requires(Permission.ADMIN)
 def reset_password(user_id: int):
     """The current password stops working, every session ends, and a new one-time link is
-    returned for the user (never a password)."""
+    returned for the user (never a password). Body {"reason"} (required)."""
+    reason = _reason()
     with unit_of_work() as s:
-        secret = api_views.reset_password(s, current_actor().id, user_id)
+        secret = api_views.reset_password(s, current_actor().id, user_id, reason)
         user = api_views.user_view(s, user_id)
     return jsonify({"user": user} | _enrollment(secret))
 
@@ -260,5 +272,7 @@ def create_token():
 @bp.post("/tokens/<int:token_id>/revoke")
 @requires(Permission.ADMIN)
 def revoke_token(token_id: int):
+    """Revoke a token; requests with it fail from now on. Body {"reason"} (required)."""
+    reason = _reason()
     with unit_of_work() as s:
-        return jsonify(api_views.revoke_token(s, _me(), token_id))
+        return jsonify(api_views.revoke_token(s, _me(), token_id, reason))

@@ -179,6 +179,10 @@ _RETRY_POLICY = {
     "circuit_cooldown_seconds": {"type": "number", "minimum": 1, "maximum": 86400},
 }
 _ROLES = ["reviewer", "clinical_lead", "auditor", "admin", "service"]
+_REASON = {
+    "type": "string",
+    "description": "why; required to disable, deactivate, reset, revoke or delete (audited with the change)",
+}
 _USER = _obj(
     {
         "id": _INT,
@@ -410,7 +414,7 @@ SCHEMAS = {
     "CustomerRequest": _obj({"name": {"type": "string", "maxLength": 120}}),
     "Customer": _obj({"id": _INT, "name": _STR, "created_at": _TIME}),
     "ConnectionRequest": _obj(_CONNECTION_REQUEST, ("name", "customer", "protocol", "endpoint")),
-    "ConnectionChanges": _obj({"enabled": _BOOL, **_RETRY_POLICY}, ()),
+    "ConnectionChanges": _obj({"enabled": _BOOL, **_RETRY_POLICY, "reason": _REASON}, ()),
     "Connection": _obj(
         {
             "id": _INT,
@@ -435,7 +439,8 @@ SCHEMAS = {
     "SlaRuleChanges": _obj({"minutes": {"type": "integer", "minimum": 1, "maximum": 60 * 24 * 30}}),
     "SlaRule": _obj({"id": _INT, "category": _NSTR, "risk": _NSTR, "customer": _NSTR, "minutes": _INT}),
     "UserRequest": _obj({"username": {"type": "string", "maxLength": 80}, "role": {"enum": _ROLES}}),
-    "UserChanges": _obj({"role": {"enum": _ROLES}, "active": _BOOL}, ()),
+    "UserChanges": _obj({"role": {"enum": _ROLES}, "active": _BOOL, "reason": _REASON}, ()),
+    "Reason": _obj({"reason": _REASON}, ()),
     "User": _USER,
     "UserCreated": _obj({"user": _ref("User"), **_ENROLLMENT}, ("user",)),
     "UserReset": _obj({"user": _ref("User"), **_ENROLLMENT}),
@@ -683,10 +688,14 @@ PATHS = {
             params=[_path_id("rule id")],
         ),
         "delete": _op(
-            "Delete a rule (audited); lookups fall back to less specific rules or the defaults",
+            "Delete a rule (with a reason; audited); lookups fall back to less specific rules or the defaults",
             {"204": _resp("Deleted")},
             "404",
-            params=[_path_id("rule id")],
+            "422",
+            params=[
+                _path_id("rule id"),
+                {"name": "reason", "in": "query", "required": True, "schema": _REASON},
+            ],
         ),
     },
     "/users": {
@@ -720,6 +729,7 @@ PATHS = {
             "404",
             "409",
             "422",
+            body="Reason",
             params=[_path_id("user id")],
         )
     },
@@ -748,10 +758,12 @@ PATHS = {
     },
     "/tokens/{id}/revoke": {
         "post": _op(
-            "Revoke a token; requests with it fail from now on",
+            "Revoke a token (with a reason); requests with it fail from now on",
             {"200": _resp("The token", _ref("Token"))},
             "404",
             "409",
+            "422",
+            body="Reason",
             params=[_path_id("token id")],
         )
     },
