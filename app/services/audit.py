@@ -15,10 +15,12 @@ recorded events are not sealed yet.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -63,19 +65,52 @@ _EVENT_COLUMNS = (
 )
 _RECORDED = "recon_audit_recorded"
 _TRY_LOCK = sa.select(sa.func.pg_try_advisory_xact_lock(SEALER_LOCK_KEY))
+_LOCK = sa.select(sa.func.pg_advisory_xact_lock(SEALER_LOCK_KEY))
+_PENDING_WITH_HEAD = sa.text(
+    "SELECT h.last_id, h.last_hash, p.seq, "
+    + ", ".join(f"p.{name}" for name in _EVENT_COLUMNS)
+    + " FROM audit_pending p CROSS JOIN audit_head h WHERE h.id = 1 ORDER BY p.seq LIMIT :batch"
+).columns(_HEAD.c.last_id, _HEAD.c.last_hash, _PENDING.c.seq, *(_PENDING.c[name] for name in _EVENT_COLUMNS))
 _SEAL_COPY_PG = sa.text(
-    "INSERT INTO audit_events (id, occurred_at, actor, action, subject_type, subject_id, from_state, "
-    "to_state, reason, reason_code, details, prev_hash, hash, seq) "
+    "WITH moved AS (INSERT INTO audit_events (id, occurred_at, actor, action, subject_type, subject_id, "
+    "from_state, to_state, reason, reason_code, details, prev_hash, hash, seq) "
     "SELECT v.id, p.occurred_at, p.actor, p.action, p.subject_type, p.subject_id, p.from_state, "
     "p.to_state, p.reason, p.reason_code, p.details, v.prev_hash, v.hash, p.seq "
     "FROM unnest(CAST(:seqs AS bigint[]), CAST(:ids AS integer[]), CAST(:prevs AS varchar[]), "
     "CAST(:hashes AS varchar[])) AS v(seq, id, prev_hash, hash) "
-    "JOIN audit_pending p ON p.seq = v.seq ORDER BY v.id"
+    "JOIN audit_pending p ON p.seq = v.seq ORDER BY v.id RETURNING 1) "
+    "UPDATE audit_head SET last_id = :last_id, last_hash = :last_hash "
+    "WHERE id = 1 AND (SELECT count(*) FROM moved) = :n"
 )
 _SEAL_DELETE_PG = sa.text("DELETE FROM audit_pending WHERE seq = ANY(CAST(:seqs AS bigint[]))")
 
 
 # --- writing -------------------------------------------------------------------------------------
+
+
+def _event_values(
+    actor: str,
+    action: str,
+    subject_type: str,
+    subject_id: str | int,
+    from_state: str | None,
+    to_state: str | None,
+    reason: str | None,
+    reason_code: str | None,
+    details: dict[str, Any] | None,
+) -> dict[str, Any]:
+    return {
+        "occurred_at": utcnow(),
+        "actor": actor,
+        "action": action,
+        "subject_type": subject_type,
+        "subject_id": str(subject_id),
+        "from_state": from_state,
+        "to_state": to_state,
+        "reason": reason,
+        "reason_code": reason_code,
+        "details": details or {},
+    }
 
 
 def record(
@@ -94,27 +129,62 @@ def record(
     """Record one event in the caller's transaction (no lock). It enters the chain when the
     transaction has committed (`seal`, run right after the commit); a rollback drops it."""
     event = AuditPending(
-        occurred_at=utcnow(),
-        actor=actor,
-        action=action,
-        subject_type=subject_type,
-        subject_id=str(subject_id),
-        from_state=from_state,
-        to_state=to_state,
-        reason=reason,
-        reason_code=reason_code,
-        details=details or {},
+        **_event_values(
+            actor, action, subject_type, subject_id, from_state, to_state, reason, reason_code, details
+        )
     )
     session.add(event)
+    _note(session, event)
+    return event
+
+
+class _PendingInsert(sa.Insert):
+    """Marks the Core insert of one recorded event (`pending_insert`)."""
+
+    inherit_cache = True
+
+
+def pending_insert(
+    *,
+    actor: str,
+    action: str,
+    subject_type: str,
+    subject_id: str | int,
+    from_state: str | None = None,
+    to_state: str | None = None,
+    reason: str | None = None,
+    reason_code: str | None = None,
+    details: dict[str, Any] | None = None,
+) -> sa.Insert:
+    """`record` as a Core INSERT … RETURNING seq, for a hot path that writes its rows in one
+    statement (intake). The caller executes it in the use case's transaction and hands the
+    returned seq to `note_recorded`, which seals it after the commit as `record` does."""
+    values = _event_values(
+        actor, action, subject_type, subject_id, from_state, to_state, reason, reason_code, details
+    )
+    return _PendingInsert(_PENDING).values(values).returning(_PENDING.c.seq)
+
+
+def is_pending_insert(statement: object) -> bool:
+    return isinstance(statement, _PendingInsert)
+
+
+def note_recorded(session: so.Session, seqs: list[int]) -> None:
+    """Events inserted by `pending_insert` in this session's transaction: sealed after commit."""
+    for seq in seqs:
+        _note(session, seq)
+
+
+def _note(session: so.Session, event: AuditPending | int) -> None:
     recorded = session.info.setdefault(_RECORDED, [])
     recorded.append(event)
     if len(recorded) == 1:
         after_commit(session, "audit.seal", lambda factory: _seal_after_commit(factory, recorded))
-    return event
 
 
-def _seal_after_commit(factory: so.sessionmaker, recorded: list[AuditPending]) -> None:
-    seqs = [e.seq for e in recorded if e.seq is not None]
+def _seal_after_commit(factory: so.sessionmaker, recorded: list[AuditPending | int]) -> None:
+    seqs = [e if isinstance(e, int) else e.seq for e in recorded]
+    seqs = [seq for seq in seqs if seq is not None]
     if seqs:
         seal(factory, wait_for=max(seqs))
 
@@ -129,31 +199,25 @@ def seal(
     """Seal committed pending events into the chain, batch by batch, until none is left or
     another sealer holds the lock. Returns how many this call sealed.
 
-    wait_for: a seq this caller recorded. If another sealer is at work, wait (polling, at most
-    `timeout` seconds, default SEAL_WAIT_SECONDS) until that event is sealed, sealing it
-    ourselves once the lock is free.
-    No wake-up is lost: every committer either seals after its commit (its rows are visible to
-    it) or waits for its rows; what a timeout leaves is sealed by the next seal or a backstop.
+    wait_for: a seq this caller recorded. If another sealer is at work, wait for its lock (at
+    most `timeout` seconds, default SEAL_WAIT_SECONDS; PostgreSQL wakes the waiter when the
+    lock is released, nothing polls), then seal what is pending — normally the holder already
+    took our events in its batch, so little or nothing is left.
+    No wake-up is lost: every committer seals after its commit (its rows are visible to it) or
+    waits for the sealer ahead of it; what a timeout leaves is sealed by the next seal or a backstop.
     """
     sealed = 0
     timeout = SEAL_WAIT_SECONDS if timeout is None else timeout
-    deadline = None
-    delay = 0.0005
+    deadline = time.monotonic() + timeout
     while True:
-        done = _seal_batch(factory, batch)
-        if done is None:  # another sealer holds the lock
-            if wait_for is None or not _is_pending(factory, wait_for):
-                return sealed
-            now = time.monotonic()
-            deadline = deadline or now + timeout
-            if now > deadline:
+        wait = max(deadline - time.monotonic(), 0.0) if wait_for is not None else 0.0
+        done = _seal_batch(factory, batch, wait=wait)
+        if done is None:  # another sealer holds the lock (for a waiter: longer than `timeout`)
+            if wait_for is not None:
                 log.warning(
                     "audit event %s not sealed after %.1f s; a backstop will seal it", wait_for, timeout
                 )
-                return sealed
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
-            continue
+            return sealed
         count, newest = done
         sealed += count
         # A short batch took everything committed; a full one that reached our own events is
@@ -162,66 +226,68 @@ def seal(
             return sealed
 
 
-def _seal_batch(factory: so.sessionmaker, batch: int) -> tuple[int, int] | None:
+def _seal_batch(factory: so.sessionmaker, batch: int, *, wait: float = 0.0) -> tuple[int, int] | None:
     """One short transaction: the oldest `batch` committed pending events, chained onto the head.
     Returns how many and the newest seq sealed; None when another sealer holds the lock
-    (PostgreSQL)."""
+    (PostgreSQL; with `wait`, for longer than that many seconds). Round trips on PostgreSQL: the
+    lock, the pending rows with the head, one INSERT that also moves the head, one DELETE."""
     from app.db.session import transaction
 
-    with transaction(factory) as s:
-        conn = s.connection()
-        # PostgreSQL: the lock is taken before anything is read, so READ COMMITTED then sees every
-        # event the previous holder sealed (it committed before releasing the lock).
-        if conn.dialect.name == "postgresql" and not conn.execute(_TRY_LOCK).scalar():
+    try:
+        with transaction(factory) as s:
+            conn = s.connection()
+            pg = conn.dialect.name == "postgresql"
+            # PostgreSQL: the lock is taken before anything is read, so READ COMMITTED then sees
+            # every event the previous holder sealed (it committed before releasing the lock).
+            if pg and not conn.execute(_TRY_LOCK).scalar():
+                if wait <= 0:
+                    return None
+                conn.execute(sa.text(f"SET LOCAL lock_timeout = '{max(int(wait * 1000), 1)}ms'"))
+                conn.execute(_LOCK)  # woken when the holder commits; LockNotAvailable after `wait`
+                conn.execute(sa.text("SET LOCAL lock_timeout = 0"))
+            rows = conn.execute(_PENDING_WITH_HEAD, {"batch": batch}).all()
+            if not rows:
+                return 0, 0
+            last_id, prev = rows[0].last_id, rows[0].last_hash
+            events = []
+            for row in rows:
+                last_id += 1
+                event = {name: getattr(row, name) for name in _EVENT_COLUMNS}
+                event["id"] = last_id
+                event["seq"] = row.seq
+                event["prev_hash"] = prev
+                event["hash"] = prev = chain_hash(prev, event)
+                events.append(event)
+            seqs = [row.seq for row in rows]
+            if pg:
+                # The staging rows are copied as stored (time and canonical details text exactly);
+                # only id, prev_hash and hash travel, as four arrays. The head moves in the same
+                # statement, and only if every row was copied.
+                moved = conn.execute(
+                    _SEAL_COPY_PG,
+                    {
+                        "seqs": seqs,
+                        "ids": [e["id"] for e in events],
+                        "prevs": [e["prev_hash"] for e in events],
+                        "hashes": [e["hash"] for e in events],
+                        "n": len(events),
+                        "last_id": last_id,
+                        "last_hash": prev,
+                    },
+                ).rowcount
+                if moved != 1:
+                    raise RuntimeError(f"sealer could not copy all {len(events)} pending audit events")
+                # Accepted by the trigger only because each row's sealed twin now exists.
+                conn.execute(_SEAL_DELETE_PG, {"seqs": seqs})
+            else:
+                conn.execute(sa.insert(_EVENTS), events)
+                conn.execute(sa.delete(_PENDING).where(_PENDING.c.seq.in_(seqs)))
+                conn.execute(sa.update(_HEAD).where(_HEAD.c.id == 1).values(last_id=last_id, last_hash=prev))
+            return len(rows), seqs[-1]
+    except sa.exc.OperationalError as exc:
+        if wait > 0 and "lock timeout" in str(exc.orig):
             return None
-        rows = conn.execute(
-            sa.select(_PENDING.c.seq, *(_PENDING.c[name] for name in _EVENT_COLUMNS))
-            .order_by(_PENDING.c.seq)
-            .limit(batch)
-        ).all()
-        if not rows:
-            return 0, 0
-        last_id, prev = conn.execute(
-            sa.select(_HEAD.c.last_id, _HEAD.c.last_hash).where(_HEAD.c.id == 1).with_for_update()
-        ).one()
-        events = []
-        for row in rows:
-            last_id += 1
-            event = {name: getattr(row, name) for name in _EVENT_COLUMNS}
-            event["id"] = last_id
-            event["seq"] = row.seq
-            event["prev_hash"] = prev
-            event["hash"] = prev = chain_hash(prev, event)
-            events.append(event)
-        seqs = [row.seq for row in rows]
-        if conn.dialect.name == "postgresql":
-            # The staging rows are copied as stored (time and canonical details text exactly);
-            # only id, prev_hash and hash travel, as four arrays.
-            moved = conn.execute(
-                _SEAL_COPY_PG,
-                {
-                    "seqs": seqs,
-                    "ids": [e["id"] for e in events],
-                    "prevs": [e["prev_hash"] for e in events],
-                    "hashes": [e["hash"] for e in events],
-                },
-            ).rowcount
-            if moved != len(events):
-                raise RuntimeError(f"sealer copied {moved} of {len(events)} pending audit events")
-            # Accepted by the trigger only because each row's sealed twin now exists.
-            conn.execute(_SEAL_DELETE_PG, {"seqs": seqs})
-        else:
-            conn.execute(sa.insert(_EVENTS), events)
-            conn.execute(sa.delete(_PENDING).where(_PENDING.c.seq.in_(seqs)))
-        conn.execute(sa.update(_HEAD).where(_HEAD.c.id == 1).values(last_id=last_id, last_hash=prev))
-        return len(rows), seqs[-1]
-
-
-def _is_pending(factory: so.sessionmaker, seq: int) -> bool:
-    from app.db.session import transaction
-
-    with transaction(factory, read_only=True) as s:
-        return s.execute(sa.select(_PENDING.c.seq).where(_PENDING.c.seq == seq)).first() is not None
+        raise
 
 
 _backstop_lock = threading.Lock()
@@ -341,10 +407,56 @@ def stream_rows(
         cursor = raw.cursor()
     try:
         cursor.execute(sql, params or {})
-        while rows := cursor.fetchmany(FETCH_ROWS):
-            yield from rows
+        if dialect == "postgresql":
+            yield from prefetched(lambda: cursor.fetchmany(FETCH_ROWS))
+        else:
+            while rows := cursor.fetchmany(FETCH_ROWS):
+                yield from rows
     finally:
         cursor.close()
+
+
+def prefetched(fetch: Callable[[], list], depth: int = 2) -> Iterator[tuple]:
+    """The rows of successive `fetch()` batches (until an empty one), fetched one batch ahead
+    by a thread: the database produces the next batch while the caller hashes or formats this
+    one (the driver waits for the network without holding the interpreter lock). Stops the
+    thread before returning, also when the caller stops early or fails."""
+    batches: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def pump() -> None:
+        try:
+            while not stop.is_set():
+                batch = fetch()
+                if not batch:
+                    break
+                while not stop.is_set():
+                    try:
+                        batches.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # handed to the consumer
+            batches.put(exc)
+            return
+        batches.put(done)
+
+    thread = threading.Thread(target=pump, name="audit-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := batches.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield from item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a pump waiting to put, then let it finish its fetch
+            try:
+                batches.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        thread.join()
 
 
 def _pg_params(sql: str) -> str:
@@ -425,11 +537,8 @@ def _verify_range(url: str, snapshot: str, lo: int, hi: int) -> ChunkResult:
                 {"lo": lo, "hi": hi},
             )
 
-            def rows():
-                while batch := cursor.fetchmany(FETCH_ROWS):
-                    yield from batch
-
-            return verify_rows(rows(), prev_hash=None, first_id=None)
+            with contextlib.closing(prefetched(lambda: cursor.fetchmany(FETCH_ROWS))) as rows:
+                return verify_rows(rows, prev_hash=None, first_id=None)
 
 
 def _head_row(conn: sa.Connection) -> tuple[int, str] | None:
@@ -438,7 +547,8 @@ def _head_row(conn: sa.Connection) -> tuple[int, str] | None:
 
 def _verify_on(conn: sa.Connection, head: tuple[int, str] | None = None) -> VerifyResult:
     head = head or _head_row(conn)
-    chunk = verify_rows(stream_rows(conn, name="audit_verify"), prev_hash=GENESIS_HASH, first_id=1)
+    with contextlib.closing(stream_rows(conn, name="audit_verify")) as rows:
+        chunk = verify_rows(rows, prev_hash=GENESIS_HASH, first_id=1)
     return _against_head(join_chunks([chunk]), head)
 
 

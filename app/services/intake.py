@@ -1,7 +1,9 @@
 """Intake (POST /api/v1/messages): store first, then deliver through the outbox.
 
 The message, its idempotency key, its first payload version, its outbox row and
-its audit event commit in one transaction.
+its audit event commit in one transaction. The hot path is SQLAlchemy Core in two round trips
+on PostgreSQL (a lookup that also draws the new rows' ids, then one INSERT of every row as
+data-modifying CTEs); a refused message then opens its exception through the ORM.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 import sqlalchemy.orm as so
+from sqlalchemy.dialects import postgresql
 
-from app.db.models import Attempt, Message, MessageIdentifier, OutboxEntry, PayloadVersion, User
+from app.db.models import Attempt, Connection, Message, MessageIdentifier, OutboxEntry, PayloadVersion, User
 from app.domain.categorize import categorize_reported_error
 from app.domain.delivery import Category, clinical_risk, control_id_for, routing_refusal
 from app.domain.errors import Invalid, NotFound
@@ -117,7 +120,75 @@ def _indexed_fields(body: dict, decoded):
     return (ref if ref is not None and _storable(ref) else None), kept, decoded
 
 
-def _validated(session: so.Session, client: User, body: dict, *, require_error: bool = False):
+_MESSAGES = Message.__table__
+_PAYLOADS = PayloadVersion.__table__
+_IDENTIFIERS = MessageIdentifier.__table__
+_ATTEMPTS = Attempt.__table__
+_OUTBOX = OutboxEntry.__table__
+_CONNECTIONS = Connection.__table__
+_TEXT_ARRAY = postgresql.ARRAY(sa.String)
+
+
+@dataclass
+class _Lookup:
+    existing: sa.Row | None  # (request_fingerprint, response_json) of the message under this key
+    connection: sa.Row | None  # the named connection's row (attributes as on the model)
+    payload_id: int | None = None  # PostgreSQL: ids drawn for this request's rows
+    attempt_id: int | None = None
+
+
+def _lookup(session: so.Session, client: User, key: str, body: dict) -> _Lookup:
+    """One round trip: the message already stored under (client, key), the named connection and
+    (PostgreSQL) the ids this request's payload and attempt will have, so that every row can
+    then be written in one statement."""
+    existing_on = sa.and_(_MESSAGES.c.client_id == client.id, _MESSAGES.c.idempotency_key == key)
+    name = body.get("connection")
+    if not isinstance(name, str) or "\x00" in name or not _is_unicode(name):  # refused below
+        row = session.execute(
+            sa.select(_MESSAGES.c.request_fingerprint, _MESSAGES.c.response_json).where(existing_on)
+        ).first()
+        return _Lookup(row, None)
+    pg = session.get_bind().dialect.name == "postgresql"
+    one = sa.select(sa.literal(1).label("one")).subquery("one")
+    columns = [
+        _MESSAGES.c.request_fingerprint,
+        _MESSAGES.c.response_json,
+        *(c.label(f"c_{c.name}") for c in _CONNECTIONS.c),
+    ]
+    if pg:
+        columns += [
+            sa.func.nextval("payload_versions_id_seq").label("next_payload_id"),
+            sa.func.nextval("attempts_id_seq").label("next_attempt_id"),
+        ]
+    row = session.execute(
+        sa.select(*columns).select_from(
+            one.outerjoin(_CONNECTIONS, _CONNECTIONS.c.name == name).outerjoin(_MESSAGES, existing_on)
+        )
+    ).one()
+    existing = _Existing(row.request_fingerprint, row.response_json) if row.request_fingerprint else None
+    connection = None
+    if row.c_id is not None:
+        connection = _ConnectionRow(**{c.name: getattr(row, f"c_{c.name}") for c in _CONNECTIONS.c})
+    return _Lookup(
+        existing, connection, row.next_payload_id if pg else None, row.next_attempt_id if pg else None
+    )
+
+
+@dataclass(frozen=True)
+class _Existing:
+    request_fingerprint: str
+    response_json: dict
+
+
+class _ConnectionRow:
+    """A connection's columns read by intake (what `connections.settings_for` and the exception
+    path read from the model)."""
+
+    def __init__(self, **columns):
+        self.__dict__.update(columns)
+
+
+def _validated(body: dict, found: _Lookup, *, require_error: bool = False):
     """The connection, message type and raw bytes of a request, or Invalid/NotFound."""
     for name in ("connection", "message_type", "content_type", *(("error",) if require_error else ())):
         if not isinstance(body.get(name), str) or not body[name].strip():
@@ -127,66 +198,122 @@ def _validated(session: so.Session, client: User, body: dict, *, require_error: 
     if body["content_type"] not in CONTENT_TYPES:
         raise Invalid(f"content_type must be one of {', '.join(CONTENT_TYPES)}", code="invalid_body")
     raw = _raw_payload(body)
-    conn = connections.by_name(session, body["connection"])
-    if conn is None:
+    if found.connection is None:
         raise NotFound(f"connection {body['connection']!r} not found", code="unknown_connection")
-    return conn, body["message_type"].strip()[:40], raw
+    return found.connection, body["message_type"].strip()[:40], raw
 
 
-def _store(
-    session: so.Session, client: User, key: str, fingerprint: str, body: dict, conn, message_type, raw
-):
-    """The message and its first payload version, stored byte-for-byte whatever they hold."""
-    now = utcnow()
+@dataclass
+class _Stored:
+    id: str
+    status: str
+    message_type: str
+    clinical_risk: str
+    payload_id: int
+    decoded: object
+
+
+def _decode(body: dict, conn, message_type: str, raw: bytes):
     decoded = decode_payload(
         raw,
         body["content_type"],
         message_type,
         diagnosis_code_system=connections.settings_for(conn).diagnosis_code_system,
     )
-    patient_ref, identifiers, decoded = _indexed_fields(body, decoded)
-    message = Message(
-        id=str(uuid.uuid4()),
-        client_id=client.id,
-        idempotency_key=key,
-        request_fingerprint=fingerprint,
-        response_json={},
-        connection_id=conn.id,
-        message_type=message_type,
-        content_type=body["content_type"],
-        patient_ref=patient_ref,
-        clinical_risk=clinical_risk(message_type),
-        status="queued",
-        delivery_system=DELIVERY_SYSTEM_PREFIX + client.username,
-        control_id=_control_id(key, client),
-        created_at=now,
-        updated_at=now,
-    )
-    payload = PayloadVersion(
-        message_id=message.id,
-        version=1,
-        raw=decoded.raw,
-        text=decoded.text,
-        encoding=decoded.encoding,
-        sha256=decoded.sha256,
-        created_by_id=client.id,
-        reason="intake",
-        created_at=now,
-    )
-    session.add_all([message, payload])
-    session.flush()  # the unique (client, key) constraint fires here for a racing duplicate
-    message.current_payload_id = payload.id
-    session.add_all(
-        MessageIdentifier(message_id=message.id, kind=kind, value=value) for kind, value in identifiers
-    )
-    drift.record(session, conn.id, message.id, decoded.observations, now)
+    return _indexed_fields(body, decoded)
+
+
+def _store(
+    session: so.Session,
+    client: User,
+    key: str,
+    fingerprint: str,
+    body: dict,
+    conn,
+    message_type: str,
+    found: _Lookup,
+    decoded_fields,
+    *,
+    status: str,
+    audit_extra: dict,
+) -> _Stored:
+    """Every row of an accepted message, written with SQLAlchemy Core: the message, its first
+    payload version byte-for-byte whatever it holds, its identifiers, a proposed repair, and —
+    for a message that goes out — its attempt and outbox row; then its audit event. PostgreSQL:
+    one statement (the ids were drawn in `_lookup`); SQLite: one insert per table. A racing
+    duplicate key fails here on the unique (client, key) constraint (IntegrityError)."""
+    patient_ref, identifiers, decoded = decoded_fields
+    now = utcnow()
+    pg = found.payload_id is not None
+    message_id = str(uuid.uuid4())
+    response = {"id": message_id, "idempotency_key": key, "status": status}
+    payload_row = {
+        "message_id": message_id,
+        "version": 1,
+        "raw": decoded.raw,
+        "text": decoded.text,
+        "encoding": decoded.encoding,
+        "sha256": decoded.sha256,
+        "created_by_id": client.id,
+        "reason": "intake",
+        "created_at": now,
+    }
+    message_row = {
+        "id": message_id,
+        "client_id": client.id,
+        "idempotency_key": key,
+        "request_fingerprint": fingerprint,
+        "response_json": response,
+        "connection_id": conn.id,
+        "message_type": message_type,
+        "content_type": body["content_type"],
+        "patient_ref": patient_ref,
+        "clinical_risk": clinical_risk(message_type),
+        "status": status,
+        "delivery_system": DELIVERY_SYSTEM_PREFIX + client.username,
+        "control_id": _control_id(key, client),
+        "current_payload_id": found.payload_id,
+        "created_at": now,
+        "updated_at": now,
+    }
+    statements = [sa.insert(_MESSAGES).values(message_row)]
+    if pg:
+        statements.append(sa.insert(_PAYLOADS).values(id=found.payload_id, **payload_row))
+        payload_id = found.payload_id
+    else:
+        session.execute(statements.pop())  # the message first (payload_versions points at it)
+        payload_id = session.execute(sa.insert(_PAYLOADS).values(payload_row)).inserted_primary_key[0]
+        session.execute(
+            sa.update(_MESSAGES).where(_MESSAGES.c.id == message_id).values(current_payload_id=payload_id)
+        )
+    if identifiers:
+        if pg:  # one cacheable statement whatever the count (a multi-row VALUES is not cached)
+            rows = (
+                sa.func.unnest(
+                    sa.literal([kind for kind, _ in identifiers], _TEXT_ARRAY),
+                    sa.literal([value for _, value in identifiers], _TEXT_ARRAY),
+                )
+                .table_valued("kind", "value")
+                .render_derived()
+            )
+            statements.append(
+                sa.insert(_IDENTIFIERS).from_select(
+                    ["message_id", "kind", "value"],
+                    sa.select(sa.literal(message_id, sa.String), rows.c.kind, rows.c.value),
+                )
+            )
+        else:
+            session.execute(
+                sa.insert(_IDENTIFIERS),
+                [{"message_id": message_id, "kind": kind, "value": value} for kind, value in identifiers],
+            )
     if decoded.repair is not None:
         # Mojibake: the repaired text is kept as a *proposal* (version 2, not current). A reviewer
         # finds it in the correction editor; it is sent only as an approved corrected replay.
         repaired = encode_text(decoded.repair.repaired_text, body["content_type"])
-        session.add(
-            PayloadVersion(
-                message_id=message.id,
+        statements.append(
+            sa.insert(_PAYLOADS).values(
+                message_id=message_id,
                 version=2,
                 raw=repaired,
                 text=decoded.repair.repaired_text,
@@ -197,21 +324,51 @@ def _store(
                 created_at=now,
             )
         )
-    return message, payload, decoded
+    if status == "queued":
+        attempt = {
+            "message_id": message_id,
+            "payload_version_id": payload_id,
+            "trigger": "intake",
+            "started_at": now,
+            "outcome": "queued",
+            "request_summary": "",
+            "response_excerpt": "",
+            "detail": "",
+            "issues": [],
+            "latency_ms": 0,
+        }
+        if pg:
+            attempt_id = found.attempt_id
+            statements.append(sa.insert(_ATTEMPTS).values(id=attempt_id, **attempt))
+        else:
+            attempt_id = session.execute(sa.insert(_ATTEMPTS).values(attempt)).inserted_primary_key[0]
+        statements.append(
+            sa.insert(_OUTBOX).values(
+                kind="deliver", ref_id=str(attempt_id), job_id=f"deliver-{attempt_id}", created_at=now
+            )
+        )
+    if status == "queued":
+        # The receive event in the same statement (a refused message records it after its
+        # exception, below, as it always has).
+        statements.append(
+            _receive_event(client, message_id, status, key, conn, message_type, decoded, audit_extra)
+        )
+    _execute_all(session, statements)
+    drift.record(session, conn.id, message_id, decoded.observations, now)
+    return _Stored(message_id, status, message_type, message_row["clinical_risk"], payload_id, decoded)
 
 
-def _audit_receive(session, client: User, message: Message, key: str, conn, decoded, **extra) -> None:
-    audit.record(
-        session,
+def _receive_event(client, message_id, status, key, conn, message_type, decoded, extra) -> sa.Insert:
+    return audit.pending_insert(
         actor=client.username,
         action="message.receive",
         subject_type="message",
-        subject_id=message.id,
-        to_state=message.status,
+        subject_id=message_id,
+        to_state=status,
         details={
             "idempotency_key": key,
             "connection": conn.name,
-            "message_type": message.message_type,
+            "message_type": message_type,
             "payload_sha256": decoded.sha256,
             "encoding": decoded.encoding,
             "decoding_rule": decoded.rule,
@@ -220,45 +377,91 @@ def _audit_receive(session, client: User, message: Message, key: str, conn, deco
     )
 
 
+def _execute_all(session: so.Session, statements: list) -> None:
+    """Run the inserts: on PostgreSQL as one statement (each a data-modifying CTE; foreign keys
+    are checked at the end of the statement), elsewhere one after another. The audit event's
+    seq, if one is among them, is handed to the sealer."""
+    audit_insert = next((st for st in statements if audit.is_pending_insert(st)), None)
+    if session.get_bind().dialect.name == "postgresql" and len(statements) > 1:
+        others = [st for st in statements if st is not audit_insert]
+        ctes = [st.cte(f"w{n}") for n, st in enumerate(others)]
+        if audit_insert is not None:
+            event = audit_insert.cte("audit_event")
+            seq = session.execute(sa.select(event.c.seq).add_cte(*ctes)).scalar_one()
+            audit.note_recorded(session, [seq])
+        else:
+            session.execute(sa.select(sa.literal(1)).add_cte(*ctes))
+        return
+    for st in statements:
+        if st is audit_insert:
+            audit.note_recorded(session, [session.execute(st).scalar_one()])
+        else:
+            session.execute(st)
+
+
 def submit_message(session: so.Session, client: User, key: str, body: dict) -> IntakeResult:
     """Accept one outbound message. Raises Invalid/NotFound for requests we cannot store."""
     fingerprint = request_fingerprint(body)
-    existing = find_existing(session, client, key)
-    if existing is not None:
-        return replay_response(existing, fingerprint)
-    conn, message_type, raw = _validated(session, client, body)
-    message, payload, decoded = _store(session, client, key, fingerprint, body, conn, message_type, raw)
-    message.response_json = {"id": message.id, "idempotency_key": key, "status": message.status}
-
-    refusal = _refusal(conn, message_type, decoded)
-    if refusal is not None:
-        category, detail = refusal
-        message.status = "exception"
-        exception = open_exception(session, message, category, detail, payload_version_id=payload.id)
-        message.response_json = {
-            **message.response_json,
-            "status": message.status,
-            "exception_id": exception.id,
-            "category": exception.category,
-        }
-    else:
-        now = utcnow()
-        attempt = Attempt(
-            message_id=message.id,
-            payload_version_id=payload.id,
-            trigger="intake",
-            started_at=now,
-            outcome="queued",
+    found = _lookup(session, client, key, body)
+    if found.existing is not None:
+        return replay_response(found.existing, fingerprint)
+    conn, message_type, raw = _validated(body, found)
+    fields = _decode(body, conn, message_type, raw)
+    refusal = _refusal(conn, message_type, fields[2])
+    if refusal is None:
+        stored = _store(
+            session,
+            client,
+            key,
+            fingerprint,
+            body,
+            conn,
+            message_type,
+            found,
+            fields,
+            status="queued",
+            audit_extra={},
         )
-        session.add(attempt)
-        session.flush()
-        session.add(
-            OutboxEntry(
-                kind="deliver", ref_id=str(attempt.id), job_id=f"deliver-{attempt.id}", created_at=now
-            )
-        )
-    _audit_receive(session, client, message, key, conn, decoded)
+        return IntakeResult(202, {"id": stored.id, "idempotency_key": key, "status": "queued"})
+    category, detail = refusal
+    stored = _store(
+        session,
+        client,
+        key,
+        fingerprint,
+        body,
+        conn,
+        message_type,
+        found,
+        fields,
+        status="exception",
+        audit_extra={},
+    )
+    message = session.get(Message, stored.id)
+    exception = open_exception(session, message, category, detail, payload_version_id=stored.payload_id)
+    message.response_json = {
+        "id": stored.id,
+        "idempotency_key": key,
+        "status": "exception",
+        "exception_id": exception.id,
+        "category": exception.category,
+    }
+    _audit_receive(session, client, stored, key, conn, {})
+    session.flush()  # a later lookup in this transaction (a batch import) reads the final response
     return IntakeResult(202, dict(message.response_json))
+
+
+def _audit_receive(session, client: User, stored: _Stored, key: str, conn, extra: dict) -> None:
+    audit.note_recorded(
+        session,
+        [
+            session.execute(
+                _receive_event(
+                    client, stored.id, "exception", key, conn, stored.message_type, stored.decoded, extra
+                )
+            ).scalar_one()
+        ],
+    )
 
 
 def report_exception(session: so.Session, client: User, key: str, body: dict) -> IntakeResult:
@@ -268,11 +471,25 @@ def report_exception(session: so.Session, client: User, key: str, body: dict) ->
     here. Categorized from the payload (unreadable: data_shape) and the engine's error text; a
     replay later goes out through our adapter for that connection, like any other."""
     fingerprint = request_fingerprint(body)
-    existing = find_existing(session, client, key)
-    if existing is not None:
-        return replay_response(existing, fingerprint)
-    conn, message_type, raw = _validated(session, client, body, require_error=True)
-    message, payload, decoded = _store(session, client, key, fingerprint, body, conn, message_type, raw)
+    found = _lookup(session, client, key, body)
+    if found.existing is not None:
+        return replay_response(found.existing, fingerprint)
+    conn, message_type, raw = _validated(body, found, require_error=True)
+    fields = _decode(body, conn, message_type, raw)
+    decoded = fields[2]
+    stored = _store(
+        session,
+        client,
+        key,
+        fingerprint,
+        body,
+        conn,
+        message_type,
+        found,
+        fields,
+        status="exception",
+        audit_extra={"reported_error": True},
+    )
     # The engine's words, made storable: no NUL (PostgreSQL text), no lone surrogates.
     error = body["error"].strip()[:2000].encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
     if decoded.problem:
@@ -287,18 +504,19 @@ def report_exception(session: so.Session, client: User, key: str, body: dict) ->
             if category is Category.EHR_REJECTED:
                 category = Category.CODE_SET
             detail = f"{detail} — code set: {decoded.code_set_problem}"
-    message.status = "exception"
+    message = session.get(Message, stored.id)
     exception = open_exception(
         session,
         message,
         category,
         detail,
-        payload_version_id=payload.id,
+        payload_version_id=stored.payload_id,
         actor=client.username,
         may_have_applied=may_have_applied,
     )
-    message.response_json = {"id": message.id, "exception_id": exception.id, "category": exception.category}
-    _audit_receive(session, client, message, key, conn, decoded, reported_error=True)
+    message.response_json = {"id": stored.id, "exception_id": exception.id, "category": exception.category}
+    _audit_receive(session, client, stored, key, conn, {"reported_error": True})
+    session.flush()
     return IntakeResult(202, dict(message.response_json))
 
 
