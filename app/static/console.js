@@ -44,7 +44,7 @@
     var boxes = document.querySelectorAll('input[type=checkbox][name=ids][form="bulk-form"]');
     var n = 0;
     boxes.forEach(function (b) { if (b.checked) n++; });
-    form.querySelectorAll("[data-bulk-count]").forEach(function (el) {
+    document.querySelectorAll("[data-bulk-count]").forEach(function (el) {
       el.textContent = n + " selected";
     });
     var all = document.querySelector("[data-select-all]");
@@ -70,7 +70,7 @@
       var n = document.querySelectorAll('input[type=checkbox][name=ids][form="bulk-form"]:checked').length;
       if (n === 0) {
         e.preventDefault();
-        form.querySelectorAll("[data-bulk-count]").forEach(function (el) {
+        document.querySelectorAll("[data-bulk-count]").forEach(function (el) {
           el.textContent = "0 selected — select at least one exception";
         });
       }

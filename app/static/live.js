@@ -101,9 +101,15 @@
     };
   });
 
-  document.addEventListener("htmx:afterSettle", function (e) {
+  // htmx fires afterSettle on every element it settled (out-of-band ones too), each with the
+  // request's target in detail: act once, on the target's own event.
+  function ownSettle(e) {
     var target = e.detail.target;
-    if (target && target.id === "queue-results") afterResults();
+    return target && e.target && (e.target === target || (target.id && e.target.id === target.id));
+  }
+
+  document.addEventListener("htmx:afterSettle", function (e) {
+    if (ownSettle(e) && e.target.id === "queue-results") afterResults();
   });
 
   function afterResults() {
@@ -165,7 +171,8 @@
   });
 
   document.addEventListener("htmx:afterSettle", function (e) {
-    var target = e.detail.target;
+    if (!ownSettle(e)) return;
+    var target = e.target;
     var had = focusInside;
     focusInside = null;
     if (!had || !target || target.id === "queue-results") return;
