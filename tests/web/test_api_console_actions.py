@@ -282,3 +282,16 @@ def test_audit_verify_returns_the_chain_result(api, make):
     assert r.status_code == 200 and r.json["ok"] is True and r.json["events"] > 0
     assert len(r.json["head"]) == 64 and r.json["broken_event_id"] is None
     assert api("rita", "POST", "/audit/verify").status_code == 403
+
+
+def test_ids_past_the_id_column_are_404_on_every_api_route(app, api):
+    """2^31 cannot name a row (32-bit id columns on PostgreSQL): 404, never an overflow 500."""
+    for rule in app.url_map.iter_rules():
+        if not rule.rule.startswith("/api/v1/") or "<int:" not in rule.rule:
+            continue
+        url = rule.rule.removeprefix("/api/v1")
+        for arg in rule.arguments:
+            url = url.replace(f"<int:{arg}>", str(2**31)).replace(f"<{arg}>", "approve")
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            statuses = {api(who, method, url, json={}).status_code for who in ("lena", "adam")}
+            assert 404 in statuses and statuses <= {403, 404}, (method, url, statuses)

@@ -106,16 +106,22 @@ def create_connection():
         return _created(api_views.create_connection(s, _me(), fields))
 
 
-@bp.get("/connections/<int:connection_id>")
+# One rule per path with several methods, one view dispatching on the method: with a rule per
+# method, an id past the column's range (the int converter refuses it) made Werkzeug answer 405
+# naming the other rule's method instead of 404.
+
+
+@bp.route("/connections/<int:connection_id>", methods=["GET", "PATCH"])
 @requires(Permission.ADMIN)
-def get_connection(connection_id: int):
+def connection(connection_id: int):
+    """GET one connection; PATCH it."""
+    if request.method == "PATCH":
+        return _update_connection(connection_id)
     with unit_of_work(read_only=True) as s:
         return jsonify(api_views.connection_view(s, connection_id))
 
 
-@bp.patch("/connections/<int:connection_id>")
-@requires(Permission.ADMIN)
-def update_connection(connection_id: int):
+def _update_connection(connection_id: int):
     """Enable/disable (disabling needs a reason; a disabled connection's new messages become
     `config` exceptions) and the retry and circuit-breaker policy; only the fields sent change."""
     body = json_object()
@@ -166,17 +172,18 @@ def create_sla_rule():
         )
 
 
-@bp.patch("/sla-rules/<int:rule_id>")
+@bp.route("/sla-rules/<int:rule_id>", methods=["PATCH", "DELETE"])
 @requires(Permission.ADMIN)
-def update_sla_rule(rule_id: int):
+def sla_rule(rule_id: int):
+    """PATCH a rule's minutes; DELETE it."""
+    if request.method == "DELETE":
+        return _delete_sla_rule(rule_id)
     minutes = field(json_object(), "minutes", int, required=True)
     with unit_of_work() as s:
         return jsonify(api_views.update_sla_rule(s, _me(), rule_id, minutes))
 
 
-@bp.delete("/sla-rules/<int:rule_id>")
-@requires(Permission.ADMIN)
-def delete_sla_rule(rule_id: int):
+def _delete_sla_rule(rule_id: int):
     """Delete a rule; a reason is required (JSON body or ?reason=)."""
     reason = _reason()
     with unit_of_work() as s:
@@ -210,16 +217,17 @@ def create_user():
     return _created(out)
 
 
-@bp.get("/users/<int:user_id>")
+@bp.route("/users/<int:user_id>", methods=["GET", "PATCH"])
 @requires(Permission.ADMIN)
-def get_user(user_id: int):
+def user(user_id: int):
+    """GET one user; PATCH them."""
+    if request.method == "PATCH":
+        return _update_user(user_id)
     with unit_of_work(read_only=True) as s:
         return jsonify(api_views.user_view(s, user_id))
 
 
-@bp.patch("/users/<int:user_id>")
-@requires(Permission.ADMIN)
-def update_user(user_id: int):
+def _update_user(user_id: int):
     """Change the role (a clinical-lead grant is audited and listed) and/or deactivate (with a
     reason; it ends every session and stops every token) or reactivate."""
     body = json_object()
