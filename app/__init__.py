@@ -15,7 +15,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 class BoundedInt(IntegerConverter):
     """`<int:...>` route parts that fit the id columns: past their range is a 404, not a
-    database overflow error."""
+    database overflow error. The pattern itself stops at 2^31 - 1: a value refused only later
+    (by `max`) made Werkzeug answer 405 when another rule shares the path with another method."""
+
+    regex = (
+        r"(?:\d{1,9}|1\d{9}|20\d{8}|21[0-3]\d{7}|214[0-6]\d{6}|2147[0-3]\d{5}|21474[0-7]\d{4}"
+        r"|214748[0-2]\d{3}|2147483[0-5]\d{2}|21474836[0-3]\d|214748364[0-7])"
+    )
 
     def __init__(self, map, *args, **kwargs):
         kwargs.setdefault("max", MAX_ROW_ID)
