@@ -227,7 +227,10 @@
 
   // --- keyboard shortcuts ------------------------------------------------------------------------
   function typing(el) {
-    return el && (el.isContentEditable || /^(INPUT|SELECT|TEXTAREA)$/.test(el.tagName));
+    if (!el) return false;
+    if (el.isContentEditable || /^(SELECT|TEXTAREA)$/.test(el.tagName)) return true;
+    // A checkbox, radio or button takes no letters: shortcuts work while a row's box has focus.
+    return el.tagName === "INPUT" && !/^(checkbox|radio|button|submit|reset)$/.test(el.type);
   }
 
   function rows() { return $all("tr[data-row]"); }

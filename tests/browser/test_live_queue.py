@@ -35,8 +35,25 @@ def test_a_failure_reported_through_the_api_appears_in_an_open_queue_keeping_the
     before = int(re.match(r"\d+", sidebar.inner_text()).group(0))
     rows_before = page.locator("tr[data-row]").count()
     first = page.locator("tr[data-row] input[name=ids]").first
-    first.check()
+    # By keyboard (issue 8: "37 Tabs to the first row"): Tab, Enter on "Skip to results", two Tabs.
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Skip to results"
+    page.keyboard.press("Enter")
+    page.keyboard.press("Tab")
+    page.keyboard.press("Tab")
+    expect(first).to_be_focused()
+    # j/k move between rows, x selects the current one, ? lists the shortcuts.
+    page.keyboard.press("j")
+    expect(page.locator("tr[data-row] [data-row-link]").nth(1)).to_be_focused()
+    page.keyboard.press("k")
+    expect(page.locator("tr[data-row] [data-row-link]").first).to_be_focused()
+    page.keyboard.press("x")
+    expect(first).to_be_checked()
     expect(page.locator("[data-bulk-count]")).to_have_text("1 selected")
+    page.keyboard.press("?")
+    expect(page.locator("dialog#shortcuts")).to_be_visible()
+    page.keyboard.press("Escape")
+    expect(page.locator("dialog#shortcuts")).to_be_hidden()
     page.evaluate("window.scrollTo(0, 0); document.body.dataset.samePage = 'yes'")
 
     response = page.request.post(
