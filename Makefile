@@ -26,7 +26,8 @@ test: install
 bench: install
 	$(BIN)/python -m pytest tests/perf -q -s -p no:randomly
 
-## Chaos drill: 400 orders through worker, Redis and web kills; every order applied exactly once.
+## Chaos drill: 400 messages (FHIR and HL7 v2) through worker, Redis and web kills and EHR bursts of
+## 503/429/resets; prints its table, exit 1 unless every message is applied exactly once (docs/RUNBOOK.md).
 ## On PostgreSQL: make drill DRILL_ARGS="--postgres postgresql+psycopg://root@127.0.0.1:5432/postgres --runs 5"
 drill: install
 	$(BIN)/python -m tests.chaos.drill $(DRILL_ARGS)
