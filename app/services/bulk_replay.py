@@ -85,7 +85,15 @@ class BulkApprovalPasswordFailed(Forbidden):
 
 
 def get(session: so.Session, bulk_replay_id: int) -> BulkReplay:
-    batch = session.get(BulkReplay, bulk_replay_id)
+    batch = session.get(
+        BulkReplay,
+        bulk_replay_id,
+        options=[
+            so.selectinload(BulkReplay.requested_by),
+            so.selectinload(BulkReplay.approved_by),
+            so.selectinload(BulkReplay.decided_by),
+        ],
+    )
     if batch is None:
         raise NotFound(f"bulk replay {bulk_replay_id} not found")
     return batch
@@ -773,11 +781,6 @@ def _exception_decision(
     )
 
 
-def is_active(batch: BulkReplay) -> bool:
-    """Still worth polling: not final, or final with items in flight (the page checks progress)."""
-    return BatchState(batch.state) not in FINAL_BATCH_STATES
-
-
 # --- the worker's side ------------------------------------------------------------------------------
 
 MAX_SLOT_WAIT_SECONDS = 10.0
@@ -806,3 +809,35 @@ def wait_for_slot(sessions: so.sessionmaker, replay_id: int, *, sleep=time.sleep
         return 0.0
     sleep(wait)
     return wait
+
+
+def still_moving(batch: BulkReplay, progress: Progress) -> bool:
+    """Worth watching: not final yet, or final with released items still in flight (a cancelled
+    batch's released items run to their end)."""
+    return BatchState(batch.state) not in FINAL_BATCH_STATES or progress.released > 0
+
+
+def why_not_replayable(
+    actor: User, refs: list[tuple[int, int | None]], found: dict[int, ExceptionItem]
+) -> dict[int, str]:
+    """For a confirmation page: the listed exceptions `request_batch` would refuse, and why
+    (the same rule, read-only)."""
+    reasons: dict[int, str] = {}
+    for exception_id, version in refs:
+        item = found.get(exception_id)
+        if item is None:
+            reasons[exception_id] = "not found"
+            continue
+        facts = ExceptionFacts(
+            state=ExceptionState(item.state),
+            category=item.category,
+            needs_not_applied_confirmation=item.needs_not_applied_confirmation,
+        )
+        try:
+            plan_item_request(facts, actor.id, Role(actor.role), "reason given with the request")
+        except (Conflict, Forbidden) as exc:
+            reasons[exception_id] = exc.message
+            continue
+        if version is not None and version != item.version:
+            reasons[exception_id] = "changed since the list was shown"
+    return reasons

@@ -281,3 +281,14 @@ def test_stale_version_is_a_conflict(sessions, users, orders):
     batch_id = approved(sessions, users, orders[:2])
     with pytest.raises(Conflict):
         decide(sessions, users, batch_id, "rita", "pause", expected_version=1)
+
+
+def test_a_held_exception_cannot_be_approved_or_rejected_on_its_own(sessions, users, orders):
+    from app.services.exceptions import DecisionInput
+    from app.services.exceptions import decide as decide_one
+
+    request(sessions, users, orders[:2])
+    for action, fields in (("approve", {"password": PASSWORD}), ("reject", {"reason": "no"})):
+        with pytest.raises(Conflict), transaction(sessions) as s:
+            decide_one(s, orders[0], s.get(User, users["lena"].id), DecisionInput(action, **fields))
+    assert states(sessions, orders[:1]) == {orders[0]: "pending_approval"}  # the batch decides it
