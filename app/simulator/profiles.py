@@ -83,7 +83,9 @@ class FaultProfile:
     reject_code_systems: list[str] = field(default_factory=list)
     fhir_version: str = "4.0.1"
     # HL7 v2 over MLLP. The rates above apply too: reset (closed before storing), commit_then_drop
-    # (stored, no ACK), reject (AR), latency_ms (before the ACK: a late ACK).
+    # (stored, no ACK), reject (AR), latency_ms (before the ACK: a late ACK). A burst (POST
+    # /_sim/tenants/{t}/burst, fhir_server.py) overrides the draw on both halves for its duration;
+    # on MLLP a 503/429 burst drops the connection before storing (HL7 has no "try later").
     hl7_required_fields: list[str] = field(default_factory=list)  # e.g. ["PID-7"]: AE + ERR when empty
     mllp_dedupe: bool = True  # a careful receiver: one apply per (MSH-3, MSH-4, MSH-10)
     mllp_wrong_msa2: bool = False  # ACK AA echoing another control id
