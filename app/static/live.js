@@ -276,6 +276,23 @@
     if (form.requestSubmit) form.requestSubmit(); else form.submit();
   }
 
+  // On an exception's page the same keys go to that action's form: its first field (or its
+  // button) takes focus and nothing is sent until the person confirms with Enter or a click.
+  function actionForm(actions) {
+    for (var i = 0; i < actions.length; i++) {
+      var form = $("form.action-" + actions[i]);
+      if (!form) continue;
+      var field = $("textarea, select, input:not([type=hidden])", form) || $("button[type=submit]", form);
+      if (!field) continue;
+      form.scrollIntoView({ block: "nearest" });
+      field.focus();
+      var button = $("button[type=submit]", form);
+      announce((button ? button.textContent.trim() : actions[i]) + ": fill in the form, then confirm.");
+      return true;
+    }
+    return false;
+  }
+
   function showShortcuts() {
     var dialog = document.getElementById("shortcuts");
     if (dialog && dialog.showModal && !dialog.open) dialog.showModal();
@@ -318,10 +335,10 @@
         announce((box.checked ? "Selected " : "Unselected ") + "exception " + r.dataset.row + ", " + selectedCount() + " selected");
         break;
       }
-      case "a": if (!onQueue) return; bulkAction("claim", "Claim"); break;
-      case "r": if (!onQueue) return; bulkAction("resubmit", "Resubmit"); break;
-      case "d": if (!onQueue) return; bulkAction("discard", "Discard"); break;
-      case "e": if (!onQueue) return; bulkAction("escalate", "Escalate"); break;
+      case "a": if (onQueue) bulkAction("claim", "Claim"); else if (!actionForm(["approve", "claim"])) return; break;
+      case "r": if (onQueue) bulkAction("resubmit", "Resubmit"); else if (!actionForm(["resubmit"])) return; break;
+      case "d": if (onQueue) bulkAction("discard", "Discard"); else if (!actionForm(["discard"])) return; break;
+      case "e": if (onQueue) bulkAction("escalate", "Escalate"); else if (!actionForm(["escalate"])) return; break;
       default: return;
     }
     e.preventDefault();

@@ -99,3 +99,12 @@ def test_a_failure_reported_through_the_api_appears_in_an_open_queue_keeping_the
     expect(page.locator("[data-bulk-total]")).to_have_text("1")
     back = page.get_by_role("link", name="Cancel")
     assert "state=open" in back.get_attribute("href")
+
+    # o opens the current row; on the exception, d puts focus in the discard form (nothing sent).
+    page.goto(f"{live_server}/queues/ehr_rejected")
+    page.keyboard.press("j")
+    page.keyboard.press("o")
+    expect(page).to_have_url(re.compile(r"/exceptions/\d+$"))
+    page.keyboard.press("d")
+    expect(page.locator("form.action-discard :focus")).to_have_count(1)
+    expect(page).to_have_url(re.compile(r"/exceptions/\d+$"))
