@@ -67,6 +67,9 @@ def create_app(config: dict | None = None) -> Flask:
     configure_logging(app)
     request_log.init_app(app)
     input_guard.init_app(app)
+    from .web import phi
+
+    phi.init_app(app)  # the PHI rule on every response (docs/SECURITY.md "PHI")
     return app
 
 

@@ -590,5 +590,28 @@ def import_batch(file: Path, connection: str, as_user: str, batch_size: int) -> 
         click.echo(line)
 
 
+@main.group()
+def payloads() -> None:
+    """Payload retention (docs/SECURITY.md "PHI")."""
+
+
+@payloads.command("purge")
+@click.option("--dry-run", is_flag=True, help="Only count what would be purged.")
+@click.option(
+    "--days", type=click.IntRange(min=1), help="Retention in days (default RECON_PAYLOAD_RETENTION_DAYS, 90)."
+)
+def payloads_purge(dry_run: bool, days: int | None) -> None:
+    """Purge the payloads of delivered messages older than the retention period (audited as
+    payload.purged; the hash and size stay). Unresolved items and the audit log are never purged."""
+    from app.services.phi import purge_payloads
+
+    result = purge_payloads(_sessions(_settings()), days=days, actor="system:cli", dry_run=dry_run)
+    verb = "would purge" if dry_run else "purged"
+    click.echo(
+        f"{verb} {result.versions} payload versions of {result.messages} delivered messages "
+        f"({result.bytes} bytes) last changed before {result.cutoff.isoformat(timespec='seconds')}Z"
+    )
+
+
 if __name__ == "__main__":
     main()

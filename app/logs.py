@@ -1,6 +1,7 @@
 """Structured JSON logs (python-json-logger) carrying request id, job id, idempotency key,
-actor and duration; never PHI: SQL parameters are left out of logged database errors and the
-development server's request lines lose their query strings."""
+actor and duration; never PHI: SQL parameters are left out of logged database errors, the
+development server's request lines lose their query strings, and every line is masked like a
+response for a role without PHI access (redact_log_text)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,38 @@ class JsonFormatter(_LibraryJsonFormatter):
     def formatException(self, ei):  # noqa: N802 - logging's name
         _hide_sql_parameters(ei[1])
         return super().formatException(ei)
+
+    def process_log_record(self, log_data):
+        # The last step before a line is written: every string in it, message, extras and
+        # traceback alike, loses what identifies a patient (redact_log_text).
+        return {
+            key: redact_log_text(value) if isinstance(value, str) else value
+            for key, value in log_data.items()
+        }
+
+
+# A FHIR reference to a person and an HL7 v2 PID segment identify a patient by their shape alone.
+_PATIENT_REFERENCE = re.compile(r"\b((?:Patient|Person|RelatedPerson)/)[A-Za-z0-9\-.]{1,64}")
+_PID_SEGMENT = re.compile(r"\b(PID[|^])[^\r\n]*")
+
+
+def redact_log_text(text: str) -> str:
+    """No PHI in logs (SPEC 7): a log line loses patient references and PID segments by their
+    shape, and every known identifier of the messages this request or job has loaded
+    (app.services.phi's collector; docs/SECURITY.md "PHI")."""
+    if not text:
+        return text
+    text = _PATIENT_REFERENCE.sub(r"\1****", text)
+    text = _PID_SEGMENT.sub(r"\1****", text)
+    from app.services.phi import current_scope
+
+    scope = current_scope()
+    if scope is not None and scope.references:
+        from app.domain.phi import reference_forms
+        from app.services.phi import redactor_for
+
+        text = redactor_for({v for ref in scope.references for v in reference_forms(ref)}).text(text)
+    return text
 
 
 _QUERY_IN_REQUEST_LINE = re.compile(r'("[A-Z]+ [^ ?"]*)\?[^ "]*')

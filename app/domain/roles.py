@@ -71,8 +71,11 @@ def has_permission(role: str | Role, permission: Permission) -> bool:
 
 
 def masks_patient_identifiers(role: str | Role) -> bool:
-    """Auditors and reviewers see masked patient identifiers in lists (SPEC 3.4)."""
-    return Role(role) in (Role.REVIEWER, Role.AUDITOR, Role.ADMIN)
+    """Auditors, reviewers and admins see patient identifiers masked (SPEC 3.4). The rule itself
+    lives in one place, app.domain.phi.PHI_RULE, which the response filter applies too."""
+    from .phi import PHI_RULE
+
+    return PHI_RULE.masks(role)
 
 
 def mask_identifier(value: str | None) -> str:

@@ -452,5 +452,6 @@ def view_payload(
     """Reading a full payload is an audited PHI view (SPEC 3.4; app/services/phi.py, de-duplicated
     per user, exception and payload version). Default: the current version."""
     payload = session.get(PayloadVersion, payload_version_id or item.message.current_payload_id)
-    phi.record_phi_view(session, actor, item, payload.version if payload else 0, channel=channel)
+    if payload is not None and payload.purged_at is None:  # a purged version shows no content
+        phi.record_phi_view(session, actor, item, payload.version, channel=channel)
     return payload

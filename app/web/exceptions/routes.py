@@ -72,11 +72,17 @@ def payload_context(item, payload, issues: list[dict]) -> dict:
     exceptions.view_payload (or is None: not shown)."""
     text = payload.text if payload is not None else None
     if text is None:
-        return {"payload_text": None}
+        return {"payload_text": None, "purged": purged_payload(item)}
     if item.message.content_type == FHIR_JSON:
         return {"payload_text": text, "json_lines": fhir_lines(text, issues)}
     view = hl7_view(text, issues=issues, detail=item.detail, raw=payload.raw)
     return {"payload_text": text, "hl7": view}
+
+
+def purged_payload(item):
+    """The current payload version when retention purged it (its hash, size and time remain)."""
+    current = item.message.current_payload
+    return current if current is not None and current.purged_at is not None else None
 
 
 def masked_payload_context(item, issues: list[dict]) -> dict:
@@ -106,7 +112,11 @@ def _render_detail(
         if payload is not None:
             context = payload_context(detail.item, payload, detail.latest_issues)
         else:
-            context = {"payload_text": None, **masked_payload_context(detail.item, detail.latest_issues)}
+            context = {
+                "payload_text": None,
+                "purged": purged_payload(detail.item),
+                **masked_payload_context(detail.item, detail.latest_issues),
+            }
         users = queries.assignable_users(s) if can(Permission.DECIDE) else []
     return (
         render_template(
