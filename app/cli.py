@@ -202,8 +202,21 @@ def connections() -> None:
     type=click.Choice(["icd-10", "icd-9", "any"]),
     help="Diagnosis code system the EHR expects; the other ICD revision becomes a code_set exception.",
 )
+@click.option(
+    "--sequence-sensitive/--no-sequence-sensitive",
+    default=False,
+    help="A later message for a patient waits behind an unresolved earlier one.",
+)
 def connections_add(
-    name, customer, protocol, endpoint, environment, conditional_create, identifier_search, diagnosis_codes
+    name,
+    customer,
+    protocol,
+    endpoint,
+    environment,
+    conditional_create,
+    identifier_search,
+    diagnosis_codes,
+    sequence_sensitive,
 ):
     """Add a connection for CUSTOMER."""
     from app.db.session import transaction
@@ -220,9 +233,52 @@ def connections_add(
             conditional_create=conditional_create,
             identifier_search=identifier_search,
             diagnosis_code_system=diagnosis_codes,
+            sequence_sensitive=sequence_sensitive,
             actor="system:cli",
         )
     click.echo(f"added connection {conn.name} (id {conn.id})")
+
+
+@connections.command("update")
+@click.argument("name")
+@click.option("--sequence-sensitive/--no-sequence-sensitive", default=None)
+def connections_update(name: str, sequence_sensitive: bool | None) -> None:
+    """Change a connection's ordering (sequence-sensitive: per patient, in order)."""
+    from app.db.session import transaction
+    from app.services.connections import set_sequence_sensitive
+
+    with transaction(_sessions(_settings())) as s:
+        if sequence_sensitive is not None:
+            set_sequence_sensitive(s, name, sequence_sensitive, actor="system:cli")
+    click.echo(f"updated connection {name}")
+
+
+@connections.command("pause")
+@click.argument("name")
+@click.option("--reason", required=True, help="Why (audited), e.g. the EHR's maintenance window.")
+@click.option("--until", default=None, help="ISO time (UTC) the window ends; default: until resumed.")
+def connections_pause(name: str, reason: str, until: str | None) -> None:
+    """Pause NAME for maintenance: nothing is sent; deliveries and replays are held, not spent."""
+    from app.db.session import transaction
+    from app.services.connections import pause_connection
+
+    end = _parse_iso(until)
+    with transaction(_sessions(_settings())) as s:
+        conn = pause_connection(s, name, reason=reason, until=end, actor="system:cli")
+    click.echo(f"paused {conn.name}" + (f" until {end:%Y-%m-%d %H:%M} UTC" if end else " until resumed"))
+
+
+@connections.command("resume")
+@click.argument("name")
+@click.option("--reason", default=None)
+def connections_resume(name: str, reason: str | None) -> None:
+    """End NAME's maintenance window; what it held drains in order."""
+    from app.db.session import transaction
+    from app.services.connections import resume_connection
+
+    with transaction(_sessions(_settings())) as s:
+        released = resume_connection(s, name, actor="system:cli", reason=reason)
+    click.echo(f"resumed {name}: {released} held item(s) released")
 
 
 @connections.command("list")

@@ -240,6 +240,7 @@ class Housekeeping:
             "escalate": ESCALATE_EVERY_SECONDS,
             "summaries": summaries.refresh_seconds(),
             CHECKPOINT_STEP: self.checkpoint_seconds,
+            delivery.VERSION_CHECK_STEP: delivery.versions.CHECK_STEP_SECONDS,
             BULK_REPLAY_STEP: half_pass,
         }
 
@@ -279,6 +280,8 @@ class Housekeeping:
             _guarded(refresh_summaries, rt)
         if CHECKPOINT_STEP in steps:
             _guarded(write_audit_checkpoint, rt, self.checkpoint_file)  # not work a burst waits for
+        if delivery.VERSION_CHECK_STEP in steps:  # long-running workers only: a burst drains and exits
+            _guarded(delivery.check_pinned_versions, rt)
         released = _guarded(bulk_replay.housekeeping_step, rt) if BULK_REPLAY_STEP in steps else 0
         if counts["retries"] or counts["requeued"] or released:
             counts["relayed"] += _guarded(relay_outbox, rt, queue)

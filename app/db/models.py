@@ -133,12 +133,24 @@ class Connection(Base):
     # Half-open: the one call allowed through to probe the EHR holds this until it settles.
     circuit_probe_until: so.Mapped[datetime | None]
     created_at: so.Mapped[datetime]
+    # migration 0013: paused for maintenance (nothing sent; held items drain on resume), ordering
+    # per patient, and the scheduled pinned-version check's last result (None: matches)
+    paused_at: so.Mapped[datetime | None]
+    paused_until: so.Mapped[datetime | None]
+    paused_reason: so.Mapped[str | None] = so.mapped_column(sa.Text)
+    paused_by: so.Mapped[str | None] = so.mapped_column(sa.String(80))
+    sequence_sensitive: so.Mapped[bool] = so.mapped_column(default=False, server_default=sa.false())
+    version_checked_at: so.Mapped[datetime | None]
+    version_mismatch: so.Mapped[str | None] = so.mapped_column(sa.Text)
     customer: so.Mapped[Customer] = so.relationship()
 
 
 class Message(Base):
     __tablename__ = "messages"
-    __table_args__ = (sa.UniqueConstraint("client_id", "idempotency_key", name="uq_messages_client_key"),)
+    __table_args__ = (
+        sa.UniqueConstraint("client_id", "idempotency_key", name="uq_messages_client_key"),
+        sa.Index("ix_messages_connection_patient", "connection_id", "patient_ref", "created_at"),  # 0013
+    )
     id: so.Mapped[str] = so.mapped_column(sa.String(36), primary_key=True)
     client_id: so.Mapped[int] = so.mapped_column(sa.ForeignKey("users.id"))
     idempotency_key: so.Mapped[str] = so.mapped_column(sa.String(200), index=True)
@@ -319,6 +331,14 @@ class Attempt(Base):
         ),
         # Attempts by outcome in a time window (the dashboard's 24 hours), index-only.
         sa.Index("ix_attempts_started", "started_at", "outcome"),
+        # Attempts waiting behind an earlier message of the same patient (0013).
+        sa.Index(
+            "ix_attempts_held_behind",
+            "held_behind",
+            "id",
+            postgresql_where=sa.text("held_behind IS NOT NULL"),
+            sqlite_where=sa.text("held_behind IS NOT NULL"),
+        ),
     )
     id: so.Mapped[int] = so.mapped_column(primary_key=True)
     message_id: so.Mapped[str] = so.mapped_column(sa.ForeignKey("messages.id"), index=True)
@@ -337,6 +357,8 @@ class Attempt(Base):
     detail: so.Mapped[str] = so.mapped_column(sa.Text, default="")
     issues: so.Mapped[list] = so.mapped_column(sa.JSON, default=list)
     latency_ms: so.Mapped[int] = so.mapped_column(default=0)
+    # Sequence-sensitive connections: the earlier message (id) this queued attempt waits behind.
+    held_behind: so.Mapped[str | None] = so.mapped_column(sa.String(36))
 
 
 class Decision(Base):

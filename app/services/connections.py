@@ -158,6 +158,7 @@ def connection_summary(conn: Connection) -> dict:
         "identifier_search": conn.supports_identifier_search,
         "enabled": conn.enabled,
         "diagnosis_code_system": conn.diagnosis_code_system,
+        "sequence_sensitive": conn.sequence_sensitive,
     }
 
 
@@ -204,6 +205,150 @@ def note_outcome_for_circuit(conn: Connection, outcome: Outcome) -> str | None:
         conn.circuit_probe_until = None
         return {"closed": "opened", "half_open": "reopened"}.get(before)
     return None
+
+
+# --- maintenance windows and ordering (issue 6, "Faults") ----------------------------------------
+
+PAUSE_RECHECK_SECONDS = 300.0  # a pause without an end: held items look again this often
+
+
+def is_paused(conn: Connection, now=None) -> bool:
+    """Paused for maintenance: nothing is sent until resumed (or until `paused_until` passes)."""
+    now = now or utcnow()
+    return conn.paused_at is not None and (conn.paused_until is None or conn.paused_until > now)
+
+
+def pause_state(conn: Connection, now=None) -> dict | None:
+    """What the console and the API show about a pause (None: not paused)."""
+    if not is_paused(conn, now):
+        return None
+    return {
+        "paused_at": conn.paused_at.isoformat() + "Z",
+        "until": conn.paused_until.isoformat() + "Z" if conn.paused_until else None,
+        "reason": conn.paused_reason,
+        "by": conn.paused_by,
+    }
+
+
+def get_connection(session: so.Session, connection: int | str) -> Connection:
+    """A connection by id or name (NotFound otherwise)."""
+    conn = (
+        session.get(Connection, connection) if isinstance(connection, int) else by_name(session, connection)
+    )
+    if conn is None:
+        raise NotFound(f"connection {connection!r} not found")
+    return conn
+
+
+def pause_connection(
+    session: so.Session, connection: int | str, *, reason: str, until=None, actor: str
+) -> Connection:
+    """Start a maintenance window: while paused nothing is sent to this EHR. Queued attempts and
+    due retries are held (not sent, no retry spent, like an open circuit), approved replays wait;
+    all of them drain in order on `resume_connection` (or when `until` passes). Audited
+    (`connection.paused`); pausing a paused connection changes its reason and end."""
+    reason = (reason or "").strip()
+    if not reason:
+        raise Invalid("a pause needs a reason", code="reason_required")
+    now = utcnow()
+    if until is not None and until <= now:
+        raise Invalid("the pause must end in the future", code="invalid_until")
+    conn = get_connection(session, connection)
+    was = pause_state(conn, now)
+    conn.paused_at = conn.paused_at if was else now
+    conn.paused_until, conn.paused_reason, conn.paused_by = until, reason[:2000], actor[:80]
+    audit.record(
+        session,
+        actor=actor,
+        action="connection.paused",
+        subject_type="connection",
+        subject_id=conn.id,
+        from_state="paused" if was else "active",
+        to_state="paused",
+        reason=reason[:500],
+        details={"name": conn.name, "until": until.isoformat() + "Z" if until else None},
+    )
+    return conn
+
+
+def resume_connection(
+    session: so.Session, connection: int | str, *, actor: str, reason: str | None = None
+) -> int:
+    """End the maintenance window; audited (`connection.resumed`). What the pause held drains in
+    order: the connection's retrying items (held attempts) become due now, oldest first, and its
+    deferred replays are released. Returns how many items were released."""
+    conn = get_connection(session, connection)
+    now = utcnow()
+    if conn.paused_at is None:
+        raise Conflict(f"connection {conn.name} is not paused", code="not_paused")
+    held_since = conn.paused_at
+    conn.paused_at = conn.paused_until = conn.paused_reason = conn.paused_by = None
+    released = drain_held(session, conn, now)
+    audit.record(
+        session,
+        actor=actor,
+        action="connection.resumed",
+        subject_type="connection",
+        subject_id=conn.id,
+        from_state="paused",
+        to_state="active",
+        reason=(reason or "").strip()[:500] or None,
+        details={"name": conn.name, "paused_since": held_since.isoformat() + "Z", "released": released},
+    )
+    return released
+
+
+def drain_held(session: so.Session, conn: Connection, now) -> int:
+    """Make what waited on this connection due now: retrying items in their (next_retry_at, id)
+    order — schedule_due_retries takes them in that order — and deferred replays."""
+    from app.db.models import ExceptionItem, OutboxEntry, Replay
+    from app.domain.states import ExceptionState, ReplayState
+
+    items = session.execute(
+        sa.update(ExceptionItem)
+        .where(
+            ExceptionItem.connection_id == conn.id,
+            ExceptionItem.state == ExceptionState.RETRYING,
+            ExceptionItem.next_retry_at > now,
+        )
+        .values(next_retry_at=now)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    waiting_replays = sa.select(sa.cast(Replay.id, sa.String)).where(
+        Replay.state == ReplayState.QUEUED,
+        Replay.exception_id.in_(sa.select(ExceptionItem.id).where(ExceptionItem.connection_id == conn.id)),
+    )
+    replays = session.execute(
+        sa.update(OutboxEntry)
+        .where(
+            OutboxEntry.kind == "replay",
+            OutboxEntry.relayed_at.is_(None),
+            OutboxEntry.available_at > now,
+            OutboxEntry.ref_id.in_(waiting_replays),
+        )
+        .values(available_at=now)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    return items + replays
+
+
+def set_sequence_sensitive(
+    session: so.Session, connection: int | str, value: bool, *, actor: str
+) -> Connection:
+    """Mark a connection sequence-sensitive (a later message for a patient waits behind an
+    unresolved earlier one; app/services/ordering.py) or not. Audited."""
+    conn = get_connection(session, connection)
+    if conn.sequence_sensitive != value:
+        conn.sequence_sensitive = value
+        audit.record(
+            session,
+            actor=actor,
+            action="connection.update",
+            subject_type="connection",
+            subject_id=conn.id,
+            details={"sequence_sensitive": value},
+        )
+    return conn
 
 
 def sla_policy(session: so.Session) -> SlaPolicy:

@@ -30,7 +30,7 @@ from app.domain.states import (
     plan_transition,
 )
 
-from . import audit, connections, phi
+from . import audit, connections, ordering, phi
 from .clock import utcnow
 from .users import check_password
 
@@ -357,6 +357,8 @@ def decide(session: so.Session, exception_id: int, actor: User, data: DecisionIn
     elif action is Action.DISCARD:
         item.message.status = MessageState.DISCARDED
         item.message.updated_at = now
+        # a later message of the same patient waiting behind this one goes now (ordering)
+        ordering.release_waiting(session, item.message_id)
 
     decision = Decision(
         exception_id=item.id,

@@ -53,7 +53,10 @@ def unclaimed_work(sessions: so.sessionmaker, limit: int = 500) -> list[Unclaime
         # ix_attempts_queued (id) WHERE outcome = 'queued': the unclaimed few, already in id order.
         attempts = s.execute(
             sa.select(Attempt.id, Attempt.started_at)
-            .where(literal_states(Attempt.outcome, [AttemptState.QUEUED.value]))
+            # held behind an earlier message (ordering): released by that message's settle
+            .where(
+                literal_states(Attempt.outcome, [AttemptState.QUEUED.value]), Attempt.held_behind.is_(None)
+            )
             .order_by(Attempt.id)
             .limit(limit)
         ).all()
@@ -174,7 +177,7 @@ def handoff_report(session: so.Session, policy: HandoffPolicy, now: datetime | N
     report.stages["queued_delivery"] = _age(
         session,
         Attempt.started_at,
-        [literal_states(Attempt.outcome, [AttemptState.QUEUED.value])],
+        [literal_states(Attempt.outcome, [AttemptState.QUEUED.value]), Attempt.held_behind.is_(None)],
         now,
         bound,
     )

@@ -65,7 +65,16 @@ def test_two_workers_passing_together_escalate_and_refresh_once(sessions, users,
         assert s.scalar(sa.select(ReadSummary.counts_as_of)) == T0
     assert holders == {
         name: "worker-a"
-        for name in ("escalate", "summaries", "retries", "stranded", "audit_checkpoint", "bulk_replays")
+        for name in (
+            "escalate",
+            "summaries",
+            "retries",
+            "stranded",
+            "audit_checkpoint",
+            "bulk_replays",
+            "version_check",
+            "payload_purge",
+        )
     }
     # Half a pass later the retry and re-queue steps are the other worker's to take; escalation
     # and the summaries wait for their own intervals.

@@ -309,6 +309,12 @@ def test_real_answers_match_the_document_and_cover_every_documented_status(clien
     call("adam", "POST", "/connections/999999/circuit/reset")
     call("adam", "POST", f"/connections/{conn_id}/test")  # 200, ok false: refused
     call("adam", "POST", "/connections/999999/test")
+    call("adam", "POST", f"/connections/{conn_id}/pause", {"reason": "upgrade", "until": "2999-01-01"})
+    call("adam", "POST", f"/connections/{conn_id}/pause", {"reason": "EHR upgrade", "until": "yesterday"})
+    call("adam", "POST", "/connections/999999/pause", {"reason": "EHR upgrade"})
+    call("adam", "POST", f"/connections/{conn_id}/resume", {"reason": "done"})
+    call("adam", "POST", f"/connections/{conn_id}/resume")  # not paused: 409
+    call("adam", "POST", "/connections/999999/resume")
     rule = call(
         "adam", "POST", "/sla-rules", {"category": "transport", "minutes": 30, "customer": "Lakeside"}
     )

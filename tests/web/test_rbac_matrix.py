@@ -131,6 +131,8 @@ MATRIX: dict[tuple[str, str], tuple[str, ...]] = {
     ("PATCH", "/api/v1/connections/<int:connection_id>"): _API_ADMINS,
     ("POST", "/api/v1/connections/<int:connection_id>/circuit/reset"): _API_ADMINS,
     ("POST", "/api/v1/connections/<int:connection_id>/test"): _API_ADMINS,
+    ("POST", "/api/v1/connections/<int:connection_id>/pause"): _API_ADMINS,
+    ("POST", "/api/v1/connections/<int:connection_id>/resume"): _API_ADMINS,
     ("GET", "/api/v1/sla-rules"): _API_ADMINS,
     ("POST", "/api/v1/sla-rules"): _API_ADMINS,
     ("PATCH", "/api/v1/sla-rules/<int:rule_id>"): _API_ADMINS,

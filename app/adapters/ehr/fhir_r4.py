@@ -664,6 +664,12 @@ class FhirR4Adapter(EhrAdapter):
         pinned = self.settings.fhir_version.strip().split(".")
         return reported.strip().split(".")[: len(pinned)] == pinned
 
+    def forget_version_check(self) -> None:
+        """Check the CapabilityStatement again before the next create (a config-looking failure,
+        or the scheduled check saw the EHR change)."""
+        with self._version_lock:
+            self._version_checked = False
+
     def _ensure_version(self) -> None:
         """Check the CapabilityStatement once per adapter instance (until it passes)."""
         with self._version_lock:

@@ -26,14 +26,17 @@ from .reaper import escalate_breached, reap_expired_leases
 from .replays import claim_replay, run_replay, settle_replay
 from .retries import queue_retry, schedule_due_retries
 from .runtime import AdapterFactory, Runtime, cached_adapters, close_adapters, default_adapter_factory
+from .versions import VERSION_CHECK_STEP, check_pinned_versions
 
 __all__ = [
+    "VERSION_CHECK_STEP",
     "AdapterFactory",
     "Heartbeat",
     "Runtime",
     "attempt_result_values",
     "cached_adapters",
     "call",
+    "check_pinned_versions",
     "claim_attempt",
     "claim_replay",
     "close_adapters",

@@ -25,7 +25,7 @@ from app.domain.states import (
     check_transition,
 )
 
-from .. import audit, connections, drift
+from .. import audit, connections, drift, ordering
 from ..clock import utcnow
 from .runtime import Runtime
 
@@ -45,11 +45,15 @@ def envelope_for(message: Message, payload: PayloadVersion) -> Envelope:
 
 
 def set_message_status(message: Message, to: MessageState) -> None:
-    """Move a message's status along the state table (raises on a move the table lacks)."""
+    """Move a message's status along the state table (raises on a move the table lacks). A message
+    delivered releases what waits behind it on a sequence-sensitive connection."""
     if message.status != to:
         check_transition(StateKind.MESSAGE, message.status, to)
     message.status = to
     message.updated_at = utcnow()
+    if to in ordering.RESOLVED and message.connection.sequence_sensitive:
+        # (attempts held on a connection no longer sequence-sensitive: the due-retries sweep)
+        ordering.release_waiting(so.object_session(message), message.id)
 
 
 def held(detail: str) -> Outcome:
@@ -69,6 +73,19 @@ def gate(rt: Runtime, conn: Connection, message_type: str) -> Outcome | None:
     refusal = routing_refusal(connections.settings_for(conn), message_type)
     if refusal:
         return Outcome(AttemptOutcome.REJECTED, Category.CONFIG, detail=refusal, provably_not_applied=True)
+    if conn.version_mismatch:  # the scheduled pinned-version check found another FHIR version
+        return Outcome(
+            AttemptOutcome.REJECTED,
+            Category.CONFIG,
+            detail=f"pinned FHIR version check: {conn.version_mismatch}; not sent",
+            provably_not_applied=True,
+        )
+    if connections.is_paused(conn):
+        until = f" until {conn.paused_until:%Y-%m-%d %H:%M} UTC" if conn.paused_until else ""
+        return held(
+            f"held: {conn.name} paused for maintenance{until} ({conn.paused_reason}); "
+            "not sent, no retry spent"
+        )
     state = connections.circuit_state(conn)
     if state == "open":
         return held(
@@ -160,6 +177,9 @@ def call(
         log.exception("adapter raised", extra={"message_id": envelope.message_id})
         outcome = Outcome(AttemptOutcome.UNKNOWN, Category.UNKNOWN_OUTCOME, detail=f"adapter error: {exc!r}")
         contacted = True
+    if outcome.category is Category.CONFIG and hasattr(adapter, "forget_version_check"):
+        # a config-looking failure: this worker checks the pinned version again before its next create
+        adapter.forget_version_check()
     if getattr(adapter, "capability_fetches", 0) != fetches:
         # This attempt read the CapabilityStatement: compared with the last one seen (drift).
         outcome.capability = adapter.capability_summary

@@ -10,10 +10,10 @@ import sqlalchemy.orm as so
 from app.db.cas import cas_update
 from app.db.models import Attempt, Connection, ExceptionItem, Message, PayloadVersion
 from app.db.session import transaction
-from app.domain.delivery import Outcome, auto_retry_eligible, retry_delay
+from app.domain.delivery import Category, Outcome, auto_retry_eligible, retry_delay
 from app.domain.states import AttemptState, ExceptionState, MessageState
 
-from .. import audit, connections, faults
+from .. import audit, connections, faults, ordering
 from ..clock import utcnow
 from ..exceptions import open_exception, reopen
 from .common import (
@@ -29,11 +29,15 @@ from .common import (
     set_message_status,
 )
 from .runtime import Runtime
+from .versions import recheck_soon
 
 
 def deliver_attempt(rt: Runtime, attempt_id: int) -> str:
     """Run one queued attempt (intake or automatic retry). Returns what happened."""
     with transaction(rt.sessions) as s:
+        held = hold_if_out_of_order(s, attempt_id)
+        if held:
+            return held
         attempt = claim_attempt(s, rt, attempt_id)
         if attempt is None:
             return "skipped: attempt already claimed"
@@ -47,6 +51,21 @@ def deliver_attempt(rt: Runtime, attempt_id: int) -> str:
         outcome, contacted = call(rt, conn, envelope, message_type)
     faults.checkpoint("called")
     return settle_attempt(rt, attempt_id, message_id, outcome, contacted)
+
+
+def hold_if_out_of_order(s: so.Session, attempt_id: int) -> str | None:
+    """On a sequence-sensitive connection, a queued attempt whose message has an unresolved earlier
+    one for the same patient is held, not claimed (app/services/ordering.py)."""
+    row = s.execute(
+        sa.select(Attempt.outcome, Attempt.held_behind, Attempt.detail, Attempt.message_id).where(
+            Attempt.id == attempt_id
+        )
+    ).first()
+    if row is None or row.outcome != AttemptState.QUEUED:
+        return None  # the claim reports it
+    if row.held_behind is not None:
+        return f"skipped: {row.detail or 'held behind an earlier message'}"
+    return ordering.hold_if_blocked(s, attempt_id, s.get(Message, row.message_id))
 
 
 def claim_attempt(s: so.Session, rt: Runtime, attempt_id: int) -> Attempt | None:
@@ -64,8 +83,7 @@ def claim_attempt(s: so.Session, rt: Runtime, attempt_id: int) -> Attempt | None
         },
     ):
         return None
-    attempt = s.get(Attempt, attempt_id)
-    s.refresh(attempt)
+    attempt = s.get(Attempt, attempt_id, populate_existing=True)
     set_message_status(s.get(Message, attempt.message_id), MessageState.DELIVERING)
     return attempt
 
@@ -81,6 +99,8 @@ def settle_attempt(rt: Runtime, attempt_id: int, message_id: str, outcome: Outco
         if contacted:
             note_circuit(s, conn, outcome)
         note_capability(s, conn, outcome, message_id)
+        if outcome.category is Category.CONFIG:  # version changed? the next scheduled pass looks
+            recheck_soon(conn)
         item = s.scalar(
             sa.select(ExceptionItem).where(
                 ExceptionItem.message_id == message.id, ExceptionItem.state == ExceptionState.RETRYING
@@ -213,8 +233,11 @@ def settle_delivery(
 
 
 def held_until(conn: Connection, now, outcome: Outcome):
-    """When a held item looks again: when the circuit's cooldown ends, or shortly (half-open with
-    another call probing)."""
+    """When a held item looks again: when the maintenance window or the circuit's cooldown ends,
+    or shortly (half-open with another call probing). Resuming a paused connection makes its held
+    items due at once."""
+    if connections.is_paused(conn, now):
+        return conn.paused_until or now + timedelta(seconds=connections.PAUSE_RECHECK_SECONDS)
     if conn.circuit_open_until and conn.circuit_open_until > now:
         return conn.circuit_open_until
     return now + timedelta(seconds=min(2.0, conn.connect_timeout + conn.read_timeout))

@@ -22,7 +22,7 @@ from app.domain.delivery import (
 )
 from app.domain.states import AttemptState, ExceptionState, MessageState, ReplayState
 
-from .. import faults
+from .. import connections, faults, ordering
 from ..clock import utcnow
 from ..exceptions import reopen
 from .common import (
@@ -39,6 +39,7 @@ from .common import (
     set_message_status,
 )
 from .runtime import Runtime
+from .versions import recheck_soon
 
 log = logging.getLogger("recon.delivery")
 
@@ -100,6 +101,14 @@ def _defer_if_too_early(rt: Runtime, replay_id: int) -> str | None:
         # Nothing can reach the EHR while its circuit is open or another call probes it: the
         # replay waits (not failed, not sent) and runs when the circuit lets it.
         conn = message.connection
+        if ordering.blocker_of(s, message) is not None:  # an earlier message of the patient first
+            hold = now + timedelta(seconds=max(rt.housekeeping_seconds, 1.0))
+            if not_before is None or hold > not_before:
+                not_before = hold
+        if connections.is_paused(conn, now):  # a maintenance window: wait for its end or a resume
+            hold = conn.paused_until or now + timedelta(seconds=connections.PAUSE_RECHECK_SECONDS)
+            if not_before is None or hold > not_before:
+                not_before = hold
         if conn.circuit_open_until is not None:
             hold = conn.circuit_open_until
             if hold <= now and conn.circuit_probe_until is not None and conn.circuit_probe_until > now:
@@ -163,8 +172,7 @@ def claim_replay(s: so.Session, rt: Runtime, replay_id: int):
         },
     ):
         return None
-    replay = s.get(Replay, replay_id)
-    s.refresh(replay)
+    replay = s.get(Replay, replay_id, populate_existing=True)
     message = s.get(Message, replay.message_id)
     attempt = Attempt(
         message_id=message.id,
@@ -249,14 +257,15 @@ def settle_replay(
     ):  # the reaper already declared it lost
         return late_result(s, attempt_id, message_id, outcome)
     finish_attempt(s, attempt_id, outcome)
-    replay = s.get(Replay, replay_id)
-    s.refresh(replay)
+    replay = s.get(Replay, replay_id, populate_existing=True)
     item = s.get(ExceptionItem, replay.exception_id)
     message = s.get(Message, message_id)
     conn = lock_connection(s, message.connection_id)
     if contacted:
         note_circuit(s, conn, outcome)
     note_capability(s, conn, outcome, message_id)
+    if outcome.category is Category.CONFIG:  # version changed? the next scheduled pass looks
+        recheck_soon(conn)
     if outcome.delivered:
         set_message_status(message, MessageState.DELIVERED)
         message.current_payload_id = replay.payload_version_id

@@ -11,6 +11,7 @@ from app.db.models import Attempt, ExceptionItem, OutboxEntry
 from app.db.session import transaction
 from app.domain.states import AttemptState, ExceptionState
 
+from .. import ordering
 from ..clock import utcnow
 from .runtime import Runtime
 
@@ -62,4 +63,6 @@ def schedule_due_retries(rt: Runtime, limit: int = 100) -> int:
         for item in due:
             if queue_retry(s, item) is not None:
                 queued += 1
+        # held attempts whose earlier message settled by a path without the release hook
+        queued += ordering.release_unblocked(s)
     return queued

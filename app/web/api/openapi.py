@@ -412,6 +412,8 @@ SCHEMAS = {
         {"id": _INT, "kind": _STR, "acknowledged_at": _NTIME, "acknowledged_by": _NSTR}
     ),
     "CustomerRequest": _obj({"name": {"type": "string", "maxLength": 120}}),
+    "PauseRequest": _obj({"reason": _STR, "until": _TIME}, ("reason",)),
+    "ResumeRequest": _obj({"reason": _STR}, ()),
     "Customer": _obj({"id": _INT, "name": _STR, "created_at": _TIME}),
     "ConnectionRequest": _obj(_CONNECTION_REQUEST, ("name", "customer", "protocol", "endpoint")),
     "ConnectionChanges": _obj({"enabled": _BOOL, **_RETRY_POLICY, "reason": _REASON}, ()),
@@ -656,6 +658,27 @@ PATHS = {
             "Close the connection's circuit breaker (audited)",
             {"200": _resp("The connection", _ref("Connection"))},
             "404",
+            params=[_path_id("connection id")],
+        )
+    },
+    "/connections/{id}/pause": {
+        "post": _op(
+            "Pause the connection for maintenance (audited): nothing is sent; deliveries and replays "
+            "are held, not spent",
+            {"200": _resp("The connection, with its pause", _ref("Connection"))},
+            "404",
+            "422",
+            body="PauseRequest",
+            params=[_path_id("connection id")],
+        )
+    },
+    "/connections/{id}/resume": {
+        "post": _op(
+            "End the maintenance window (audited); what it held drains in order",
+            {"200": _resp("The connection, and how many held items were released", _ref("Connection"))},
+            "404",
+            "409",
+            body="ResumeRequest",
             params=[_path_id("connection id")],
         )
     },

@@ -25,7 +25,7 @@ from ..extensions import csrf, sessions, unit_of_work
 from ..input_guard import MAX_ROW_ID
 from . import bp
 from .openapi import OPENAPI
-from .parsing import json_object
+from .parsing import field, json_object
 
 log = logging.getLogger("recon.api")
 csrf.exempt(bp)  # bearer tokens, no cookies: CSRF does not apply
@@ -262,3 +262,47 @@ def acknowledge_drift(flag_id: int):
     """Acknowledge a first sighting of a drift kind (audited), as on the dashboard."""
     with unit_of_work() as s:
         return jsonify(api_views.acknowledge_drift(s, current_actor().username, flag_id))
+
+
+# --- maintenance windows (issue 6): pause / resume a connection ----------------------------------
+
+
+def _connection_state(s, connection_id: int) -> dict:
+    from app.services import connections
+
+    view = api_views.connection_view(s, connection_id)
+    conn = connections.get_connection(s, connection_id)
+    return {**view, "paused": connections.pause_state(conn), "sequence_sensitive": conn.sequence_sensitive}
+
+
+@bp.post("/connections/<int:connection_id>/pause")
+@requires(Permission.ADMIN)
+def pause_connection(connection_id: int):
+    """Pause a connection for maintenance: body {"reason", "until"?}; nothing is sent meanwhile."""
+    from app.services import connections
+
+    body = json_object()
+    reason, until = field(body, "reason", str, required=True), field(body, "until", str)
+    try:
+        end = parse_utc(until) if until else None
+    except ValueError:
+        raise Invalid(f"until: not an ISO 8601 time: {until!r}", code="invalid_body") from None
+    with unit_of_work() as s:
+        connections.pause_connection(
+            s, connection_id, reason=reason, until=end, actor=current_actor().username
+        )
+        return jsonify(_connection_state(s, connection_id))
+
+
+@bp.post("/connections/<int:connection_id>/resume")
+@requires(Permission.ADMIN)
+def resume_connection(connection_id: int):
+    """End the maintenance window; what it held drains in order. Body {"reason"?} (optional)."""
+    from app.services import connections
+
+    reason = field(json_object(), "reason", str) if request.get_data() else None
+    with unit_of_work() as s:
+        released = connections.resume_connection(
+            s, connection_id, actor=current_actor().username, reason=reason
+        )
+        return jsonify({**_connection_state(s, connection_id), "released": released})
