@@ -24,7 +24,7 @@ from rq.utils import str_to_date
 
 from app.domain.liveness import JobStatus as LiveStatus
 from app.domain.liveness import JobView, requeue_reason
-from app.services import audit, bulk_replay, delivery, liveness, schedule, summaries
+from app.services import audit, bulk_replay, delivery, liveness, phi, schedule, summaries
 from app.services.clock import utcnow
 
 log = logging.getLogger("recon.queue")
@@ -212,6 +212,8 @@ SHARED_STEPS = ("retries", "stranded", "escalate", "summaries")
 CHECKPOINT_STEP = "audit_checkpoint"
 # and the pacing step of bulk replays (app/services/bulk_replay.py), every half pass like retries.
 BULK_REPLAY_STEP = "bulk_replays"
+# and the payload retention purge (app/services/phi.py), hourly.
+PURGE_STEP, PURGE_EVERY_SECONDS = "payload_purge", 3600.0
 
 
 class Housekeeping:
@@ -242,6 +244,7 @@ class Housekeeping:
             CHECKPOINT_STEP: self.checkpoint_seconds,
             delivery.VERSION_CHECK_STEP: delivery.versions.CHECK_STEP_SECONDS,
             BULK_REPLAY_STEP: half_pass,
+            PURGE_STEP: PURGE_EVERY_SECONDS,
         }
 
     def _steps_to_run(self) -> set[str]:
@@ -283,6 +286,8 @@ class Housekeeping:
         if delivery.VERSION_CHECK_STEP in steps:  # long-running workers only: a burst drains and exits
             _guarded(delivery.check_pinned_versions, rt)
         released = _guarded(bulk_replay.housekeeping_step, rt) if BULK_REPLAY_STEP in steps else 0
+        if PURGE_STEP in steps:
+            _guarded(phi.purge_payloads, rt.sessions)
         if counts["retries"] or counts["requeued"] or released:
             counts["relayed"] += _guarded(relay_outbox, rt, queue)
         return counts

@@ -73,6 +73,7 @@ def test_two_workers_passing_together_escalate_and_refresh_once(sessions, users,
             "audit_checkpoint",
             "bulk_replays",
             "version_check",
+            "payload_purge",
         )
     }
     # Half a pass later the retry and re-queue steps are the other worker's to take; escalation
