@@ -43,6 +43,8 @@ STATE_CHANGING = [
         {"name": "x", "customer": "Mercy Health", "protocol": "fhir-r4", "endpoint": "http://x"},
     ),
     ("adam", "/admin/connections/1/enabled", {"active": "0"}),
+    ("adam", "/admin/connections/1/pause", {"reason": "maintenance"}),
+    ("adam", "/admin/connections/1/resume", {"reason": "back"}),
     ("adam", "/admin/connections/1/test", {}),
     ("adam", "/admin/connections/1/circuit", {}),
     ("adam", "/admin/connections/1/retry", {"max_auto_retries": "1"}),

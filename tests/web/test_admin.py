@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html as html_lib
 import re
 
 import pytest
@@ -212,6 +213,7 @@ DESTRUCTIVE = {
         "connection.disable",
     ),
     "delete an SLA rule": ("/admin/sla/{rule}/delete", {}, "sla_rule.delete"),
+    "pause a connection": ("/admin/connections/{connection}/pause", {}, "connection.paused"),
 }
 
 
@@ -250,6 +252,7 @@ def test_destructive_admin_buttons_ask_for_confirmation_and_a_reason_first(login
         ("/admin/tokens", f"revoke-{targets['token']}"),
         ("/admin/connections", f"disable-{targets['connection']}"),
         ("/admin/sla", f"delete-{targets['rule']}"),
+        ("/admin/connections", f"pause-{targets['connection']}"),
     ):
         html = client.get(page).get_data(as_text=True)
         block = re.search(rf'<details class="confirm" data-confirm="{key}">.*?</details>', html, re.S)
@@ -271,3 +274,24 @@ def test_admin_routes_run_no_queries_and_import_no_models():
     assert not {m for m in imported if m.startswith(("app.db", "sqlalchemy"))}, imported
     for query in ("s.get(", "s.scalar", "s.execute", "select("):
         assert query not in source, query
+
+
+def test_admin_pauses_and_resumes_a_connection_with_reasons_audited(login, post, connection, audit_events):
+    client = login("adam")
+    assert (
+        post(f"/admin/connections/{connection.id}/pause", {"reason": "EHR upgrade tonight"}).status_code
+        == 303
+    )
+    page = html_lib.unescape(client.get("/admin/connections").get_data(as_text=True))
+    notice = re.search(rf'<p class="callout warn small" data-paused="{connection.id}">(.*?)</p>', page, re.S)
+    assert "Paused</strong> by adam" in notice.group(1) and "EHR upgrade tonight" in notice.group(1)
+    assert (
+        f'data-confirm="resume-{connection.id}"' in page
+        and f'data-confirm="pause-{connection.id}"' not in page
+    )
+    assert post(f"/admin/connections/{connection.id}/resume", {}).status_code == 422  # a reason first
+    assert post(f"/admin/connections/{connection.id}/resume", {"reason": "upgrade done"}).status_code == 303
+    assert [e.reason for e in audit_events(action="connection.paused")] == ["EHR upgrade tonight"]
+    assert [e.reason for e in audit_events(action="connection.resumed")] == ["upgrade done"]
+    again = post(f"/admin/connections/{connection.id}/resume", {"reason": "twice"})
+    assert again.status_code == 409 and "not paused" in again.get_data(as_text=True)

@@ -90,6 +90,8 @@ MATRIX: dict[tuple[str, str], tuple[str, ...]] = {
     ("POST", "/admin/connections"): _ADMINS,
     ("POST", "/admin/connections/<int:connection_id>/circuit"): _ADMINS,
     ("POST", "/admin/connections/<int:connection_id>/enabled"): _ADMINS,
+    ("POST", "/admin/connections/<int:connection_id>/pause"): _ADMINS,
+    ("POST", "/admin/connections/<int:connection_id>/resume"): _ADMINS,
     ("POST", "/admin/connections/<int:connection_id>/retry"): _ADMINS,
     ("POST", "/admin/connections/<int:connection_id>/test"): _ADMINS,
     ("GET", "/admin/sla"): _ADMINS,

@@ -390,7 +390,7 @@ def _connections_page(
             connection_form=connection_form,
             error=error,
             error_for=error_for,
-            can_pause=hasattr(connections, "pause_connection"),
+            paused={c.id: connections.pause_state(c) for c in context["connections"]},
         ),
         status,
     )
@@ -461,6 +461,44 @@ def set_connection_enabled(connection_id: int):
         ),
         lambda conn: _back(
             ".connections_page", f"Connection {conn.name} {'enabled' if conn.enabled else 'disabled'}."
+        ),
+        error_for=connection_id,
+    )
+
+
+@bp.route("/admin/connections/<int:connection_id>/pause", methods=["POST"])
+@requires(Permission.ADMIN)
+def pause_connection(connection_id: int):
+    """Start a maintenance window (confirmed, with a reason): nothing is sent to this EHR; what
+    waits is held, not failed, until it is resumed."""
+    form = DestructiveForm()
+    return _submit(
+        form,
+        _connections_page,
+        lambda s: connections.pause_connection(
+            s, connection_id, reason=form.reason.data, actor=_actor_name()
+        ),
+        lambda conn: _back(
+            ".connections_page", f"Connection {conn.name} paused: nothing is sent until it is resumed."
+        ),
+        error_for=connection_id,
+    )
+
+
+@bp.route("/admin/connections/<int:connection_id>/resume", methods=["POST"])
+@requires(Permission.ADMIN)
+def resume_connection(connection_id: int):
+    """End the maintenance window (with a reason); what it held drains in order."""
+    form = DestructiveForm()
+    return _submit(
+        form,
+        _connections_page,
+        lambda s: connections.resume_connection(
+            s, connection_id, actor=_actor_name(), reason=form.reason.data
+        ),
+        lambda released: _back(
+            ".connections_page",
+            f"Connection resumed; {released} held item{'' if released == 1 else 's'} released in order.",
         ),
         error_for=connection_id,
     )
