@@ -69,7 +69,7 @@ BURSTS = (
     (0.55, 0.70, "hl7", "unavailable_503", None),
     (0.70, 0.80, "fhir", "reset", None),
 )
-BURST_EXTRA_SECONDS = 30
+BURST_EXTRA_SECONDS = 60
 FINAL_STATES = ("resolved", "discarded")
 
 
@@ -519,6 +519,7 @@ class Drill:
 
         policy = HandoffPolicy(lease_seconds=LEASE_SECONDS, housekeeping_seconds=HOUSEKEEPING_SECONDS)
         self.bound = policy.bound_seconds
+        ended = None
         while not done.wait(2):
             try:
                 with transaction(self.sessions, read_only=True) as s:
@@ -527,13 +528,19 @@ class Drill:
                 continue
             oldest = max(stage.oldest_seconds for stage in report.stages.values())
             if self.faults_over():
-                self.stats.max_age_after_chaos = max(self.stats.max_age_after_chaos, oldest)
-                self.stats.stalled_after_chaos = max(self.stats.stalled_after_chaos, report.stalled)
-                for name, stage in report.stages.items():
-                    if stage.oldest_seconds > self.bound:
-                        self.stats.stalled_stages[name] = max(
-                            self.stats.stalled_stages.get(name, 0), round(stage.oldest_seconds, 1)
-                        )
+                # The promise: once the faults stop, live workers take up every waiting item within
+                # the bound — measured from the later of its ready time and the faults' end, so a
+                # backlog built up during the faults gets the bound to be taken up, and no more.
+                ended = ended or time.monotonic()
+                since_end = time.monotonic() - ended
+                self.stats.max_age_after_chaos = max(self.stats.max_age_after_chaos, min(oldest, since_end))
+                if since_end > self.bound:  # every item older than the bound has waited so long since
+                    self.stats.stalled_after_chaos = max(self.stats.stalled_after_chaos, report.stalled)
+                    for name, stage in report.stages.items():
+                        if stage.oldest_seconds > self.bound:
+                            self.stats.stalled_stages[name] = max(
+                                self.stats.stalled_stages.get(name, 0), round(stage.oldest_seconds, 1)
+                            )
             else:
                 self.stats.max_age_during_chaos = max(self.stats.max_age_during_chaos, oldest)
 
