@@ -86,6 +86,7 @@ def register_blueprints(app: Flask) -> None:
     from .web.approvals import bp as approvals_bp
     from .web.audit import bp as audit_bp
     from .web.auth import bp as auth_bp
+    from .web.bulk_replays import bp as bulk_replays_bp
     from .web.dashboard import bp as dashboard_bp
     from .web.exceptions import bp as exceptions_bp
     from .web.ops import bp as ops_bp
@@ -97,6 +98,7 @@ def register_blueprints(app: Flask) -> None:
         queues_bp,
         exceptions_bp,
         approvals_bp,
+        bulk_replays_bp,
         audit_bp,
         admin_bp,
         account_bp,

@@ -62,7 +62,7 @@ from app.domain.errors import Conflict, Forbidden, Invalid, NotFound
 from app.domain.roles import Role
 from app.domain.states import ExceptionFacts, ExceptionState
 
-from . import audit
+from . import audit, connections
 from .clock import utcnow
 from .users import APPROVAL_FAILURE_LIMIT, APPROVAL_FAILURE_WINDOW, check_password
 
@@ -552,8 +552,10 @@ def _release_batch(
     released = 0
     for connection_id, held in held_by_connection:
         conn = s.get(Connection, connection_id)
-        if conn.circuit_open_until is not None and conn.circuit_open_until > now:
-            continue  # nothing can reach this EHR now: the items stay held (not sent, not failed)
+        if (conn.circuit_open_until is not None and conn.circuit_open_until > now) or connections.is_paused(
+            conn, now
+        ):
+            continue  # nothing may reach this EHR now: the items stay held (not sent, not failed)
         if connection_id not in last_slot:
             last_slot[connection_id] = s.scalar(
                 sa.select(sa.func.max(BulkReplayItem.release_at)).where(

@@ -277,6 +277,17 @@ def test_an_open_circuit_keeps_items_held(sessions, users, orders):
     assert bulk_replay.release_due(sessions, now=T0 + timedelta(minutes=2)).released == 3
 
 
+def test_a_connection_paused_for_maintenance_keeps_items_held(sessions, users, orders):
+    from app.db.models import Connection
+
+    approved(sessions, users, orders[:2])
+    with transaction(sessions) as s:
+        for conn in s.scalars(sa.select(Connection)):
+            conn.paused_at, conn.paused_until = T0, T0 + timedelta(minutes=5)
+    assert bulk_replay.release_due(sessions, now=T0 + timedelta(minutes=1)).released == 0
+    assert bulk_replay.release_due(sessions, now=T0 + timedelta(minutes=6)).released == 2
+
+
 def test_stale_version_is_a_conflict(sessions, users, orders):
     batch_id = approved(sessions, users, orders[:2])
     with pytest.raises(Conflict):

@@ -18,6 +18,7 @@ from app.db.session import transaction
 from app.services.clock import utcnow
 from app.web.api.openapi import OPENAPI
 from tests.conftest import PASSWORD
+from tests.web.test_bulk_replays import exercise_bulk_replays
 
 METHODS = ("get", "post", "put", "patch", "delete")
 
@@ -222,6 +223,7 @@ def test_real_answers_match_the_document_and_cover_every_documented_status(clien
     call("svc", "POST", "/exceptions", report, headers={"Idempotency-Key": "e-1"})
     call("svc", "POST", "/exceptions", report | {"error": "other"}, headers={"Idempotency-Key": "e-1"})
     call("svc", "POST", "/exceptions", report | {"connection": "nope"}, headers={"Idempotency-Key": "e-2"})
+    exercise_bulk_replays(call)
 
     # exceptions and decisions
     call("rita", "GET", "/exceptions?limit=2")

@@ -802,6 +802,107 @@ PATHS = {
     },
 }
 
+# Bulk replay (issue 6; app/web/api/bulk_replays.py): a fixed list approved once, released paced.
+_BULK_FIELDS = {
+    "id": _INT,
+    "state": {"enum": ["requested", "approved", "running", "paused", "completed", "cancelled", "rejected"]},
+    "version": _INT,
+    "total": _INT,
+    "reason": _STR,
+    "pace": _obj({"count": _INT, "per_seconds": {"type": "number"}}),
+    "requested_by": _STR,
+    "requested_at": _TIME,
+    "approved_by": _NSTR,
+    "approved_at": _NTIME,
+    "started_at": _NTIME,
+    "finished_at": _NTIME,
+    "progress": _obj({k: _INT for k in ("total", "held", "released", "delivered", "failed", "cancelled")}),
+}
+_BULK_ITEM = _obj(
+    {
+        "position": _INT,
+        "exception_id": _INT,
+        "state": {"enum": ["held", "released", "delivered", "failed", "cancelled"]},
+        "replay_id": _NINT,
+        "release_at": _NTIME,
+        "note": _NSTR,
+    }
+)
+SCHEMAS.update(
+    {
+        "BulkReplay": _obj(_BULK_FIELDS),
+        "BulkReplayDetail": _obj({**_BULK_FIELDS, "items": {"type": "array", "items": _BULK_ITEM}}),
+        "BulkReplayRequest": _obj(
+            {
+                "exception_ids": {"type": "array", "items": _ROW_ID, "maxItems": 1000},
+                "reason": _STR,
+                "expected_versions": {"type": "object", "additionalProperties": _INT},
+                "pace": _obj({"count": _INT, "per_seconds": {"type": "number"}}, ()),
+            },
+            ("exception_ids", "reason"),
+        ),
+        "BulkReplayDecisionRequest": _obj(
+            {
+                "password": {"type": "string", "description": "approve: your own password, re-entered"},
+                "reason": {"type": "string", "description": "reject, cancel: why (required)"},
+                "expected_version": {"type": "integer", "description": "the batch version you reviewed"},
+            },
+            (),
+        ),
+    }
+)
+PATHS.update(
+    {
+        "/bulk-replays": {
+            "get": _op(
+                "Bulk replays, newest first, with progress",
+                {
+                    "200": _resp(
+                        "The latest batches", _obj({"items": {"type": "array", "items": _ref("BulkReplay")}})
+                    )
+                },
+            ),
+            "post": _op(
+                "Request one replay batch of exactly these exceptions (all or nothing); a clinical lead "
+                "approves it once",
+                {"201": _resp("Requested", _ref("BulkReplay"))},
+                "409",
+                "422",
+                body="BulkReplayRequest",
+            ),
+        },
+        "/bulk-replays/{id}": {
+            "get": _op(
+                "One batch: its fixed list (each item's state and replay) and its progress",
+                {"200": _resp("The batch", _ref("BulkReplayDetail"))},
+                "404",
+                params=[_path_id("bulk replay id")],
+            )
+        },
+        "/bulk-replays/{id}/{action}": {
+            "post": _op(
+                "approve (a clinical lead, not the requester, password re-entered) | reject | pause | "
+                "resume | cancel (held items return to their queues; released ones finish)",
+                {"200": _resp("Decided", _ref("BulkReplay"))},
+                "404",
+                "409",
+                "422",
+                body="BulkReplayDecisionRequest",
+                params=[
+                    _path_id("bulk replay id"),
+                    {
+                        "name": "action",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"enum": ["approve", "reject", "pause", "resume", "cancel"]},
+                    },
+                ],
+            )
+        },
+    }
+)
+
+
 OPENAPI = {
     "openapi": "3.1.0",
     "info": {
