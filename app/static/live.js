@@ -4,6 +4,8 @@
 (function () {
   "use strict";
 
+  // Refreshes the page makes by itself: the server does not count them as the person's activity.
+  var LIVE = { "X-Recon-Live": "1" };
   var newIds = {}; // exception id -> true: rows that appeared while this page was open
   var refreshing = false; // a live refresh (not a user's filter) is in flight
   var saved = null; // what a live refresh must keep: selection, focus, scroll
@@ -64,6 +66,7 @@
       .ajax("GET", window.location.pathname + window.location.search, {
         target: "#queue-results",
         swap: "outerHTML",
+        headers: LIVE,
       })
       .finally(function () { refreshing = false; });
   }
@@ -72,7 +75,7 @@
     if (!window.htmx || refreshing) return;
     refreshing = true;
     window.htmx
-      .ajax("GET", window.location.pathname, { target: "#dashboard-live", swap: "outerHTML" })
+      .ajax("GET", window.location.pathname, { target: "#dashboard-live", swap: "outerHTML", headers: LIVE })
       .finally(function () { refreshing = false; });
   }
 

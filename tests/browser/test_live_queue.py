@@ -104,7 +104,7 @@ def test_a_failure_reported_through_the_api_appears_in_an_open_queue_keeping_the
     page.goto(f"{live_server}/queues/ehr_rejected")
     page.keyboard.press("j")
     page.keyboard.press("o")
-    expect(page).to_have_url(re.compile(r"/exceptions/\d+$"))
+    page.wait_for_url(re.compile(r"/exceptions/\d+$"), wait_until="load")  # its scripts run
     page.keyboard.press("d")
     expect(page.locator("form.action-discard :focus")).to_have_count(1)
     expect(page).to_have_url(re.compile(r"/exceptions/\d+$"))

@@ -573,3 +573,26 @@ def test_a_saved_view_keeps_only_filters_and_only_its_owner_deletes_it(login, po
     post(f"/queues/views/{view_id}/delete")
     with transaction(sessions) as s:
         assert s.get(SavedView, view_id) is None
+
+
+def test_live_polls_do_not_count_as_activity_so_the_idle_timeout_still_ends_the_session(client, login, make):
+    """A live page polls every 5 s; if each poll counted as activity, a queue left open would
+    never reach the idle timeout (docs/SECURITY.md)."""
+    import time
+
+    make()
+    login("rita")
+    idle_since = time.time() - 120
+    with client.session_transaction() as sess:
+        sess["seen_at"] = idle_since
+    assert client.get("/queues/changes?since=x").status_code == 200
+    assert client.get("/queues/all", headers={"HX-Request": "true", "X-Recon-Live": "1"}).status_code == 200
+    assert client.get("/", headers={"HX-Request": "true", "X-Recon-Live": "1"}).status_code == 200
+    with client.session_transaction() as sess:
+        assert sess["seen_at"] == idle_since  # untouched by the page's own refreshes
+    assert client.get("/queues/all").status_code == 200  # a person's request
+    with client.session_transaction() as sess:
+        assert sess["seen_at"] > idle_since + 60
+        sess["seen_at"] = time.time() - 16 * 60  # past the 15-minute idle timeout
+    ended = client.get("/queues/changes?since=x", headers={"HX-Request": "true"})
+    assert ended.headers["HX-Redirect"].startswith("/login")  # the page goes to the login form

@@ -9,6 +9,7 @@ from app.services.clock import utcnow
 from ..access import current_actor, requires
 from ..console import page_or_fragment
 from ..extensions import unit_of_work
+from ..queues.routes import LIVE_HEADER, keep_idle_clock
 from . import bp
 from .charts import bar_widths, line_chart
 
@@ -18,6 +19,8 @@ from .charts import bar_widths, line_chart
 def index():
     """The operations overview every console role lands on. htmx (the live refresh) gets the
     figures alone."""
+    if request.headers.get(LIVE_HEADER) == "1":
+        keep_idle_clock()
     with unit_of_work(read_only=True) as s:
         token = queries.change_token(s)
         board = queries.dashboard(s)

@@ -5,7 +5,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from flask import abort, flash, make_response, redirect, render_template, request, url_for
+from flask import (
+    abort,
+    current_app,
+    flash,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from flask_wtf import FlaskForm
 from wtforms import (
     BooleanField,
@@ -85,6 +95,8 @@ def show(queue: str):
 def _queue(queue: str):
     status, error = 200, None
     actor = current_actor()
+    if request.headers.get(LIVE_HEADER) == "1":
+        keep_idle_clock()
     with unit_of_work(read_only=True) as s:
         form = _filter_form(s)
         users = queries.assignable_users(s)
@@ -126,12 +138,26 @@ def _queue(queue: str):
     )
 
 
+LIVE_HEADER = "X-Recon-Live"  # sent by console's live refreshes (app/static/live.js)
+
+
+def keep_idle_clock() -> None:
+    """A page polling by itself is not a person at work: put back the session's last-activity
+    time the access check just moved, so the idle timeout (docs/SECURITY.md) still ends a session
+    left open on a live page. The cookie as the browser sent it holds that time."""
+    sent = current_app.session_interface.open_session(current_app, request)
+    seen_at = sent.get("seen_at") if sent is not None else None
+    if isinstance(seen_at, int | float) and session.get("seen_at") != seen_at:
+        session["seen_at"] = seen_at
+
+
 @bp.route("/queues/changes")
 @requires(Permission.VIEW_QUEUES)
 def changes():
     """The live pages' poll: 204 while nothing changed since `since`; else 200 with the new token
     in an HX-Trigger event (console.js then refreshes what it shows) and, with `counts=1`, the
     sidebar's counts swapped in out of band."""
+    keep_idle_clock()
     since = request.args.get("since", "")[:40]
     with unit_of_work(read_only=True) as s:
         token = queries.change_token(s)
