@@ -66,6 +66,7 @@ _EVENT_COLUMNS = (
 _RECORDED = "recon_audit_recorded"
 _TRY_LOCK = sa.select(sa.func.pg_try_advisory_xact_lock(SEALER_LOCK_KEY))
 _LOCK = sa.select(sa.func.pg_advisory_xact_lock(SEALER_LOCK_KEY))
+_LOCK_SHARED = sa.select(sa.func.pg_advisory_xact_lock_shared(SEALER_LOCK_KEY))
 _PENDING_WITH_HEAD = sa.text(
     "SELECT h.last_id, h.last_hash, p.seq, "
     + ", ".join(f"p.{name}" for name in _EVENT_COLUMNS)
@@ -138,13 +139,23 @@ def record(
     return event
 
 
-class _PendingInsert(sa.Insert):
-    """Marks the Core insert of one recorded event (`pending_insert`)."""
+def _pending_statement() -> sa.Insert:
+    prefix = "audit_event__"
+    return (
+        sa.insert(_PENDING)
+        .values({name: sa.bindparam(prefix + name, type_=_PENDING.c[name].type) for name in _EVENT_COLUMNS})
+        .returning(_PENDING.c.seq)
+    )
 
-    inherit_cache = True
+
+# `record` as one Core INSERT … RETURNING seq with bound parameters (`pending_params`), built
+# once: for a hot path that writes its rows in one statement (intake). The caller executes it
+# in the use case's transaction and hands the returned seq to `note_recorded`, which seals it
+# after the commit as `record` does.
+PENDING_INSERT = _pending_statement()
 
 
-def pending_insert(
+def pending_params(
     *,
     actor: str,
     action: str,
@@ -155,22 +166,16 @@ def pending_insert(
     reason: str | None = None,
     reason_code: str | None = None,
     details: dict[str, Any] | None = None,
-) -> sa.Insert:
-    """`record` as a Core INSERT … RETURNING seq, for a hot path that writes its rows in one
-    statement (intake). The caller executes it in the use case's transaction and hands the
-    returned seq to `note_recorded`, which seals it after the commit as `record` does."""
+) -> dict[str, Any]:
+    """The parameters of PENDING_INSERT for one event."""
     values = _event_values(
         actor, action, subject_type, subject_id, from_state, to_state, reason, reason_code, details
     )
-    return _PendingInsert(_PENDING).values(values).returning(_PENDING.c.seq)
-
-
-def is_pending_insert(statement: object) -> bool:
-    return isinstance(statement, _PendingInsert)
+    return {f"audit_event__{name}": value for name, value in values.items()}
 
 
 def note_recorded(session: so.Session, seqs: list[int]) -> None:
-    """Events inserted by `pending_insert` in this session's transaction: sealed after commit."""
+    """Events inserted by PENDING_INSERT in this session's transaction: sealed after commit."""
     for seq in seqs:
         _note(session, seq)
 
@@ -199,24 +204,33 @@ def seal(
     """Seal committed pending events into the chain, batch by batch, until none is left or
     another sealer holds the lock. Returns how many this call sealed.
 
-    wait_for: a seq this caller recorded. If another sealer is at work, wait for its lock (at
-    most `timeout` seconds, default SEAL_WAIT_SECONDS; PostgreSQL wakes the waiter when the
-    lock is released, nothing polls), then seal what is pending — normally the holder already
-    took our events in its batch, so little or nothing is left.
+    wait_for: a seq this caller recorded. If another sealer is at work, wait until it is done
+    (at most `timeout` seconds, default SEAL_WAIT_SECONDS) — a shared lock on the sealer's key,
+    granted by PostgreSQL the moment the holder commits, so nothing polls and waiters do not
+    queue behind each other — then look: normally the holder took our events in its batch and
+    we are done; if we committed after it read, we seal (waiting for the lock if need be).
     No wake-up is lost: every committer seals after its commit (its rows are visible to it) or
-    waits for the sealer ahead of it; what a timeout leaves is sealed by the next seal or a backstop.
+    waits for the sealer ahead of it and then looks; what a timeout leaves is sealed by the next
+    seal or a backstop.
     """
     sealed = 0
     timeout = SEAL_WAIT_SECONDS if timeout is None else timeout
     deadline = time.monotonic() + timeout
+    waited = False
     while True:
-        wait = max(deadline - time.monotonic(), 0.0) if wait_for is not None else 0.0
+        wait = max(deadline - time.monotonic(), 0.0) if waited else 0.0
         done = _seal_batch(factory, batch, wait=wait)
-        if done is None:  # another sealer holds the lock (for a waiter: longer than `timeout`)
-            if wait_for is not None:
-                log.warning(
-                    "audit event %s not sealed after %.1f s; a backstop will seal it", wait_for, timeout
-                )
+        if done is None:  # another sealer holds the lock
+            if wait_for is None:
+                return sealed
+            if not waited:
+                waited = True
+                still_pending = _wait_for_sealer(factory, wait_for, max(deadline - time.monotonic(), 0.0))
+                if still_pending is False:
+                    return sealed
+                if still_pending:
+                    continue
+            log.warning("audit event %s not sealed after %.1f s; a backstop will seal it", wait_for, timeout)
             return sealed
         count, newest = done
         sealed += count
@@ -224,6 +238,27 @@ def seal(
         # enough for this caller (it does not seal everyone else's backlog on its request).
         if count < batch or (wait_for is not None and newest >= wait_for):
             return sealed
+
+
+def _wait_for_sealer(factory: so.sessionmaker, seq: int, timeout: float) -> bool | None:
+    """Wait (at most `timeout` s) until the sealer holding the lock commits, then: is event
+    `seq` still pending? None if the sealer held on for longer than that."""
+    from app.db.session import transaction
+
+    if timeout <= 0:
+        return None
+    try:
+        with transaction(factory) as s:
+            conn = s.connection()
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text(f"SET LOCAL lock_timeout = '{max(int(timeout * 1000), 1)}ms'"))
+                conn.execute(_LOCK_SHARED)  # granted when the exclusive holder commits
+            # A new statement, a new snapshot: it sees what the holder sealed.
+            return conn.execute(sa.select(_PENDING.c.seq).where(_PENDING.c.seq == seq)).first() is not None
+    except sa.exc.OperationalError as exc:
+        if "lock timeout" in str(exc.orig):
+            return None
+        raise
 
 
 def _seal_batch(factory: so.sessionmaker, batch: int, *, wait: float = 0.0) -> tuple[int, int] | None:

@@ -137,34 +137,46 @@ class _Lookup:
     attempt_id: int | None = None
 
 
-def _lookup(session: so.Session, client: User, key: str, body: dict) -> _Lookup:
-    """One round trip: the message already stored under (client, key), the named connection and
-    (PostgreSQL) the ids this request's payload and attempt will have, so that every row can
-    then be written in one statement."""
-    existing_on = sa.and_(_MESSAGES.c.client_id == client.id, _MESSAGES.c.idempotency_key == key)
-    name = body.get("connection")
-    if not isinstance(name, str) or "\x00" in name or not _is_unicode(name):  # refused below
-        row = session.execute(
-            sa.select(_MESSAGES.c.request_fingerprint, _MESSAGES.c.response_json).where(existing_on)
-        ).first()
-        return _Lookup(row, None)
-    pg = session.get_bind().dialect.name == "postgresql"
+def _lookup_statements() -> dict:
+    """The lookup, built once per process (a statement built per request costs more CPU than
+    its round trip; these are compiled once and only their parameters change)."""
+    existing_on = sa.and_(
+        _MESSAGES.c.client_id == sa.bindparam("client_id", type_=sa.Integer),
+        _MESSAGES.c.idempotency_key == sa.bindparam("key", type_=sa.String),
+    )
     one = sa.select(sa.literal(1).label("one")).subquery("one")
     columns = [
         _MESSAGES.c.request_fingerprint,
         _MESSAGES.c.response_json,
         *(c.label(f"c_{c.name}") for c in _CONNECTIONS.c),
     ]
-    if pg:
-        columns += [
-            sa.func.nextval("payload_versions_id_seq").label("next_payload_id"),
-            sa.func.nextval("attempts_id_seq").label("next_attempt_id"),
-        ]
-    row = session.execute(
-        sa.select(*columns).select_from(
-            one.outerjoin(_CONNECTIONS, _CONNECTIONS.c.name == name).outerjoin(_MESSAGES, existing_on)
-        )
-    ).one()
+    joined = one.outerjoin(
+        _CONNECTIONS, _CONNECTIONS.c.name == sa.bindparam("name", type_=sa.String)
+    ).outerjoin(_MESSAGES, existing_on)
+    ids = [
+        sa.func.nextval("payload_versions_id_seq").label("next_payload_id"),
+        sa.func.nextval("attempts_id_seq").label("next_attempt_id"),
+    ]
+    return {
+        "existing": sa.select(_MESSAGES.c.request_fingerprint, _MESSAGES.c.response_json).where(existing_on),
+        "sqlite": sa.select(*columns).select_from(joined),
+        "postgresql": sa.select(*columns, *ids).select_from(joined),
+    }
+
+
+_LOOKUP = _lookup_statements()
+
+
+def _lookup(session: so.Session, client: User, key: str, body: dict) -> _Lookup:
+    """One round trip: the message already stored under (client, key), the named connection and
+    (PostgreSQL) the ids this request's payload and attempt will have, so that every row can
+    then be written in one statement."""
+    name = body.get("connection")
+    params = {"client_id": client.id, "key": key}
+    if not isinstance(name, str) or "\x00" in name or not _is_unicode(name):  # refused below
+        return _Lookup(session.execute(_LOOKUP["existing"], params).first(), None)
+    pg = session.get_bind().dialect.name == "postgresql"
+    row = session.execute(_LOOKUP["postgresql" if pg else "sqlite"], {**params, "name": name}).one()
     existing = _Existing(row.request_fingerprint, row.response_json) if row.request_fingerprint else None
     connection = None
     if row.c_id is not None:
@@ -276,52 +288,55 @@ def _store(
         "created_at": now,
         "updated_at": now,
     }
-    statements = [sa.insert(_MESSAGES).values(message_row)]
+    parts: list[tuple[str, dict]] = [("message", message_row)]
     if pg:
-        statements.append(sa.insert(_PAYLOADS).values(id=found.payload_id, **payload_row))
+        parts.append(("payload_with_id", {"id": found.payload_id, **payload_row}))
         payload_id = found.payload_id
     else:
-        session.execute(statements.pop())  # the message first (payload_versions points at it)
-        payload_id = session.execute(sa.insert(_PAYLOADS).values(payload_row)).inserted_primary_key[0]
+        _execute(session, parts.pop())  # the message first (payload_versions points at it)
+        payload_id = _execute(session, ("payload", payload_row)).inserted_primary_key[0]
         session.execute(
             sa.update(_MESSAGES).where(_MESSAGES.c.id == message_id).values(current_payload_id=payload_id)
         )
     if identifiers:
-        if pg:  # one cacheable statement whatever the count (a multi-row VALUES is not cached)
-            rows = (
-                sa.func.unnest(
-                    sa.literal([kind for kind, _ in identifiers], _TEXT_ARRAY),
-                    sa.literal([value for _, value in identifiers], _TEXT_ARRAY),
-                )
-                .table_valued("kind", "value")
-                .render_derived()
-            )
-            statements.append(
-                sa.insert(_IDENTIFIERS).from_select(
-                    ["message_id", "kind", "value"],
-                    sa.select(sa.literal(message_id, sa.String), rows.c.kind, rows.c.value),
+        if pg:  # one statement whatever the count
+            parts.append(
+                (
+                    "identifiers",
+                    {
+                        "message_id": message_id,
+                        "kinds": [kind for kind, _ in identifiers],
+                        "values": [value for _, value in identifiers],
+                    },
                 )
             )
         else:
             session.execute(
-                sa.insert(_IDENTIFIERS),
-                [{"message_id": message_id, "kind": kind, "value": value} for kind, value in identifiers],
+                _statement("identifier"),
+                [
+                    {"identifier__message_id": message_id, "identifier__kind": k, "identifier__value": v}
+                    for k, v in identifiers
+                ],
             )
     if decoded.repair is not None:
         # Mojibake: the repaired text is kept as a *proposal* (version 2, not current). A reviewer
         # finds it in the correction editor; it is sent only as an approved corrected replay.
         repaired = encode_text(decoded.repair.repaired_text, body["content_type"])
-        statements.append(
-            sa.insert(_PAYLOADS).values(
-                message_id=message_id,
-                version=2,
-                raw=repaired,
-                text=decoded.repair.repaired_text,
-                encoding=decoded.encoding,
-                sha256=sha256_hex(repaired),
-                created_by_id=None,
-                reason=f"{PROPOSED_REPAIR}: mojibake at {decoded.repair.where} ({decoded.repair.explanation})",
-                created_at=now,
+        parts.append(
+            (
+                "payload",
+                {
+                    "message_id": message_id,
+                    "version": 2,
+                    "raw": repaired,
+                    "text": decoded.repair.repaired_text,
+                    "encoding": decoded.encoding,
+                    "sha256": sha256_hex(repaired),
+                    "created_by_id": None,
+                    "reason": f"{PROPOSED_REPAIR}: mojibake at {decoded.repair.where} "
+                    f"({decoded.repair.explanation})",
+                    "created_at": now,
+                },
             )
         )
     if status == "queued":
@@ -339,27 +354,35 @@ def _store(
         }
         if pg:
             attempt_id = found.attempt_id
-            statements.append(sa.insert(_ATTEMPTS).values(id=attempt_id, **attempt))
+            parts.append(("attempt_with_id", {"id": attempt_id, **attempt}))
         else:
-            attempt_id = session.execute(sa.insert(_ATTEMPTS).values(attempt)).inserted_primary_key[0]
-        statements.append(
-            sa.insert(_OUTBOX).values(
-                kind="deliver", ref_id=str(attempt_id), job_id=f"deliver-{attempt_id}", created_at=now
+            attempt_id = _execute(session, ("attempt", attempt)).inserted_primary_key[0]
+        parts.append(
+            (
+                "outbox",
+                {
+                    "kind": "deliver",
+                    "ref_id": str(attempt_id),
+                    "job_id": f"deliver-{attempt_id}",
+                    "created_at": now,
+                },
             )
         )
-    if status == "queued":
         # The receive event in the same statement (a refused message records it after its
-        # exception, below, as it always has).
-        statements.append(
-            _receive_event(client, message_id, status, key, conn, message_type, decoded, audit_extra)
+        # exception, as it always has).
+        parts.append(
+            (
+                "event",
+                _receive_params(client, message_id, status, key, conn, message_type, decoded, audit_extra),
+            )
         )
-    _execute_all(session, statements)
+    _execute_parts(session, parts)
     drift.record(session, conn.id, message_id, decoded.observations, now)
     return _Stored(message_id, status, message_type, message_row["clinical_risk"], payload_id, decoded)
 
 
-def _receive_event(client, message_id, status, key, conn, message_type, decoded, extra) -> sa.Insert:
-    return audit.pending_insert(
+def _receive_params(client, message_id, status, key, conn, message_type, decoded, extra) -> dict:
+    return audit.pending_params(
         actor=client.username,
         action="message.receive",
         subject_type="message",
@@ -377,26 +400,132 @@ def _receive_event(client, message_id, status, key, conn, message_type, decoded,
     )
 
 
-def _execute_all(session: so.Session, statements: list) -> None:
-    """Run the inserts: on PostgreSQL as one statement (each a data-modifying CTE; foreign keys
-    are checked at the end of the statement), elsewhere one after another. The audit event's
-    seq, if one is among them, is handed to the sealer."""
-    audit_insert = next((st for st in statements if audit.is_pending_insert(st)), None)
-    if session.get_bind().dialect.name == "postgresql" and len(statements) > 1:
-        others = [st for st in statements if st is not audit_insert]
-        ctes = [st.cte(f"w{n}") for n, st in enumerate(others)]
-        if audit_insert is not None:
-            event = audit_insert.cte("audit_event")
-            seq = session.execute(sa.select(event.c.seq).add_cte(*ctes)).scalar_one()
-            audit.note_recorded(session, [seq])
+# --- statements, built once per process -----------------------------------------------------------
+# Building a SQLAlchemy statement costs more CPU than its round trip: each insert is built once
+# with bound parameters named "<part>__<column>", and on PostgreSQL each combination of parts
+# once more as one statement of data-modifying CTEs (foreign keys are checked at its end).
+
+_PARTS = {
+    "message": (_MESSAGES, None),
+    "payload": (
+        _PAYLOADS,
+        (
+            "message_id",
+            "version",
+            "raw",
+            "text",
+            "encoding",
+            "sha256",
+            "created_by_id",
+            "reason",
+            "created_at",
+        ),
+    ),
+    "attempt": (
+        _ATTEMPTS,
+        (
+            "message_id",
+            "payload_version_id",
+            "trigger",
+            "started_at",
+            "outcome",
+            "request_summary",
+            "response_excerpt",
+            "detail",
+            "issues",
+            "latency_ms",
+        ),
+    ),
+    "outbox": (_OUTBOX, ("kind", "ref_id", "job_id", "created_at")),
+    "identifier": (_IDENTIFIERS, ("message_id", "kind", "value")),
+}
+_MESSAGE_COLUMNS = (
+    "id",
+    "client_id",
+    "idempotency_key",
+    "request_fingerprint",
+    "response_json",
+    "connection_id",
+    "message_type",
+    "content_type",
+    "patient_ref",
+    "clinical_risk",
+    "status",
+    "delivery_system",
+    "control_id",
+    "current_payload_id",
+    "created_at",
+    "updated_at",
+)
+_statements: dict = {}
+
+
+def _bound(part: str, table: sa.Table, names) -> dict:
+    return {name: sa.bindparam(f"{part}__{name}", type_=table.c[name].type) for name in names}
+
+
+def _build(part: str):
+    if part == "event":
+        return audit.PENDING_INSERT
+    if part == "identifiers":  # PostgreSQL: every identifier of the message from two arrays
+        rows = (
+            sa.func.unnest(
+                sa.bindparam("identifiers__kinds", type_=_TEXT_ARRAY),
+                sa.bindparam("identifiers__values", type_=_TEXT_ARRAY),
+            )
+            .table_valued("kind", "value")
+            .render_derived()
+        )
+        return sa.insert(_IDENTIFIERS).from_select(
+            ["message_id", "kind", "value"],
+            sa.select(sa.bindparam("identifiers__message_id", type_=sa.String), rows.c.kind, rows.c.value),
+        )
+    if part == "message":
+        return sa.insert(_MESSAGES).values(_bound(part, _MESSAGES, _MESSAGE_COLUMNS))
+    with_id = part.endswith("_with_id")
+    table, names = _PARTS[part.removesuffix("_with_id")]
+    return sa.insert(table).values(_bound(part, table, (("id",) if with_id else ()) + names))
+
+
+def _statement(key):
+    statement = _statements.get(key)
+    if statement is None:
+        if isinstance(key, tuple):  # PostgreSQL: the parts as one statement
+            ctes = [_statement(part).cte(f"w{n}") for n, part in enumerate(key) if part != "event"]
+            if "event" in key:
+                statement = sa.select(_statement("event").cte("audit_event").c.seq).add_cte(*ctes)
+            else:
+                statement = sa.select(sa.literal(1)).add_cte(*ctes)
         else:
-            session.execute(sa.select(sa.literal(1)).add_cte(*ctes))
+            statement = _build(key)
+        _statements[key] = statement
+    return statement
+
+
+def _params(part: str, values: dict) -> dict:
+    return values if part == "event" else {f"{part}__{name}": value for name, value in values.items()}
+
+
+def _execute(session: so.Session, part: tuple[str, dict]):
+    name, values = part
+    return session.execute(_statement(name), _params(name, values))
+
+
+def _execute_parts(session: so.Session, parts: list[tuple[str, dict]]) -> None:
+    """Run the inserts: on PostgreSQL as one statement, elsewhere one after another. The audit
+    event's seq, if it is among them, is handed to the sealer."""
+    if session.get_bind().dialect.name == "postgresql" and len(parts) > 1:
+        params = {}
+        for name, values in parts:
+            params.update(_params(name, values))
+        result = session.execute(_statement(tuple(name for name, _ in parts)), params)
+        if any(name == "event" for name, _ in parts):
+            audit.note_recorded(session, [result.scalar_one()])
         return
-    for st in statements:
-        if st is audit_insert:
-            audit.note_recorded(session, [session.execute(st).scalar_one()])
-        else:
-            session.execute(st)
+    for part in parts:
+        result = _execute(session, part)
+        if part[0] == "event":
+            audit.note_recorded(session, [result.scalar_one()])
 
 
 def submit_message(session: so.Session, client: User, key: str, body: dict) -> IntakeResult:
@@ -452,16 +581,10 @@ def submit_message(session: so.Session, client: User, key: str, body: dict) -> I
 
 
 def _audit_receive(session, client: User, stored: _Stored, key: str, conn, extra: dict) -> None:
-    audit.note_recorded(
-        session,
-        [
-            session.execute(
-                _receive_event(
-                    client, stored.id, "exception", key, conn, stored.message_type, stored.decoded, extra
-                )
-            ).scalar_one()
-        ],
+    params = _receive_params(
+        client, stored.id, "exception", key, conn, stored.message_type, stored.decoded, extra
     )
+    _execute_parts(session, [("event", params)])
 
 
 def report_exception(session: so.Session, client: User, key: str, body: dict) -> IntakeResult:

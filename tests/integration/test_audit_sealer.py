@@ -318,3 +318,80 @@ def test_a_committer_seals_up_to_its_own_events_not_everyone_elses_backlog(
         assert audit.pending_summary(s).count == 4
     assert audit.seal(sessions, batch=2) == 4  # a backstop takes the rest
     assert _verify(sessions).ok
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("reader", ["verify", "export"])
+def test_a_write_during_verify_or_export_waits_for_no_lock_over_50ms(
+    sessions, database_url, monkeypatch, reader
+):
+    """Issue 6: a concurrent write waits ≤ 50 ms. Measured as lock waits, not wall time (the CPU
+    is shared with the reader): the write runs with lock_timeout 50 ms and its seal may wait at
+    most 50 ms for the sealer's lock — a reader holding the chain head, the sealer's lock or a
+    table lock would leave the write failed or its event unsealed."""
+    engine = get_engine(database_url)
+    fill_chain(engine, 20_000)
+    monkeypatch.setattr(audit, "SEAL_WAIT_SECONDS", 0.05)
+    started, resume = threading.Event(), threading.Event()
+    real_stream = audit.stream_rows
+
+    def paused(*args, **kwargs):
+        for n, row in enumerate(real_stream(*args, **kwargs)):
+            if n == 1000:
+                started.set()
+                assert resume.wait(30)
+            yield row
+
+    monkeypatch.setattr(audit, "stream_rows", paused)
+    result = {}
+    if reader == "verify":
+        work = lambda: result.update(r=audit.verify_database(engine, jobs=1))  # noqa: E731
+    else:
+        work = lambda: result.update(r="".join(stream_export(sessions, "jsonl", actor="audrey")))  # noqa: E731
+    thread = threading.Thread(target=work)
+    thread.start()
+    try:
+        assert started.wait(30)
+        with transaction(sessions) as s:
+            s.execute(sa.text("SET LOCAL lock_timeout = '50ms'"))
+            add_customer(s, "Delta Clinic", actor="adam")
+        with transaction(sessions, read_only=True) as s:
+            assert audit.pending_summary(s).count == 0  # sealed, the reader still mid-read
+            event = s.scalar(sa.select(AuditEvent).where(AuditEvent.action == "customer.create"))
+            assert event is not None
+    finally:
+        resume.set()
+        thread.join(60)
+    if reader == "verify":
+        assert result["r"].ok and result["r"].count == 20_000  # its snapshot, not the later write
+    else:
+        lines = result["r"].splitlines()
+        assert json.loads(lines[-2])["action"] == "audit.export" and len(lines) == 20_000 + 2
+
+
+@pytest.mark.postgres
+def test_a_committer_waiting_for_a_busy_sealer_is_woken_at_its_release(sessions, database_url):
+    """No polling: the committer waits on the sealer's lock (shared), is woken when the holder
+    releases it, finds its event still pending (committed after the holder read) and seals it."""
+    engine = get_engine(database_url)
+    done, out = threading.Event(), {}
+
+    def commit():
+        with transaction(sessions) as s:
+            out["pending"] = _record(s, 1, "woken")
+        out["returned"] = time.perf_counter()
+        done.set()
+
+    with engine.connect() as holder:
+        holder.execute(sa.select(sa.func.pg_advisory_lock(audit.SEALER_LOCK_KEY)))
+        holder.commit()
+        thread = threading.Thread(target=commit)
+        thread.start()
+        assert not done.wait(0.5), "returned while the sealer was busy: its event is not sealed"
+        released = time.perf_counter()
+        holder.execute(sa.select(sa.func.pg_advisory_unlock(audit.SEALER_LOCK_KEY)))
+        holder.commit()
+        assert done.wait(10)
+    thread.join(10)
+    assert out["returned"] - released < 1.0
+    assert _sealed(sessions, out["pending"])[0] is not None and _verify(sessions).ok
