@@ -56,23 +56,7 @@ def test_a_failure_reported_through_the_api_appears_in_an_open_queue_keeping_the
     expect(page.locator("dialog#shortcuts")).to_be_hidden()
     page.evaluate("window.scrollTo(0, 0); document.body.dataset.samePage = 'yes'")
 
-    response = page.request.post(
-        f"{live_server}/api/v1/exceptions",
-        headers={
-            "Authorization": f"Bearer {users['svc_token']}",
-            "Idempotency-Key": "live-update-1",
-            "Content-Type": "application/json",
-        },
-        data=json.dumps(
-            {
-                "connection": "mercy-epic",
-                "message_type": "MedicationRequest",
-                "payload": medication_request(),
-                "content_type": "application/fhir+json",
-                "error": "HTTP 422 from the EHR: OperationOutcome code-invalid",
-            }
-        ),
-    )
+    response = report_failure(page, live_server, users, "live-update-1")
     assert response.status == 202, response.text()
     new_id = response.json()["exception_id"]
     assert response.json()["category"] == "ehr_rejected"
@@ -108,3 +92,31 @@ def test_a_failure_reported_through_the_api_appears_in_an_open_queue_keeping_the
     page.keyboard.press("d")
     expect(page.locator("form.action-discard :focus")).to_have_count(1)
     expect(page).to_have_url(re.compile(r"/exceptions/\d+$"))
+
+    # The dashboard refreshes its figures by itself too.
+    page.goto(f"{live_server}/")
+    active = page.locator('[data-kpi="active"]')
+    before_active = int(active.inner_text())
+    assert report_failure(page, live_server, users, "live-update-2").status == 202
+    expect(active).to_have_text(str(before_active + 1), timeout=(LIVE_INTERVAL_S + 3) * 1000)
+
+
+def report_failure(page, live_server: str, users, key: str):
+    """An interface engine reports a failed message through the API (an exception at once)."""
+    return page.request.post(
+        f"{live_server}/api/v1/exceptions",
+        headers={
+            "Authorization": f"Bearer {users['svc_token']}",
+            "Idempotency-Key": key,
+            "Content-Type": "application/json",
+        },
+        data=json.dumps(
+            {
+                "connection": "mercy-epic",
+                "message_type": "MedicationRequest",
+                "payload": medication_request(),
+                "content_type": "application/fhir+json",
+                "error": "HTTP 422 from the EHR: OperationOutcome code-invalid",
+            }
+        ),
+    )
