@@ -228,3 +228,38 @@ def test_pinned_version_is_checked_again_on_the_schedule(
         ).all()
     assert conn.version_mismatch is None
     assert actions == ["connection.version_mismatch", "connection.version_ok"]
+
+
+def test_the_cli_marks_ordering_and_pauses_and_resumes_a_connection(monkeypatch, database_url, sessions):
+    from click.testing import CliRunner
+
+    from app.cli import main
+
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    runner = CliRunner()
+
+    def run(*args):
+        return runner.invoke(main, list(args), catch_exceptions=False)
+
+    assert run("customers", "add", "Cli Health").exit_code == 0
+    add = ("connections", "add", "cli-fhir", "--customer", "Cli Health", "--protocol", "fhir-r4")
+    assert run(*add, "--endpoint", "https://ehr.example/fhir", "--sequence-sensitive").exit_code == 0
+    r = run("connections", "pause", "cli-fhir", "--reason", "vendor upgrade", "--until", "2999-01-01T06:00Z")
+    assert r.exit_code == 0 and "paused cli-fhir until 2999-01-01 06:00 UTC" in r.output
+    with transaction(sessions, read_only=True) as s:
+        conn = connections.by_name(s, "cli-fhir")
+        assert conn.sequence_sensitive and connections.pause_state(conn)["reason"] == "vendor upgrade"
+    assert run("connections", "pause", "cli-fhir", "--reason", " ").exit_code == 2  # a reason is required
+    r = run("connections", "resume", "cli-fhir")
+    assert r.exit_code == 0 and "0 held item(s) released" in r.output
+    assert run("connections", "resume", "cli-fhir").exit_code == 2  # not paused
+    assert run("connections", "update", "cli-fhir", "--no-sequence-sensitive").exit_code == 0
+    with transaction(sessions, read_only=True) as s:
+        conn = connections.by_name(s, "cli-fhir")
+        assert not conn.sequence_sensitive and connections.pause_state(conn) is None
+        actions = s.scalars(
+            sa.select(AuditEvent.action)
+            .where(AuditEvent.subject_type == "connection", AuditEvent.subject_id == str(conn.id))
+            .order_by(AuditEvent.id)
+        ).all()
+    assert actions == ["connection.create", "connection.paused", "connection.resumed", "connection.update"]
