@@ -73,6 +73,14 @@ def shoot(base: str, out: Path, chromium: str, password: str, pages: list[str]) 
             for name in pages:
                 page.goto(f"{base}{path_of(page, base, name)}")
                 page.wait_for_load_state("networkidle")
+                if name == "approvals":
+                    # The review panel of the first item, as a clinical lead works the list.
+                    first = page.get_by_text("Review the first item")
+                    if first.count() and first.first.is_visible():
+                        with page.expect_response(lambda r: "/approvals/" in r.url):
+                            first.first.click()
+                        page.wait_for_load_state("networkidle")
+                        page.wait_for_timeout(300)  # htmx settles the swapped panel
                 target = out / f"{name}-{label}.png"
                 page.screenshot(path=str(target), full_page=False)
                 print(target.relative_to(ROOT) if target.is_relative_to(ROOT) else target)
