@@ -71,13 +71,13 @@ def redact_log_text(text: str) -> str:
         return text
     text = _PATIENT_REFERENCE.sub(r"\1****", text)
     text = _PID_SEGMENT.sub(r"\1****", text)
-    from app.services.phi import current_scope
-
+    try:
+        from app.domain.phi import reference_forms
+        from app.services.phi import current_scope, redactor_for
+    except ImportError:  # a line logged while those modules are still being imported
+        return text
     scope = current_scope()
     if scope is not None and scope.references:
-        from app.domain.phi import reference_forms
-        from app.services.phi import redactor_for
-
         text = redactor_for({v for ref in scope.references for v in reference_forms(ref)}).text(text)
     return text
 

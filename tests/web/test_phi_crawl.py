@@ -227,7 +227,9 @@ def test_no_known_identifier_reaches_a_role_without_phi_access(app, client, auth
         for url in urls:
             if FULL_PAYLOAD.match(url) and name in OPENS_PAYLOADS:
                 continue  # their audited full view: tests/web/test_phi_views.py
-            for fragment in (False, True):
+            # htmx asks console pages for fragments; the API and the exports answer the same either way.
+            console_page = not url.startswith("/api/") and "export" not in url
+            for fragment in (False, True) if console_page else (False,):
                 status, body = fetch(client, url, seeded["tokens"][name], fragment=fragment)
                 assert status < 500, (name, url, status)
                 fetched += 1
@@ -236,7 +238,7 @@ def test_no_known_identifier_reaches_a_role_without_phi_access(app, client, auth
                     leaks.append(f"{name} {'htmx ' if fragment else ''}{url} [{status}]: {found}")
         auth.logout()
     assert not leaks, "\n".join(leaks)
-    assert fetched > 300
+    assert fetched > 250
 
     # The same crawl as a clinical lead (who may see identifiers) finds them: the seeding shows
     # identifiers on list pages, the detail page, the audit log and the exports.
