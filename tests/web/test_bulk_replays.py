@@ -40,8 +40,11 @@ def request_in_console(login, post, ids) -> int:
     return int(re.search(r"/bulk-replays/(\d+)$", created.headers["Location"]).group(1))
 
 
-def test_the_queue_offers_request_replay_of_selected(login, post, three):
+def test_the_queue_offers_request_replay_of_selected(login, post, three, client):
     login("rita")
+    queue = client.get("/queues").get_data(as_text=True)
+    assert 'formaction="/bulk-replays/new"' in queue and "Request replay of selected" in queue
+    assert 'href="/bulk-replays"' in queue  # the header's Bulk replays link
     page = post("/queues/bulk", {"ids": [str(i) for i in three], "action": "resubmit", "reason": "fixed"})
     html = page.get_data(as_text=True)
     assert 'formaction="/bulk-replays/new"' in html and "Request replay of selected" in html
