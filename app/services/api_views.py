@@ -336,6 +336,8 @@ def connection_json(c: Connection) -> dict:
         "enabled_message_types": list(c.enabled_message_types or []),
         "enabled": c.enabled,
         "circuit": connections.circuit_state(c),
+        "paused": connections.pause_state(c),
+        "sequence_sensitive": c.sequence_sensitive,
         "max_auto_retries": c.max_auto_retries,
         "retry_backoff_seconds": c.retry_backoff_seconds,
         "circuit_failure_threshold": c.circuit_failure_threshold,
@@ -374,6 +376,7 @@ def create_connection(session: so.Session, actor: str, fields: dict) -> dict:
         fhir_version=fields.get("fhir_version") or "4.0.1",
         enabled_message_types=fields.get("enabled_message_types") or [],
         diagnosis_code_system=fields.get("diagnosis_code_system") or "icd-10",
+        sequence_sensitive=fields.get("sequence_sensitive", False),
         actor=actor,
     )
     return connection_json(conn)
@@ -392,6 +395,8 @@ def update_connection(
         admin.update_retry_policy(session, conn.id, actor=actor, **retry)
     if "enabled" in changes:
         admin.set_connection_enabled(session, conn.id, changes["enabled"], actor=actor, reason=reason)
+    if "sequence_sensitive" in changes:
+        connections.set_sequence_sensitive(session, conn.id, changes["sequence_sensitive"], actor=actor)
     return connection_json(conn)
 
 

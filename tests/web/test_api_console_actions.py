@@ -183,6 +183,18 @@ def test_an_admin_configures_customers_connections_and_sla_rules_through_the_api
     assert (disabled.actor, disabled.reason) == ("adam", "EHR upgrade")
     assert audit_events(action="connection.retry_policy")
 
+    # Ordering (issue 6): sequence-sensitive on create and on change, audited; a pause shows.
+    ordered = api("adam", "POST", "/connections", body | {"name": "lake-adt", "sequence_sensitive": True})
+    assert ordered.status_code == 201 and ordered.json["sequence_sensitive"] is True
+    assert ordered.json["paused"] is None and created.json["sequence_sensitive"] is False
+    r = api("adam", "PATCH", f"/connections/{conn_id}", {"sequence_sensitive": True})
+    assert r.status_code == 200 and r.json["sequence_sensitive"] is True
+    assert api("adam", "PATCH", f"/connections/{conn_id}", {"sequence_sensitive": "yes"}).status_code == 422
+    assert any(e.details.get("sequence_sensitive") is True for e in audit_events(action="connection.update"))
+    paused = api("adam", "POST", f"/connections/{conn_id}/pause", {"reason": "EHR downtime"})
+    assert paused.status_code == 200 and paused.json["paused"]["reason"] == "EHR downtime"
+    assert api("adam", "GET", f"/connections/{conn_id}").json["paused"]["by"] == "adam"
+
     rule = api(
         "adam",
         "POST",

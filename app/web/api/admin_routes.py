@@ -28,10 +28,12 @@ CONNECTION_FIELDS = {
     "identifier_search": bool,
     "diagnosis_code_system": str,
     "enabled_message_types": list,
+    "sequence_sensitive": bool,
 }
 CONNECTION_REQUIRED = ("name", "customer", "protocol", "endpoint")
 CONNECTION_CHANGES = {
     "enabled": bool,
+    "sequence_sensitive": bool,
     "max_auto_retries": int,
     "retry_backoff_seconds": float,
     "circuit_failure_threshold": int,

@@ -171,6 +171,10 @@ _CONNECTION_REQUEST = {
     "identifier_search": _BOOL,
     "diagnosis_code_system": {"enum": ["icd-10", "icd-9", "any"]},
     "enabled_message_types": {"type": "array", "items": _STR},
+    "sequence_sensitive": {
+        "type": "boolean",
+        "description": "a later message for a patient waits behind an unresolved earlier one",
+    },
 }
 _RETRY_POLICY = {
     "max_auto_retries": {"type": "integer", "minimum": 0, "maximum": 20},
@@ -416,7 +420,9 @@ SCHEMAS = {
     "ResumeRequest": _obj({"reason": _STR}, ()),
     "Customer": _obj({"id": _INT, "name": _STR, "created_at": _TIME}),
     "ConnectionRequest": _obj(_CONNECTION_REQUEST, ("name", "customer", "protocol", "endpoint")),
-    "ConnectionChanges": _obj({"enabled": _BOOL, **_RETRY_POLICY, "reason": _REASON}, ()),
+    "ConnectionChanges": _obj(
+        {"enabled": _BOOL, "sequence_sensitive": _BOOL, **_RETRY_POLICY, "reason": _REASON}, ()
+    ),
     "Connection": _obj(
         {
             "id": _INT,
@@ -424,6 +430,11 @@ SCHEMAS = {
             "name": _STR,
             "enabled": _BOOL,
             "circuit": {"enum": ["closed", "open", "half_open"]},
+            "paused": {
+                "type": ["object", "null"],
+                "description": "the maintenance window, null when not paused",
+                "properties": {"paused_at": _TIME, "until": _NTIME, "reason": _STR, "by": _STR},
+            },
             **{k: {"type": "number"} for k in _RETRY_POLICY},
             "created_at": _TIME,
         }

@@ -267,14 +267,6 @@ def acknowledge_drift(flag_id: int):
 # --- maintenance windows (issue 6): pause / resume a connection ----------------------------------
 
 
-def _connection_state(s, connection_id: int) -> dict:
-    from app.services import connections
-
-    view = api_views.connection_view(s, connection_id)
-    conn = connections.get_connection(s, connection_id)
-    return {**view, "paused": connections.pause_state(conn), "sequence_sensitive": conn.sequence_sensitive}
-
-
 @bp.post("/connections/<int:connection_id>/pause")
 @requires(Permission.ADMIN)
 def pause_connection(connection_id: int):
@@ -291,7 +283,7 @@ def pause_connection(connection_id: int):
         connections.pause_connection(
             s, connection_id, reason=reason, until=end, actor=current_actor().username
         )
-        return jsonify(_connection_state(s, connection_id))
+        return jsonify(api_views.connection_view(s, connection_id))
 
 
 @bp.post("/connections/<int:connection_id>/resume")
@@ -305,4 +297,4 @@ def resume_connection(connection_id: int):
         released = connections.resume_connection(
             s, connection_id, actor=current_actor().username, reason=reason
         )
-        return jsonify({**_connection_state(s, connection_id), "released": released})
+        return jsonify({**api_views.connection_view(s, connection_id), "released": released})
