@@ -164,13 +164,13 @@ def changes():
         if token == since:
             return "", 204
         counts = queries.queue_counts(s) if request.args.get("counts") == "1" else None
-        as_of = queries.count_source(s)
+        source = queries.count_source(s)
     rows_changed = token.split(".")[0] != since.split(".")[0]
     body = ""
     if counts is not None:
         queue = request.args.get("queue", "")
         body = render_template(
-            "queues/_counts.html", queues=queries.QUEUES, counts=counts, queue=queue, source=as_of, oob=True
+            "queues/_counts.html", queues=queries.QUEUES, counts=counts, queue=queue, source=source, oob=True
         )
     response = make_response(body, 200)
     response.headers["HX-Trigger"] = json.dumps({"recon:changed": {"token": token, "rows": rows_changed}})
@@ -218,7 +218,8 @@ def save_view():
     """Save the current filters under a name (personal, or shared)."""
     form = SavedViewForm()
     queue = form.queue.data if form.queue.data in queries.QUEUES else "all"
-    back = url_for(".show", queue=queue) + (f"?{form.query.data}" if form.query.data else "")
+    query = saved_views.filter_query(form.query.data or "")
+    back = url_for(".show", queue=queue) + (f"?{query}" if query else "")
     if not form.validate():
         flash(f"View not saved. {first_error(form)}", "error")
         return redirect(back, code=303)
