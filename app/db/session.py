@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,7 +56,32 @@ def make_engine(url: str) -> sa.Engine:
 
         return engine
     # hide_parameters: a database error never carries a payload value or patient reference into logs.
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
+    engine = sa.create_engine(url, pool_size=10, max_overflow=20, hide_parameters=True)
+    _ping_when_idle(engine, IDLE_PING_SECONDS)
+    return engine
+
+
+# A pooled connection idle for longer than this is checked (SELECT 1) before use, and replaced if
+# the server dropped it. `pool_pre_ping` checked every checkout: one round trip per transaction
+# (three per intake request), while a connection in steady use was never the stale one. A server
+# restart under load still fails the statements in flight; SQLAlchemy then invalidates the pool.
+IDLE_PING_SECONDS = 5.0
+
+
+def _ping_when_idle(engine: sa.Engine, seconds: float) -> None:
+    @sa.event.listens_for(engine, "checkin")
+    def _checkin(dbapi_conn, record):
+        record.info["recon_idle_since"] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn, record, proxy):
+        since = record.info.get("recon_idle_since")
+        if since is None or time.monotonic() - since <= seconds:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # the pool replaces the connection and tries again
+            raise sa.exc.DisconnectionError("stale pooled connection") from exc
 
 
 def get_engine(url: str) -> sa.Engine:
