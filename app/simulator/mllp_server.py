@@ -72,6 +72,15 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         sock: socket.socket = self.request
+        with self.server.open_lock:
+            self.server.open_sockets.add(sock)
+        try:
+            self._serve(sock)
+        finally:
+            with self.server.open_lock:
+                self.server.open_sockets.discard(sock)
+
+    def _serve(self, sock: socket.socket) -> None:
         buffer = b""
         while not self.server.stop_event.is_set():
             try:
@@ -145,7 +154,18 @@ class _MllpServer(socketserver.ThreadingTCPServer):
 
     def __init__(self, address, state, stop_event: threading.Event):
         self.state, self.stop_event = state, stop_event
+        self.open_sockets: set[socket.socket] = set()
+        self.open_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def close_connections(self) -> None:
+        """A stopping engine closes its connections, as a real one does on restart."""
+        with self.open_lock:
+            for sock in self.open_sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 class MllpListener:
@@ -173,6 +193,7 @@ class MllpListener:
             return
         self._server.shutdown()
         self._server.server_close()
+        self._server.close_connections()
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._server = None

@@ -42,12 +42,32 @@ class Hl7MllpAdapter(EhrAdapter):
     # -- connection
 
     def _connect(self) -> socket.socket:
+        if self._sock is not None and not self._reusable(self._sock):
+            self.close()  # the receiver closed it while idle (engine restart, idle timeout)
         if self._sock is None:
             self._sock = socket.create_connection(
                 (self.host, self.port), timeout=self.settings.connect_timeout
             )
             self._buffer = b""
         return self._sock
+
+    @staticmethod
+    def _reusable(sock: socket.socket) -> bool:
+        """Whether an idle persistent connection can carry the next message. A receiver that
+        closed it (engine restart, idle timeout) shows as end-of-file or a reset; sending into it
+        would make a message that provably never arrived look like an unknown outcome. Bytes
+        waiting on an idle connection (a very late ACK) must not answer the next message either."""
+        try:
+            sock.setblocking(False)
+            try:
+                waiting = sock.recv(1, socket.MSG_PEEK)
+            finally:
+                sock.setblocking(True)
+        except (BlockingIOError, InterruptedError):
+            return True  # nothing to read: open and idle
+        except OSError:
+            return False  # reset
+        return False  # b"" (closed by the receiver) or stray bytes
 
     def close(self) -> None:
         if self._sock is not None:
