@@ -60,7 +60,7 @@ class Hl7MllpAdapter(EhrAdapter):
         try:
             sock.setblocking(False)
             try:
-                waiting = sock.recv(1, socket.MSG_PEEK)
+                sock.recv(1, socket.MSG_PEEK)  # b"" = closed by the receiver
             finally:
                 sock.setblocking(True)
         except (BlockingIOError, InterruptedError):
