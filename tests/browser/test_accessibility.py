@@ -37,6 +37,7 @@ def pages_for(role: str, estate: dict) -> list[tuple[str, str]]:
         ("detail", f"/exceptions/{estate['fhir']}"),
         ("detail hl7", f"/exceptions/{estate['hl7']}"),
         ("replays", "/replays"),
+        ("bulk replays", "/bulk-replays"),
         ("tokens", "/account/tokens"),
     ]
     if has_permission(role, Permission.DECIDE) and has_permission(role, Permission.VIEW_PAYLOAD):
@@ -102,6 +103,6 @@ def test_every_page_for_every_role_at_both_widths_has_no_axe_violation(browser, 
     print(f"\naxe: {checked} page x role x width combinations in {time.monotonic() - started:.1f} s")
     for key, violations in found.items():
         print(f"  {key}: {len(violations)} violations")
-    assert checked >= 4 * 8 * 2
+    assert checked >= 4 * 9 * 2
     assert {k: v for k, v in found.items() if v} == {}
     assert {k: v for k, v in overflow.items() if v > 0} == {}
