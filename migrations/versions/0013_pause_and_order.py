@@ -16,18 +16,19 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("connections") as batch:
-        batch.add_column(sa.Column("paused_at", sa.DateTime(), nullable=True))
-        batch.add_column(sa.Column("paused_until", sa.DateTime(), nullable=True))
-        batch.add_column(sa.Column("paused_reason", sa.Text(), nullable=True))
-        batch.add_column(sa.Column("paused_by", sa.String(80), nullable=True))
-        batch.add_column(
-            sa.Column("sequence_sensitive", sa.Boolean(), nullable=False, server_default=sa.false())
-        )
-        batch.add_column(sa.Column("version_checked_at", sa.DateTime(), nullable=True))
-        batch.add_column(sa.Column("version_mismatch", sa.Text(), nullable=True))
-    with op.batch_alter_table("attempts") as batch:
-        batch.add_column(sa.Column("held_behind", sa.String(36), nullable=True))
+    # Plain ADD COLUMN (not batch mode): on SQLite batch mode would recreate `connections`, which
+    # other tables reference, and the foreign keys fail its DROP TABLE once rows exist.
+    for column in (
+        sa.Column("paused_at", sa.DateTime(), nullable=True),
+        sa.Column("paused_until", sa.DateTime(), nullable=True),
+        sa.Column("paused_reason", sa.Text(), nullable=True),
+        sa.Column("paused_by", sa.String(80), nullable=True),
+        sa.Column("sequence_sensitive", sa.Boolean(), nullable=False, server_default=sa.false()),
+        sa.Column("version_checked_at", sa.DateTime(), nullable=True),
+        sa.Column("version_mismatch", sa.Text(), nullable=True),
+    ):
+        op.add_column("connections", column)
+    op.add_column("attempts", sa.Column("held_behind", sa.String(36), nullable=True))
     # The few attempts waiting behind an earlier message, by the message they wait for.
     op.create_index(
         "ix_attempts_held_behind",
@@ -45,16 +46,16 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_messages_connection_patient", table_name="messages")
     op.drop_index("ix_attempts_held_behind", table_name="attempts")
-    with op.batch_alter_table("attempts") as batch:
-        batch.drop_column("held_behind")
-    with op.batch_alter_table("connections") as batch:
-        for name in (
-            "version_mismatch",
-            "version_checked_at",
-            "sequence_sensitive",
-            "paused_by",
-            "paused_reason",
-            "paused_until",
-            "paused_at",
-        ):
-            batch.drop_column(name)
+    # Plain DROP COLUMN (SQLite >= 3.35, PostgreSQL): batch mode would recreate `connections`,
+    # which other tables reference, and SQLite enforces those foreign keys on the DROP TABLE.
+    op.execute("ALTER TABLE attempts DROP COLUMN held_behind")
+    for name in (
+        "version_mismatch",
+        "version_checked_at",
+        "sequence_sensitive",
+        "paused_by",
+        "paused_reason",
+        "paused_until",
+        "paused_at",
+    ):
+        op.execute(f"ALTER TABLE connections DROP COLUMN {name}")

@@ -1,5 +1,7 @@
 """SPEC 7 and 9.3: health, readiness, metrics, request ids, the OpenAPI document."""
 
+import re
+
 from tests.factories import make_exception
 
 
@@ -26,9 +28,10 @@ def test_request_id_is_echoed_or_made(client):
 
 def test_openapi_describes_every_route(client, app):
     doc = client.get("/api/v1/openapi.json").json
-    documented = {"/api/v1" + p for p in doc["paths"]}
+    # Path parameters are compared by position: the document names them {id}, {action}, ...
+    documented = {re.sub(r"\{[^}]+\}", "{}", "/api/v1" + p) for p in doc["paths"]}
     routed = {
-        str(rule).replace("<int:exception_id>", "{id}").replace("<message_id>", "{id}")
+        re.sub(r"<[^>]+>", "{}", str(rule))
         for rule in app.url_map.iter_rules()
         if str(rule).startswith("/api/v1")
     }
