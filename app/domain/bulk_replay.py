@@ -179,6 +179,7 @@ def check_approval(
     actor_id: int,
     role: Role,
     password_confirmed: bool,
+    password_given: bool = False,
     actor_enrolled_by: frozenset[int] = frozenset(),
     approvals_locked: bool = False,
 ) -> None:
@@ -198,6 +199,7 @@ def check_approval(
             actor_id=actor_id,
             actor_role=role,
             password_confirmed=password_confirmed,
+            password_given=password_given,
             actor_enrolled_by=actor_enrolled_by,
             approvals_locked=approvals_locked,
         ),

@@ -162,9 +162,17 @@ class DecisionRequest:
     reason_code: str | None = None
     corrected_payload: str | None = None
     password_confirmed: bool = False
+    password_given: bool = False  # a password was entered (wrong when not confirmed)
     # accounts that created the actor's account or issued the link its password was set with
     actor_enrolled_by: frozenset[int] = frozenset()
     approvals_locked: bool = False  # too many wrong approval passwords; an admin must clear it
+
+
+def password_refusal(password_given: bool) -> str:
+    """What an approver is told when the re-entered password does not confirm them."""
+    if password_given:
+        return "wrong password: re-enter your own login password to approve"
+    return "approval needs your password re-entered"
 
 
 def parse_action(value: str) -> Action:
@@ -262,7 +270,7 @@ def plan_transition(facts: ExceptionFacts, req: DecisionRequest) -> ExceptionSta
                 code="approval_locked",
             )
         if not req.password_confirmed:
-            raise Forbidden("approval needs your password re-entered", code="password_required")
+            raise Forbidden(password_refusal(req.password_given), code="password_required")
     return rule.to_state if rule.to_state is not None else facts.state
 
 

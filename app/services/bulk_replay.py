@@ -410,6 +410,7 @@ def _check_four_eyes(session: so.Session, batch: BulkReplay, actor: User, passwo
             actor_id=actor.id,
             role=Role(actor.role),
             password_confirmed=not locked and check_password(actor, password or ""),
+            password_given=bool(password),
             actor_enrolled_by=frozenset(
                 i for i in (actor.created_by_id, actor.enrolled_by_id) if i is not None
             ),

@@ -265,6 +265,7 @@ def decide(session: so.Session, exception_id: int, actor: User, data: DecisionIn
         password_confirmed=action is Action.APPROVE
         and actor.approval_locked_at is None
         and check_password(actor, data.password or ""),
+        password_given=bool(data.password),
         actor_enrolled_by=frozenset(i for i in (actor.created_by_id, actor.enrolled_by_id) if i is not None),
         approvals_locked=actor.approval_locked_at is not None,
     )

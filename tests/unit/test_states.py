@@ -249,3 +249,13 @@ def test_unknown_state_names_are_illegal():
         check_transition("replay", "queued", "sent")
     with pytest.raises(IllegalTransition):
         check_transition("attempt", "done", "delivered")
+
+
+def test_a_wrong_approval_password_says_so_and_a_missing_one_asks_for_it():
+    facts = ExceptionFacts(state=S.PENDING_APPROVAL, category="transport", replay_requested_by=7)
+    base = dict(action=A.APPROVE, actor_id=8, actor_role=Role.CLINICAL_LEAD, password_confirmed=False)
+    with pytest.raises(Forbidden, match="^wrong password") as wrong:
+        plan_transition(facts, DecisionRequest(**base, password_given=True))
+    with pytest.raises(Forbidden, match="needs your password") as missing:
+        plan_transition(facts, DecisionRequest(**base))
+    assert wrong.value.code == missing.value.code == "password_required"
