@@ -1245,7 +1245,12 @@ class _MllpReceiver:
     def settimeout(self, seconds: float) -> None:
         pass
 
-    def recv(self, size: int) -> bytes:
+    def setblocking(self, flag: bool) -> None:
+        self.blocking = flag
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        if not getattr(self, "blocking", True):  # the adapter's idle check: open, nothing waiting
+            raise BlockingIOError
         if self.signal == "mllp_reset":
             raise ConnectionResetError(104, "Connection reset by peer")
         if self.signal == "mllp_late_ack":  # the ACK comes after our read timeout

@@ -292,6 +292,8 @@ SYSTEM_TRANSITIONS: dict[StateKind, dict[tuple[StrEnum, StrEnum], str]] = {
         (_E.OPEN, _E.ESCALATED): "sla: breached, escalated to the clinical leads",
         (_E.OPEN, _E.RESOLVED): "worker: a late result proved delivery",
         (_E.ESCALATED, _E.RESOLVED): "worker: a late result proved delivery",
+        (_E.PENDING_APPROVAL, _E.REPLAYING): "bulk replay: an approved batch releases the item in its slot",
+        (_E.PENDING_APPROVAL, _E.OPEN): "bulk replay: cancelled or paused-and-cancelled before release",
     },
     StateKind.REPLAY: {
         (_R.QUEUED, _R.QUEUED): "worker: deferred until an earlier request's window closes",

@@ -28,6 +28,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm as so
 
 from app.db.bulk_replay_models import BulkReplay, BulkReplayItem
+from app.db.cas import cas_update
 from app.db.models import (
     ApprovalFailure,
     Connection,
@@ -729,17 +730,18 @@ def _move_exception(
     now: datetime,
     version: int | None = None,
 ) -> bool:
-    stmt = sa.update(ExceptionItem).where(
-        ExceptionItem.id == exception_id, ExceptionItem.state == str(from_state)
-    )
+    """The exception's move, through the one compare-and-set (checked against the state tables)."""
+    expect: dict = {"state": str(from_state)}
     if version is not None:
-        stmt = stmt.where(ExceptionItem.version == version)
-    done = s.execute(
-        stmt.values(
-            state=to_state.value, version=ExceptionItem.version + 1, updated_at=now
-        ).execution_options(synchronize_session=False)
-    ).rowcount
-    return done == 1
+        expect["version"] = version
+    return cas_update(
+        s,
+        ExceptionItem,
+        exception_id,
+        expect=expect,
+        values={"state": to_state.value, "updated_at": now},
+        bump_version=True,
+    )
 
 
 def _exception_decision(
