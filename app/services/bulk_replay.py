@@ -30,7 +30,6 @@ import sqlalchemy.orm as so
 from app.db.bulk_replay_models import BulkReplay, BulkReplayItem
 from app.db.cas import cas_update
 from app.db.models import (
-    ApprovalFailure,
     Connection,
     Decision,
     ExceptionItem,
@@ -63,9 +62,9 @@ from app.domain.errors import Conflict, Forbidden, Invalid, NotFound
 from app.domain.roles import Role
 from app.domain.states import ExceptionFacts, ExceptionState
 
-from . import audit, connections
+from . import audit, connections, users
 from .clock import utcnow
-from .users import APPROVAL_FAILURE_LIMIT, APPROVAL_FAILURE_WINDOW, check_password
+from .users import check_password
 
 SYSTEM_ACTOR = "system:bulk_replay"
 _PAST = {BatchAction.REJECT: "rejected", BatchAction.CANCEL: "cancelled"}
@@ -425,42 +424,11 @@ def _check_four_eyes(session: so.Session, batch: BulkReplay, actor: User, passwo
 
 def record_password_failure(session: so.Session, user_id: int, bulk_replay_id: int) -> bool:
     """A wrong password on a batch approval counts towards the same approval lock as one on a
-    single replay (users.APPROVAL_FAILURE_LIMIT in the window); audited with the batch as subject.
-    Returns True if the account's approvals are (now) locked."""
-    user = session.get(User, user_id)
-    if user is None:
-        return False
-    now = utcnow()
-    session.add(ApprovalFailure(user_id=user.id, failed_at=now))
-    session.flush()
-    since = now - APPROVAL_FAILURE_WINDOW
-    if user.approval_lock_cleared_at is not None and user.approval_lock_cleared_at > since:
-        since = user.approval_lock_cleared_at
-    count = session.scalar(
-        sa.select(sa.func.count())
-        .select_from(ApprovalFailure)
-        .where(ApprovalFailure.user_id == user.id, ApprovalFailure.failed_at >= since)
+    single replay (the same function), audited with the batch as subject. Returns True if the
+    account's approvals are (now) locked."""
+    return users.record_approval_password_failure(
+        session, user_id, subject_type="bulk_replay", subject_id=bulk_replay_id
     )
-    window = int(APPROVAL_FAILURE_WINDOW.total_seconds() // 60)
-    audit.record(
-        session,
-        actor=user.username,
-        action="approval.password_failed",
-        subject_type="bulk_replay",
-        subject_id=bulk_replay_id,
-        details={"failures_in_window": count, "window_minutes": window},
-    )
-    if count >= APPROVAL_FAILURE_LIMIT and user.approval_locked_at is None:
-        user.approval_locked_at = now
-        audit.record(
-            session,
-            actor="system:throttle",
-            action="approval.locked",
-            subject_type="user",
-            subject_id=user.id,
-            details={"username": user.username, "failures": count, "window_minutes": window},
-        )
-    return user.approval_locked_at is not None
 
 
 def _stop_held_items(

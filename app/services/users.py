@@ -432,11 +432,19 @@ def approval_locked(user: User) -> bool:
     return user.approval_locked_at is not None
 
 
-def record_approval_password_failure(session: so.Session, user_id: int, *, exception_id: int) -> bool:
+def record_approval_password_failure(
+    session: so.Session,
+    user_id: int,
+    *,
+    exception_id: int | None = None,
+    subject_type: str = "exception",
+    subject_id: int | None = None,
+) -> bool:
     """Audit one wrong approval password and lock approvals after the fifth within 15 minutes.
 
-    Runs in its own transaction after the refused decision rolled back. Returns True if the
-    account is (now) locked."""
+    The subject is the exception approved, or another subject (a bulk replay batch). Runs in its
+    own transaction after the refused decision rolled back. Returns True if the account is (now)
+    locked."""
     user = session.get(User, user_id)
     if user is None:
         return False
@@ -455,8 +463,8 @@ def record_approval_password_failure(session: so.Session, user_id: int, *, excep
         session,
         actor=user.username,
         action="approval.password_failed",
-        subject_type="exception",
-        subject_id=exception_id,
+        subject_type=subject_type,
+        subject_id=exception_id if subject_id is None else subject_id,
         details={"failures_in_window": count, "window_minutes": 15},
     )
     if count >= APPROVAL_FAILURE_LIMIT and user.approval_locked_at is None:
