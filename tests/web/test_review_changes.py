@@ -164,9 +164,7 @@ def request_corrected_replay(login, post, make) -> int:
 
 
 def approval_card(html: str, exc_id: int) -> str:
-    return re.search(
-        rf'<article class="approval" id="approval-{exc_id}".*?</article>', html, re.S
-    ).group(0)
+    return re.search(rf'<article class="approval" id="approval-{exc_id}".*?</article>', html, re.S).group(0)
 
 
 def test_the_approver_sees_the_change_list_first_and_the_full_diff_on_demand(login, post, make, audit_events):
