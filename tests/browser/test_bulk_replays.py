@@ -17,7 +17,16 @@ pytestmark = pytest.mark.browser
 
 
 def fits_and_passes_axe(page) -> None:
-    assert page.evaluate("document.documentElement.scrollWidth") <= 390, page.url
+    # Measured once the page has loaded and settled (a loaded CI machine once measured mid-layout);
+    # a real overflow persists and still fails.
+    page.wait_for_load_state("load")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    for _ in range(10):
+        if width <= 390:
+            break
+        page.wait_for_timeout(200)
+        width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, page.url
     results = Axe().run(page)
     assert results.violations_count == 0, results.generate_report()
 
