@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 
 from flask import Blueprint, Flask, make_response, render_template, request, url_for
 from wtforms import SelectChoice
+from wtforms.validators import ValidationError
 
 from app.domain.audit_chain import format_timestamp
 from app.domain.roles import Role, mask_identifier, masks_patient_identifiers
@@ -161,3 +162,24 @@ def _install(app: Flask) -> None:
 def install(bp: Blueprint) -> None:
     """Register the shared template helpers when `bp` is registered on an app."""
     bp.record_once(lambda state: _install(state.app))
+
+
+def parse_selection_ref(value: str) -> tuple[int, int | None]:
+    """'123:4' -> (123, 4): the id and the version the list showed; '123' -> (123, None)."""
+    ident, _, version = value.partition(":")
+    return int(ident), int(version) if version else None
+
+
+def check_selection(values: list[str], limit: int, too_many: str) -> None:
+    """A bulk form's fixed selection (queue bulk actions, bulk replay): at least one, at most
+    `limit`, each a well-formed reference, none twice. Raises WTForms' ValidationError."""
+    if not values:
+        raise ValidationError("select at least one exception")
+    if len(values) > limit:
+        raise ValidationError(too_many)
+    try:
+        refs = [parse_selection_ref(v) for v in values]
+    except ValueError:
+        raise ValidationError("malformed selection") from None
+    if len({i for i, _ in refs}) != len(refs):
+        raise ValidationError("an exception is selected twice")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import flash, redirect, render_template, url_for
 from flask_wtf import FlaskForm
 from wtforms import DecimalField, HiddenField, IntegerField, PasswordField, SelectMultipleField, TextAreaField
-from wtforms.validators import Length, NumberRange, Optional, ValidationError
+from wtforms.validators import Length, NumberRange, Optional
 from wtforms.widgets import HiddenInput
 
 from app.domain.bulk_replay import DEFAULT_PACE, MAX_ITEMS, Pace, available_batch_actions
@@ -14,15 +14,9 @@ from app.domain.roles import Permission
 from app.services import bulk_replay, queries
 
 from ..access import current_actor, requires
-from ..console import first_error, page_or_fragment, stop_polling
+from ..console import check_selection, first_error, page_or_fragment, parse_selection_ref, stop_polling
 from ..extensions import htmx, unit_of_work
 from . import bp
-
-
-def _parse_ref(value: str) -> tuple[int, int | None]:
-    """'123:4' -> (123, 4): the id and the version the list showed; '123' -> (123, None)."""
-    ident, _, version = value.partition(":")
-    return int(ident), int(version) if version else None
 
 
 class RequestForm(FlaskForm):
@@ -44,19 +38,10 @@ class RequestForm(FlaskForm):
     back = HiddenField(validators=[Optional(), Length(max=2000)])
 
     def validate_ids(self, field):
-        if not field.data:
-            raise ValidationError("select at least one exception")
-        if len(field.data) > MAX_ITEMS:
-            raise ValidationError(f"a bulk replay holds at most {MAX_ITEMS} exceptions")
-        try:
-            refs = [_parse_ref(v) for v in field.data]
-        except ValueError:
-            raise ValidationError("malformed selection") from None
-        if len({i for i, _ in refs}) != len(refs):
-            raise ValidationError("an exception is selected twice")
+        check_selection(field.data, MAX_ITEMS, f"a bulk replay holds at most {MAX_ITEMS} exceptions")
 
     def refs(self) -> list[tuple[int, int | None]]:
-        return [_parse_ref(v) for v in self.ids.data]
+        return [parse_selection_ref(v) for v in self.ids.data]
 
     def pace(self) -> Pace:
         return Pace(

@@ -26,7 +26,7 @@ from wtforms import (
     StringField,
     TextAreaField,
 )
-from wtforms.validators import AnyOf, Length, NumberRange, Optional, ValidationError
+from wtforms.validators import AnyOf, Length, NumberRange, Optional
 from wtforms.widgets import HiddenInput
 
 from app.domain.errors import DomainError, Invalid, NotFound
@@ -35,7 +35,7 @@ from app.domain.states import Action, DiscardReason
 from app.services import exceptions, queries, queue_export, saved_views
 
 from ..access import current_actor, requires
-from ..console import first_error, labelled, options, page_or_fragment
+from ..console import check_selection, first_error, labelled, options, page_or_fragment, parse_selection_ref
 from ..extensions import unit_of_work
 from . import bp
 
@@ -253,12 +253,6 @@ def delete_view(view_id: int):
 # --- bulk actions ---------------------------------------------------------------------------------
 
 
-def _parse_ref(value: str) -> tuple[int, int | None]:
-    """'123:4' -> (123, 4): the id and the version the list showed; '123' -> (123, None)."""
-    ident, _, version = value.partition(":")
-    return int(ident), int(version) if version else None
-
-
 class BulkForm(FlaskForm):
     ids = SelectMultipleField("Selected exceptions", validate_choice=False)
     action = SelectField("Action", choices=labelled([a.value for a in BULK_ACTIONS], None))
@@ -273,19 +267,10 @@ class BulkForm(FlaskForm):
     back = HiddenField(validators=[Optional(), Length(max=2000)])
 
     def validate_ids(self, field):
-        if not field.data:
-            raise ValidationError("select at least one exception")
-        if len(field.data) > MAX_BULK:
-            raise ValidationError(f"select at most {MAX_BULK} exceptions at a time")
-        try:
-            refs = [_parse_ref(v) for v in field.data]
-        except ValueError:
-            raise ValidationError("malformed selection") from None
-        if len({i for i, _ in refs}) != len(refs):
-            raise ValidationError("an exception is selected twice")
+        check_selection(field.data, MAX_BULK, f"select at most {MAX_BULK} exceptions at a time")
 
     def refs(self) -> list[tuple[int, int | None]]:
-        return [_parse_ref(v) for v in self.ids.data]
+        return [parse_selection_ref(v) for v in self.ids.data]
 
     def back_url(self) -> str:
         back = self.back.data or ""
