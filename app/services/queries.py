@@ -260,6 +260,25 @@ def _dialect(session: so.Session) -> str:
     return session.get_bind().dialect.name
 
 
+# What a listing shows of each row's relations, loaded in the same query: only the columns a list
+# uses, so a page does not fetch and decode every row's full message (its stored response JSON)
+# and connection (its settings) once per row. Anything else stays reachable (a deferred load).
+LIST_LOADS = (
+    so.joinedload(ExceptionItem.message).load_only(
+        Message.id,
+        Message.idempotency_key,
+        Message.control_id,
+        Message.patient_ref,
+        Message.clinical_risk,
+        Message.message_type,
+        Message.status,
+    ),
+    so.joinedload(ExceptionItem.connection).load_only(Connection.id, Connection.name, Connection.customer_id),
+    so.joinedload(ExceptionItem.customer).load_only(Customer.id, Customer.name),
+    so.joinedload(ExceptionItem.assignee).load_only(User.id, User.username, User.role),
+)
+
+
 def list_exceptions(
     session: so.Session,
     *,
@@ -305,16 +324,7 @@ def list_exceptions(
             ExceptionItem.sla_due_at >= due,
             sa.or_(ExceptionItem.sla_due_at > due, ExceptionItem.id > last_id),
         )
-    stmt = (
-        stmt.options(
-            so.joinedload(ExceptionItem.message),
-            so.joinedload(ExceptionItem.connection),
-            so.joinedload(ExceptionItem.customer),
-            so.joinedload(ExceptionItem.assignee),
-        )
-        .order_by(ExceptionItem.sla_due_at, ExceptionItem.id)
-        .limit(limit + 1)
-    )
+    stmt = stmt.options(*LIST_LOADS).order_by(ExceptionItem.sla_due_at, ExceptionItem.id).limit(limit + 1)
     rows = list(session.scalars(stmt).unique())
     next_cursor = None
     if len(rows) > limit:
@@ -478,6 +488,7 @@ class QueueView:
     # ("3 closed items match — show them"), counted up to BOUNDED_COUNT.
     closed_matches: int = 0
     reasons: dict[int, str] = field(default_factory=dict)  # exception id -> failure reason (masked per role)
+    now: datetime | None = None  # the page's clock: every row's SLA status is taken at this time
 
 
 def queue_states(queue: str, state: str | None) -> str | tuple[str, ...]:
@@ -535,6 +546,7 @@ def queue_page(
         view.closed_matches = count_exceptions(
             session, now=now, limit=BOUNDED_COUNT, **{**params, "state": FINAL_STATE_VALUES}
         )
+    view.now = now
     return view
 
 
