@@ -4,8 +4,9 @@ Kept apart from app/db/models.py (the domain's tables); they share its metadata.
 
 * `exception_counts` — active exceptions per (category, state, customer, connection, SLA status)
   as of `read_summaries.counts_as_of`: what the queue counts and the dashboard show.
-* `read_summaries` — one row (id 1): when the counts were taken, and the dashboard's trend series
-  and 24-hour throughput with their own time.
+* `read_summaries` — one row (id 1): when the counts were taken and their rollups (per-queue
+  totals, the dashboard's matrix and per-connection rows), and the dashboard's trend series and
+  24-hour throughput with their own time.
 * `housekeeping_tasks` — one row per scheduled housekeeping step: who ran it last and when. A
   worker runs a step only after winning a compare-and-set on `last_run_at`, so each step runs
   once per interval across all workers, not once per pass of every worker.
@@ -40,6 +41,8 @@ class ReadSummary(Base):
     refresh_ms: so.Mapped[int] = so.mapped_column(default=0)
     trends_as_of: so.Mapped[datetime | None]
     trends: so.Mapped[dict | None] = so.mapped_column(sa.JSON)
+    # The counts' rollups, taken with them (migration 0014): see app/services/summaries.py.
+    rollups: so.Mapped[dict | None] = so.mapped_column(sa.JSON)
 
 
 class HousekeepingTask(Base):

@@ -365,6 +365,9 @@ class CountSource:
     rows: sa.FromClause
     as_of: datetime
     live: bool
+    # The summary's rollups of those rows (see `rollups`), stored by the same refresh; None when
+    # counting live (or for a summary written before migration 0014): then pages aggregate `rows`.
+    rollups: dict | None = None
 
 
 def active_groups(session: so.Session, now: datetime) -> sa.Select:
@@ -402,7 +405,10 @@ def count_source(session: so.Session, now: datetime | None = None) -> CountSourc
     cached = session.info.get("recon_count_source")
     if cached is not None:
         return cached
-    as_of = session.scalar(sa.select(ReadSummary.counts_as_of).where(ReadSummary.id == 1))
+    stored = session.execute(
+        sa.select(ReadSummary.counts_as_of, ReadSummary.rollups).where(ReadSummary.id == 1)
+    ).first()
+    as_of, stored_rollups = stored if stored is not None else (None, None)
     if as_of is not None and 0 <= (now - as_of).total_seconds() <= summary_max_age_seconds():
         table = ExceptionCount.__table__
         source = CountSource(
@@ -417,11 +423,63 @@ def count_source(session: so.Session, now: datetime | None = None) -> CountSourc
             ).subquery("counts"),
             as_of,
             live=False,
+            rollups=stored_rollups if stored_rollups and stored_rollups.get("v") == ROLLUP_VERSION else None,
         )
     else:
         source = CountSource(active_groups(session, now).subquery("counts"), now, live=True)
     session.info["recon_count_source"] = source
     return source
+
+
+ROLLUP_VERSION = 1  # the shape below; a stored rollup of another shape is not read
+
+
+def rollups(groups: Iterable[dict]) -> dict:
+    """What every page needs of the counts, computed once per refresh from its groups (dicts with
+    the keys of `active_groups`) rather than once per page view: per named queue {"total",
+    "breached"}; the dashboard's category × SLA status matrix; and per (customer_id,
+    connection_id) [total, at risk, breached, oldest created_at ISO or None]. JSON-ready."""
+    queues = {q: {"total": 0, "breached": 0} for q in QUEUES}
+    matrix: dict[str, dict[str, int]] = {}
+    scopes: dict[tuple[int, int], list] = {}
+    for g in groups:
+        n, state, category, sla = int(g["n"]), g["state"], g["category"], g["sla_status"]
+        late = n if sla == SlaStatus.BREACHED.value else 0
+        targets = ["all"]
+        if state == ExceptionState.ESCALATED:
+            targets.append("escalated")
+        if state == ExceptionState.PENDING_APPROVAL:
+            targets.append("awaiting_approval")
+        if category in queues:  # a category queue holds every active state of its category
+            targets.append(category)
+        for target in targets:
+            queues[target]["total"] += n
+            queues[target]["breached"] += late
+        cell = matrix.setdefault(category, {s: 0 for s in SLA_STATUSES})
+        cell[sla] = cell.get(sla, 0) + n
+        scope = scopes.setdefault((g["customer_id"], g["connection_id"]), [0, 0, 0, None])
+        scope[0] += n
+        scope[1] += n if sla == SlaStatus.AT_RISK.value else 0
+        scope[2] += late
+        oldest = g.get("oldest_created_at")
+        if oldest is not None and (scope[3] is None or oldest < scope[3]):
+            scope[3] = oldest
+    return {
+        "v": ROLLUP_VERSION,
+        "queues": queues,
+        "matrix": matrix,
+        "scopes": [
+            [
+                customer_id,
+                connection_id,
+                total,
+                risk,
+                late,
+                oldest.isoformat() if isinstance(oldest, datetime) else oldest,
+            ]
+            for (customer_id, connection_id), (total, risk, late, oldest) in sorted(scopes.items())
+        ],
+    }
 
 
 def summary_total(session: so.Session, source: CountSource, params: dict[str, Any]) -> int | None:
@@ -608,8 +666,19 @@ def mask_reason(text: str, identifiers: Iterable[str] = ()) -> str:
 
 
 def queue_counts(session: so.Session, now: datetime | None = None) -> dict[str, dict[str, int]]:
-    """Per named queue: {"total", "breached"} of the items it holds by default (from the counts)."""
-    c = count_source(session, now).rows.c
+    """Per named queue: {"total", "breached"} of the items it holds by default (from the counts:
+    the summary's rollup when there is one, else aggregated here)."""
+    source = count_source(session, now)
+    if source.rollups is not None:
+        stored = source.rollups["queues"]
+        return {
+            q: {
+                "total": int(stored.get(q, {}).get("total", 0)),
+                "breached": int(stored.get(q, {}).get("breached", 0)),
+            }
+            for q in QUEUES
+        }
+    c = source.rows.c
     breached = sa.func.sum(sa.case((c.sla_status == SlaStatus.BREACHED.value, c.n), else_=0))
     rows = session.execute(
         sa.select(c.state, c.category, sa.func.sum(c.n), breached).group_by(c.state, c.category)
@@ -983,37 +1052,16 @@ def dashboard(session: so.Session, now: datetime | None = None, *, buckets: int 
     computed live. Nothing here reads the history row by row."""
     now = now or utcnow()
     source = count_source(session, now)
-    c = source.rows.c
-
-    matrix = {cat: {s: 0 for s in SLA_STATUSES} for cat in CATEGORIES}
-    for category, sla, n in session.execute(
-        sa.select(c.category, c.sla_status, sa.func.sum(c.n)).group_by(c.category, c.sla_status)
-    ):
-        matrix.setdefault(category, {s: 0 for s in SLA_STATUSES})[sla] = int(n or 0)
-    status_totals = {s: sum(row[s] for row in matrix.values()) for s in SLA_STATUSES}
-
-    def of_status(status: SlaStatus):
-        return sa.func.sum(sa.case((c.sla_status == status.value, c.n), else_=0))
-
-    scope_rows = session.execute(
-        sa.select(
-            Customer.name,
-            Connection.name,
-            sa.func.sum(c.n),
-            of_status(SlaStatus.AT_RISK),
-            of_status(SlaStatus.BREACHED),
-            sa.func.min(c.oldest_created_at),
+    all_connections = list(
+        session.scalars(
+            sa.select(Connection).options(so.joinedload(Connection.customer)).order_by(Connection.name)
         )
-        .select_from(source.rows)
-        .join(Connection, Connection.id == c.connection_id)
-        .join(Customer, Customer.id == c.customer_id)
-        .group_by(Customer.name, Connection.name)
-        .order_by(Customer.name, Connection.name)
-    ).all()
-    scopes = [
-        ScopeCounts(cust, conn, int(total or 0), int(risk or 0), int(late or 0), oldest)
-        for cust, conn, total, risk, late, oldest in scope_rows
-    ]
+    )
+    if source.rollups is not None:
+        matrix, scopes = _dashboard_counts_from_rollups(session, source.rollups, all_connections)
+    else:
+        matrix, scopes = _dashboard_counts(session, source)
+    status_totals = {s: sum(row.get(s, 0) for row in matrix.values()) for s in SLA_STATUSES}
     oldest = min((s.oldest_created_at for s in scopes if s.oldest_created_at), default=None)
 
     health = [
@@ -1026,9 +1074,7 @@ def dashboard(session: so.Session, now: datetime | None = None, *, buckets: int 
             conn.consecutive_failures,
             conn.circuit_open_until,
         )
-        for conn in session.scalars(
-            sa.select(Connection).options(so.joinedload(Connection.customer)).order_by(Connection.name)
-        )
+        for conn in all_connections
     ]
 
     trends = None
@@ -1054,6 +1100,77 @@ def dashboard(session: so.Session, now: datetime | None = None, *, buckets: int 
         counts_live=source.live,
         trends_as_of=trends.as_of,
     )
+
+
+def _empty_matrix() -> dict[str, dict[str, int]]:
+    return {cat: {s: 0 for s in SLA_STATUSES} for cat in CATEGORIES}
+
+
+def _dashboard_counts_from_rollups(
+    session: so.Session, stored: dict, all_connections: list[Connection]
+) -> tuple[dict[str, dict[str, int]], list[ScopeCounts]]:
+    """The matrix and per-connection rows from the summary's rollups (no aggregation per view);
+    names from the connections the dashboard lists anyway."""
+    matrix = _empty_matrix()
+    for category, row in stored["matrix"].items():
+        cell = matrix.setdefault(category, {s: 0 for s in SLA_STATUSES})
+        for sla, n in row.items():
+            cell[sla] = int(n)
+    connection_names = {c.id: c.name for c in all_connections}
+    customer_names = {c.customer_id: c.customer.name for c in all_connections}
+    missing = {row[0] for row in stored["scopes"]} - set(customer_names)
+    if missing:  # an item's customer that owns no connection (not made by the services)
+        customer_names.update(
+            session.execute(sa.select(Customer.id, Customer.name).where(Customer.id.in_(missing))).tuples()
+        )
+    merged: dict[tuple[str, str], list] = {}
+    for customer_id, connection_id, total, risk, late, oldest in stored["scopes"]:
+        if customer_id not in customer_names or connection_id not in connection_names:
+            continue  # as the live query's inner joins
+        key = (customer_names[customer_id], connection_names[connection_id])
+        at = datetime.fromisoformat(oldest) if oldest else None
+        row = merged.setdefault(key, [0, 0, 0, None])
+        row[0], row[1], row[2] = row[0] + int(total), row[1] + int(risk), row[2] + int(late)
+        if at is not None and (row[3] is None or at < row[3]):
+            row[3] = at
+    scopes = [ScopeCounts(cust, conn, *merged[(cust, conn)]) for cust, conn in sorted(merged)]
+    return matrix, scopes
+
+
+def _dashboard_counts(
+    session: so.Session, source: CountSource
+) -> tuple[dict[str, dict[str, int]], list[ScopeCounts]]:
+    """The matrix and per-connection rows aggregated from the counts' rows (counting live)."""
+    c = source.rows.c
+    matrix = _empty_matrix()
+    for category, sla, n in session.execute(
+        sa.select(c.category, c.sla_status, sa.func.sum(c.n)).group_by(c.category, c.sla_status)
+    ):
+        matrix.setdefault(category, {s: 0 for s in SLA_STATUSES})[sla] = int(n or 0)
+
+    def of_status(status: SlaStatus):
+        return sa.func.sum(sa.case((c.sla_status == status.value, c.n), else_=0))
+
+    scope_rows = session.execute(
+        sa.select(
+            Customer.name,
+            Connection.name,
+            sa.func.sum(c.n),
+            of_status(SlaStatus.AT_RISK),
+            of_status(SlaStatus.BREACHED),
+            sa.func.min(c.oldest_created_at),
+        )
+        .select_from(source.rows)
+        .join(Connection, Connection.id == c.connection_id)
+        .join(Customer, Customer.id == c.customer_id)
+        .group_by(Customer.name, Connection.name)
+        .order_by(Customer.name, Connection.name)
+    ).all()
+    scopes = [
+        ScopeCounts(cust, conn, int(total or 0), int(risk or 0), int(late or 0), oldest)
+        for cust, conn, total, risk, late, oldest in scope_rows
+    ]
+    return matrix, scopes
 
 
 @dataclass

@@ -3,7 +3,9 @@
 `refresh` counts the active exceptions per (category, state, customer, connection, SLA status) —
 one pass over the active rows through the partial indexes, never the history — in a read-only
 transaction, then replaces `exception_counts` in one short write transaction. Every
-`TRENDS_SECONDS` it also recomputes the dashboard's hourly series and 24-hour throughput. The queue
+refresh also stores the counts' rollups (per-queue totals, the dashboard's matrix and
+per-connection rows, `queries.rollups`), so a page reads them in one row rather than aggregating
+thousands of groups per view. Every `TRENDS_SECONDS` it also recomputes the dashboard's hourly series and 24-hour throughput. The queue
 counts and the dashboard read these (app/services/queries.py `count_source`), so they agree with
 each other and cost the same at a thousand rows or a million; they show their time ("counts as of
 10:42:05") and are at most one refresh interval old while a worker runs.
@@ -78,6 +80,7 @@ def refresh(
         if groups:
             s.execute(sa.insert(ExceptionCount), groups)
         summary.counts_as_of = now
+        summary.rollups = queries.rollups(groups)
         summary.refresh_ms = _ms(started)
         if trends is not None:
             summary.trends_as_of = trends.as_of

@@ -192,3 +192,27 @@ def test_every_dashboard_cell_equals_the_queue_it_links_to(login, sessions, user
                 row = sum(cells[(category, s)][0] for s in queries.SLA_STATUSES)
                 page = client.get(f"/queues/{category}").get_data(as_text=True)
                 assert total(page) == row == sidebar(page, category), (source, category)
+
+
+def test_the_stored_rollups_equal_the_counts_aggregated_per_view(sessions, users, connection):
+    """Pages read the refresh's rollups (migration 0014) instead of aggregating the summary's rows
+    per view: the queue counts and the dashboard's matrix and per-connection rows are the same."""
+    with freeze_time("2024-05-01 08:30:00"):
+        make_exception(sessions, users["svc"], category="transport", key="old")  # breached by T0
+    with freeze_time(T0 - timedelta(minutes=5)):
+        for n, category in enumerate(["transport", "ehr_rejected", "ehr_rejected", "code_set"]):
+            make_exception(sessions, users["svc"], category=category, key=f"r-{n}")
+    with freeze_time(T0):
+        summaries.refresh(sessions)
+        with transaction(sessions, read_only=True) as s:
+            source = queries.count_source(s)
+            assert source.rollups is not None and not source.live
+            stored_counts, stored_board = queries.queue_counts(s), queries.dashboard(s)
+        with transaction(sessions, read_only=True) as s:
+            s.info["recon_count_source"] = queries.CountSource(source.rows, source.as_of, live=False)
+            counts, board = queries.queue_counts(s), queries.dashboard(s)
+    assert stored_counts == counts and stored_counts["all"]["total"] == 5
+    assert stored_counts["transport"] == {"total": 2, "breached": 1}
+    assert stored_board.matrix == board.matrix and stored_board.status_totals == board.status_totals
+    assert stored_board.scopes == board.scopes and stored_board.oldest_created_at == board.oldest_created_at
+    assert [s.total for s in stored_board.scopes] == [5]
