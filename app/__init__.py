@@ -50,6 +50,8 @@ def create_app(config: dict | None = None) -> Flask:
         WTF_CSRF_HEADERS=["X-CSRFToken", "X-CSRF-Token"],
         MAX_CONTENT_LENGTH=10 * 1024 * 1024,
         RECON_SETTINGS=settings,
+        RECON_SEAL_MODE=settings.seal_mode,
+        RECON_TOKEN_CACHE_SECONDS=settings.token_cache_seconds,
     )
     app.config.update(config)
     app.url_map.converters["int"] = BoundedInt

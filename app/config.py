@@ -35,6 +35,12 @@ def audit_checkpoint_from_env() -> tuple[Path, float]:
     return (Path(path) if path else _instance_dir() / "audit-checkpoints.jsonl"), seconds
 
 
+def _seal_mode(value: str) -> str:
+    if value not in ("background", "inline"):
+        raise ValueError(f"RECON_SEAL_MODE must be background or inline, not {value!r}")
+    return value
+
+
 def _secure_cookies(value: str) -> str:
     value = value.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -74,6 +80,12 @@ class Settings:
     # worker's housekeeping writes one (None: <instance>/audit-checkpoints.jsonl).
     audit_checkpoint_file: Path | None = None
     audit_checkpoint_seconds: float = 300.0
+    # The intake API's audit events: sealed by a background thread per process ("background",
+    # off the request path) or before the response ("inline"). docs/ARCHITECTURE.md "Audit log".
+    seal_mode: str = "background"
+    # API tokens: a checked token is trusted for this many seconds per process (0: every request
+    # reads the database). Revocation in the same process takes effect at once.
+    token_cache_seconds: float = 5.0
 
     def checkpoint_file(self) -> Path:
         return self.audit_checkpoint_file or self.instance_path / "audit-checkpoints.jsonl"
@@ -108,6 +120,8 @@ class Settings:
             login_limit_address=os.environ.get("RECON_LOGIN_LIMIT_ADDRESS", "30 per 15 minutes"),
             metrics_token=os.environ.get("RECON_METRICS_TOKEN") or None,
             trusted_proxies=int(os.environ.get("RECON_TRUSTED_PROXIES", "0")),
+            seal_mode=_seal_mode(os.environ.get("RECON_SEAL_MODE", "background")),
+            token_cache_seconds=float(os.environ.get("RECON_TOKEN_CACHE_SECONDS", "5")),
             audit_checkpoint_file=audit_checkpoint_from_env()[0],
             audit_checkpoint_seconds=audit_checkpoint_from_env()[1],
         )

@@ -204,7 +204,12 @@ def queue(redis_client, queue_name):
 def app(database_url, redis_url, queue_name):
     from app import create_app
 
-    app = create_app({"DATABASE_URL": database_url, "REDIS_URL": redis_url, "TESTING": True})
+    # Intake's audit events sealed before the response, so a test reads them at once; the
+    # background sealer (production's default) has its own tests and runs under gunicorn in
+    # the drill, the end-to-end and the benchmark runs.
+    app = create_app(
+        {"DATABASE_URL": database_url, "REDIS_URL": redis_url, "TESTING": True, "RECON_SEAL_MODE": "inline"}
+    )
     app.config["RECON_SETTINGS"].queue_name = queue_name
     yield app
 

@@ -57,8 +57,24 @@ def make_engine(url: str) -> sa.Engine:
         return engine
     # hide_parameters: a database error never carries a payload value or patient reference into logs.
     engine = sa.create_engine(url, pool_size=10, max_overflow=20, hide_parameters=True)
+    _cache_large_statements()
     _ping_when_idle(engine, IDLE_PING_SECONDS)
     return engine
+
+
+def _cache_large_statements() -> None:
+    """psycopg converts a statement's `%(name)s` placeholders once and caches the result, but
+    only for statements of at most 50 parameters: intake's one-statement insert has ~55, and
+    re-parsing its 3 kB of SQL on every request cost a tenth of the request's CPU. The limit is
+    a module constant (psycopg 3.1-3.3); raising it keeps the cache bounded (LRU, 128 entries)."""
+    try:
+        from psycopg import _queries
+    except ImportError:  # pragma: no cover - another driver
+        return
+    if getattr(_queries, "MAX_CACHED_STATEMENT_PARAMS", 0) < 200:
+        _queries.MAX_CACHED_STATEMENT_PARAMS = 200
+    if getattr(_queries, "MAX_CACHED_STATEMENT_LENGTH", 0) < 16384:
+        _queries.MAX_CACHED_STATEMENT_LENGTH = 16384
 
 
 # A pooled connection idle for longer than this is checked (SELECT 1) before use, and replaced if
@@ -105,17 +121,23 @@ def session_factory(url: str) -> so.sessionmaker[so.Session]:
 
 
 @contextmanager
-def transaction(factory: so.sessionmaker[so.Session], *, read_only: bool = False) -> Iterator[so.Session]:
+def transaction(
+    factory: so.sessionmaker[so.Session], *, read_only: bool = False, defer_seal: bool = False
+) -> Iterator[so.Session]:
     """One unit of work: commit on success, roll back on any error; then, after a commit, run
     the hooks registered with `after_commit` (the audit sealer).
 
     read_only: a reader on SQLite does not take the write lock (it must not write).
+    defer_seal: the audit events it records are sealed by the process's background sealer
+    (app/services/sealer.py) instead of before this call returns — the intake API's hot path.
     """
     engine = factory.kw["bind"]
     if read_only:
         session = factory(bind=engine.execution_options(recon_read_only=True))
     else:
         session = factory()
+    if defer_seal:
+        session.info[DEFER_SEAL] = True
     # SQLite writers in one process queue on a lock instead of sleep-polling the file lock
     # (SQLite's busy handler backs off in steps up to 100 ms, which is what made the tail).
     writer_lock = _sqlite_writer_lock(engine) if not read_only else None
@@ -137,6 +159,9 @@ def transaction(factory: so.sessionmaker[so.Session], *, read_only: bool = False
             hook(factory)
         except Exception:  # the unit of work is committed; a backstop redoes what the hook missed
             log.exception("after-commit hook %s failed", key)
+
+
+DEFER_SEAL = "recon_defer_seal"
 
 
 def after_commit(session: so.Session, key: str, hook: Callable[[so.sessionmaker], None]) -> None:

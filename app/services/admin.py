@@ -251,6 +251,7 @@ def set_user_active(
     if user.active == active:
         return user
     user.active = active
+    users.tokens_changed(session)
     if not active:
         end_sessions(user)  # a later reactivation does not bring old sessions back
     session.flush()
@@ -276,6 +277,7 @@ def revoke_token(session: so.Session, token_id: int, *, actor: str, reason: str 
     if token.revoked_at is not None:
         raise Conflict("this token is already revoked")
     token.revoked_at = utcnow()
+    users.tokens_changed(session)
     session.flush()
     audit.record(
         session,

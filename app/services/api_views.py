@@ -53,13 +53,6 @@ def actor_row(session: so.Session, actor_id: int) -> User:
     return user
 
 
-def bound_key_wait(session: so.Session) -> None:
-    """PostgreSQL: a request racing an uncommitted one with the same Idempotency-Key waits at
-    most 10 s for its row lock (then 409), never indefinitely."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(sa.text("SET LOCAL lock_timeout = '10s'"))
-
-
 # --- messages and exceptions ----------------------------------------------------------------------
 
 

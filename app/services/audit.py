@@ -29,7 +29,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm as so
 
 from app.db.models import AuditEvent, AuditHead, AuditPending
-from app.db.session import after_commit, is_sqlite
+from app.db.session import DEFER_SEAL, after_commit, is_sqlite
 from app.domain.audit_chain import (
     GENESIS_HASH,
     ChunkResult,
@@ -184,7 +184,18 @@ def _note(session: so.Session, event: AuditPending | int) -> None:
     recorded = session.info.setdefault(_RECORDED, [])
     recorded.append(event)
     if len(recorded) == 1:
-        after_commit(session, "audit.seal", lambda factory: _seal_after_commit(factory, recorded))
+        hook = _hand_to_sealer if session.info.get(DEFER_SEAL) else _seal_after_commit
+        after_commit(session, "audit.seal", lambda factory: hook(factory, recorded))
+
+
+def _hand_to_sealer(factory: so.sessionmaker, recorded: list[AuditPending | int]) -> None:
+    """A deferring unit of work (the intake API): the background sealer seals its events."""
+    from app.services import sealer
+
+    seqs = [e if isinstance(e, int) else e.seq for e in recorded]
+    seqs = [seq for seq in seqs if seq is not None]
+    if seqs:
+        sealer.for_factory(factory).request(max(seqs))
 
 
 def _seal_after_commit(factory: so.sessionmaker, recorded: list[AuditPending | int]) -> None:

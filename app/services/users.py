@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 import sqlalchemy.orm as so
@@ -26,6 +26,24 @@ DEFAULT_ENROLLMENT_HOURS = 72
 APPROVAL_FAILURE_LIMIT = 5
 APPROVAL_FAILURE_WINDOW = timedelta(minutes=15)
 TOUCH_EVERY = timedelta(minutes=1)  # a token's last-used time is written at most this often
+
+# Bumped after any commit that changes who a token speaks for (revocation, deactivation, role):
+# the web app's token cache (app/web/access.py) drops everything it holds when it changes.
+_token_generation = [0]
+
+
+def token_generation() -> int:
+    return _token_generation[0]
+
+
+def tokens_changed(session: so.Session) -> None:
+    """After this transaction commits, every cached token check in this process is dropped."""
+    from app.db.session import after_commit
+
+    def bump(_factory) -> None:
+        _token_generation[0] += 1
+
+    after_commit(session, "users.tokens_changed", bump)
 
 
 def hash_password(password: str) -> str:
@@ -196,6 +214,7 @@ def set_role(session: so.Session, user: User, role: str, *, actor: User) -> User
         return user
     user.role = new.value
     end_sessions(user)  # the new role applies from the next login
+    tokens_changed(session)
     session.flush()
     audit.record(
         session,
@@ -379,6 +398,7 @@ def revoke_own_token(session: so.Session, user: User, token_id: int) -> ApiToken
     if token.revoked_at is not None:
         raise Conflict("this token is already revoked")
     token.revoked_at = utcnow()
+    tokens_changed(session)
     session.flush()
     audit.record(
         session,
@@ -394,18 +414,25 @@ def revoke_own_token(session: so.Session, user: User, token_id: int) -> ApiToken
 def token_status(session: so.Session, token: str) -> tuple[User | None, str, bool]:
     """(the user, "ok", whether its last-used time is stale) for a usable token,
     else (None, "invalid" | "expired", False)."""
-    row = session.scalar(
-        sa.select(ApiToken).where(ApiToken.token_hash == _token_hash(token), ApiToken.revoked_at.is_(None))
-    )
-    if row is None:
-        return None, "invalid", False
-    user = session.get(User, row.user_id)
-    if user is None or not user.active:
-        return None, "invalid", False
+    return token_check(session, token)[:3]
+
+
+def token_check(session: so.Session, token: str) -> tuple[User | None, str, bool, datetime | None]:
+    """token_status and the token's expiry. One statement: the token with its user."""
+    found = session.execute(
+        sa.select(ApiToken.expires_at, ApiToken.last_used_at, User)
+        .join(User, User.id == ApiToken.user_id)
+        .where(ApiToken.token_hash == _token_hash(token), ApiToken.revoked_at.is_(None))
+    ).first()
+    if found is None:
+        return None, "invalid", False, None
+    expires_at, last_used_at, user = found
+    if not user.active:
+        return None, "invalid", False, None
     now = utcnow()
-    if row.expires_at is not None and row.expires_at <= now:
-        return None, "expired", False
-    return user, "ok", row.last_used_at is None or row.last_used_at < now - TOUCH_EVERY
+    if expires_at is not None and expires_at <= now:
+        return None, "expired", False, expires_at
+    return user, "ok", last_used_at is None or last_used_at < now - TOUCH_EVERY, expires_at
 
 
 def user_for_token(session: so.Session, token: str) -> User | None:

@@ -10,6 +10,7 @@ timeout and younger than the absolute lifetime.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import time
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from flask import Flask, abort, current_app, flash, g, jsonify, request, session
 from flask_login import current_user, logout_user
 
-from app.domain.roles import Permission, has_permission
+from app.domain.roles import Permission, Role, has_permission
 
 PUBLIC = "__public__"
 SCRAPE = "__scrape__"
@@ -117,6 +118,41 @@ def _api_error(status: int, code: str, message: str):
     return response
 
 
+# Service accounts' tokens, checked: token hash -> (checked at, users.token_generation() then,
+# user, expires_at). A hit skips the database for RECON_TOKEN_CACHE_SECONDS (default 5); a
+# revocation, deactivation or role change committed in this process drops the whole cache at
+# once, one made in another process takes effect here within that many seconds. People's
+# tokens (which can decide and approve) are checked against the database on every request.
+_token_cache: dict[str, tuple[float, int, object, object]] = {}
+_TOKEN_CACHE_MAX = 1000
+
+
+def _checked_token(token: str):
+    from app.services.clock import utcnow
+    from app.services.users import token_check, token_generation
+
+    from .extensions import unit_of_work
+
+    ttl = current_app.config.get("RECON_TOKEN_CACHE_SECONDS", 0)
+    key = hashlib.sha256(token.encode()).hexdigest()
+    generation = token_generation()
+    hit = _token_cache.get(key) if ttl > 0 else None
+    if hit is not None and hit[1] == generation and time.monotonic() - hit[0] < ttl:
+        expires_at = hit[3]
+        if expires_at is not None and expires_at <= utcnow():
+            return None, "expired", False
+        return hit[2], "ok", False
+    with unit_of_work(read_only=True) as s:
+        user, status, stale, expires_at = token_check(s, token)
+    if ttl > 0 and user is not None and user.role == Role.SERVICE.value:
+        if len(_token_cache) >= _TOKEN_CACHE_MAX:
+            _token_cache.clear()
+        _token_cache[key] = (time.monotonic(), generation, user, expires_at)
+    else:
+        _token_cache.pop(key, None)
+    return user, status, stale
+
+
 def _check_access():
     g.actor = None
     view = app_view()
@@ -129,7 +165,7 @@ def _check_access():
     if needed == (SCRAPE,):
         return None if _may_scrape() else _api_error(401, "unauthorized", "metrics need the scrape token")
     if is_api:
-        from app.services.users import token_status, touch_token
+        from app.services.users import touch_token
 
         from .extensions import unit_of_work
 
@@ -138,8 +174,7 @@ def _check_access():
         token = bearer_token()
         if token is None:
             return _api_error(401, "unauthorized", "send Authorization: Bearer <token>")
-        with unit_of_work(read_only=True) as s:
-            user, status, stale = token_status(s, token)
+        user, status, stale = _checked_token(token)
         if status == "expired":
             return _api_error(401, "token_expired", "this token has expired; create a new one on My tokens")
         if user is None:

@@ -45,13 +45,16 @@ def sessions():
 
 
 @contextmanager
-def unit_of_work(*, read_only: bool = False):
+def unit_of_work(*, read_only: bool = False, defer_seal: bool = False):
     """One transaction for one request's work: the only way routes touch the database.
-    read_only=True for pure reads (no audit event): on SQLite they then do not queue behind writers."""
+    read_only=True for pure reads (no audit event): on SQLite they then do not queue behind writers.
+    defer_seal=True (the intake API): its audit events are sealed by the background sealer when
+    the app's RECON_SEAL_MODE is "background" (the default; see app/services/sealer.py)."""
     from app.services.exceptions import ApprovalPasswordFailed
 
     try:
-        with transaction(sessions(), read_only=read_only) as s:
+        defer = defer_seal and current_app.config.get("RECON_SEAL_MODE", "background") == "background"
+        with transaction(sessions(), read_only=read_only, defer_seal=defer) as s:
             yield s
     except ApprovalPasswordFailed as exc:
         # The refused decision rolled back; the failure is recorded (audited, counted towards the

@@ -46,6 +46,13 @@ class SessionCookies(SecureCookieSessionInterface):
     """Flask's signed-cookie session with the Secure flag decided per request: always, never, or
     (auto) for every host except localhost, so a local demo over http still logs in."""
 
+    def open_session(self, app: Flask, request):
+        # The API authenticates with bearer tokens and never reads or sets the console's cookie:
+        # no signing serializer per API request (intake's hot path), and no Set-Cookie.
+        if request.path.startswith("/api/"):
+            return self.null_session_class()
+        return super().open_session(app, request)
+
     def get_cookie_secure(self, app: Flask) -> bool:
         mode = app.config["RECON_SETTINGS"].secure_cookies
         if mode == "always":

@@ -53,8 +53,9 @@ def _idempotent_intake(service, what: str):
     body = json_object()
     actor = current_actor()
     try:
-        with unit_of_work() as s:
-            api_views.bound_key_wait(s)
+        # The lookup bounds this transaction's lock wait (a request racing an uncommitted one
+        # with the same key waits at most 10 s, then 409) in its own round trip.
+        with unit_of_work(defer_seal=True) as s:
             result = service(s, actor, key, body)
     except IntegrityError:
         # A concurrent request with the same key committed first: answer as a replay.
