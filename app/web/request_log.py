@@ -41,6 +41,8 @@ def init_app(app: Flask) -> None:
                         (time.perf_counter() - g.get("request_started", time.perf_counter())) * 1000, 1
                     ),
                     "idempotency_key": request.headers.get("Idempotency-Key"),
+                    # intake: the message the request created or (replayed) found
+                    "message_id": g.get("message_id"),
                 },
             )
         return response

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
-from flask import Response, jsonify, request, stream_with_context
+from flask import Response, g, jsonify, request, stream_with_context
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from app.domain.errors import Conflict, Invalid
@@ -41,7 +41,7 @@ def openapi():
     return jsonify(OPENAPI)
 
 
-def _idempotent_intake(service, what: str):
+def _idempotent_intake(service):
     """POST with an Idempotency-Key: the service's answer, or the original one for the same key."""
     key = request.headers.get("Idempotency-Key")
     if not key:
@@ -77,21 +77,22 @@ def _idempotent_intake(service, what: str):
     response.headers["Location"] = f"/api/v1/messages/{result.body['id']}"
     if result.replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    log.info(what, extra={"idempotency_key": key, "message_id": result.body["id"]})
+    # One log line per request: the access log carries the key and this message id.
+    g.message_id = result.body["id"]
     return response
 
 
 @bp.post("/messages")
 @requires(Permission.SUBMIT_MESSAGES)
 def submit():
-    return _idempotent_intake(submit_message, "message accepted")
+    return _idempotent_intake(submit_message)
 
 
 @bp.post("/exceptions")
 @requires(Permission.SUBMIT_MESSAGES)
 def report_exception():
     """An interface engine hands a message that failed on its side to the reviewers."""
-    return _idempotent_intake(report_failed_message, "exception reported")
+    return _idempotent_intake(report_failed_message)
 
 
 @bp.get("/messages/<message_id>")
