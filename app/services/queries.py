@@ -431,15 +431,17 @@ def count_source(session: so.Session, now: datetime | None = None) -> CountSourc
     return source
 
 
-ROLLUP_VERSION = 1  # the shape below; a stored rollup of another shape is not read
+ROLLUP_VERSION = 2  # the shape below; a stored rollup of another shape is not read
 
 
 def rollups(groups: Iterable[dict]) -> dict:
     """What every page needs of the counts, computed once per refresh from its groups (dicts with
     the keys of `active_groups`) rather than once per page view: per named queue {"total",
     "breached"}; the dashboard's category × SLA status matrix; and per (customer_id,
-    connection_id) [total, at risk, breached, oldest created_at ISO or None]. JSON-ready."""
+    connection_id) [total, at risk, breached, oldest created_at ISO or None]; per named queue and
+    SLA status (a queue filtered by SLA status alone). JSON-ready."""
     queues = {q: {"total": 0, "breached": 0} for q in QUEUES}
+    by_sla = {q: {status: 0 for status in SLA_STATUSES} for q in QUEUES}
     matrix: dict[str, dict[str, int]] = {}
     scopes: dict[tuple[int, int], list] = {}
     for g in groups:
@@ -455,6 +457,7 @@ def rollups(groups: Iterable[dict]) -> dict:
         for target in targets:
             queues[target]["total"] += n
             queues[target]["breached"] += late
+            by_sla[target][sla] = by_sla[target].get(sla, 0) + n
         cell = matrix.setdefault(category, {s: 0 for s in SLA_STATUSES})
         cell[sla] = cell.get(sla, 0) + n
         scope = scopes.setdefault((g["customer_id"], g["connection_id"]), [0, 0, 0, None])
@@ -467,6 +470,7 @@ def rollups(groups: Iterable[dict]) -> dict:
     return {
         "v": ROLLUP_VERSION,
         "queues": queues,
+        "by_sla": by_sla,
         "matrix": matrix,
         "scopes": [
             [
@@ -566,6 +570,20 @@ def queue_states(queue: str, state: str | None) -> str | tuple[str, ...]:
     return ACTIVE_STATES
 
 
+def _rollup_total(source: CountSource, queue: str, filters: dict[str, Any]) -> int | None:
+    """A named queue's total from the summary's rollups, when its only filter (if any) is an SLA
+    status: the sidebar's own number, no query. None when another filter needs the groups."""
+    if source.rollups is None:
+        return None
+    extra = {name for name, value in filters.items() if value}
+    if not extra:
+        return int(source.rollups["queues"].get(queue, {}).get("total", 0))
+    if extra == {"sla_status"}:
+        status = _as_values(filters["sla_status"], SLA_STATUSES, "SLA status")[0]
+        return int(source.rollups["by_sla"].get(queue, {}).get(status, 0))
+    return None
+
+
 def queue_page(
     session: so.Session,
     queue: str,
@@ -589,7 +607,9 @@ def queue_page(
         params["category"] = queue
     items, next_cursor = list_exceptions(session, cursor=cursor, limit=limit, now=now, **params)
     source = count_source(session, now)
-    total = summary_total(session, source, params)
+    total = _rollup_total(source, queue, filters)
+    if total is None:
+        total = summary_total(session, source, params)
     if total is not None:
         view = QueueView(queue, items, next_cursor, total, False, source.as_of, source.live)
     else:

@@ -214,6 +214,33 @@ def test_pages_read_counts_from_the_summary_not_the_table(sessions, history):
     assert sum("on exceptions" in t for t in texts) == 1, texts
 
 
+def test_queue_counts_and_the_dashboard_read_the_stored_rollups(sessions, history):
+    """Migration 0014: the summary's groups grow with connections × categories × states (thousands
+    at a million rows), so the sidebar counts and the dashboard read the refresh's rollups (one row)
+    and aggregate nothing per view; only a filtered total sums its few groups."""
+    summaries.refresh(sessions)
+    engine = sessions.kw["bind"]
+    seen: list[str] = []
+
+    def capture(_conn, _cursor, statement, _parameters, _context, _many):
+        seen.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", capture)
+    try:
+        with transaction(sessions, read_only=True) as s:
+            queries.queue_counts(s)
+            queries.dashboard(s)
+            assert queries.queue_page(s, "ehr_rejected", filters={"state": None}).total > 0
+            queries.queue_page(s, "all", filters={"customer": "bulk-customer-01"})
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", capture)
+    assert any("read_summaries.rollups" in st for st in seen), seen
+    on_counts = [st for st in seen if "exception_counts" in st]
+    # only the customer-filtered page's total; a queue's own total is the sidebar's
+    assert len(on_counts) == 1 and "GROUP BY" not in on_counts[0], on_counts
+    assert not any("GROUP BY" in st and "FROM exceptions" in st for st in seen), seen
+
+
 def test_the_active_predicate_matches_the_domain():
     from app.db.active import ACTIVE_SQL, ACTIVE_STATES
     from app.domain.states import FINAL_STATES, ExceptionState

@@ -212,6 +212,18 @@ def test_the_stored_rollups_equal_the_counts_aggregated_per_view(sessions, users
             s.info["recon_count_source"] = queries.CountSource(source.rows, source.as_of, live=False)
             counts, board = queries.queue_counts(s), queries.dashboard(s)
     assert stored_counts == counts and stored_counts["all"]["total"] == 5
+    with freeze_time(T0):
+        for queue in ("all", "transport", "ehr_rejected", "escalated"):
+            for status in (None, *queries.SLA_STATUSES):
+                filters = {"sla_status": status}
+                with transaction(sessions, read_only=True) as s:
+                    stored_total = queries.queue_page(s, queue, filters=filters).total
+                with transaction(sessions, read_only=True) as s:
+                    s.info["recon_count_source"] = queries.CountSource(source.rows, source.as_of, live=False)
+                    assert queries.queue_page(s, queue, filters=filters).total == stored_total, (
+                        queue,
+                        status,
+                    )
     assert stored_counts["transport"] == {"total": 2, "breached": 1}
     assert stored_board.matrix == board.matrix and stored_board.status_totals == board.status_totals
     assert stored_board.scopes == board.scopes and stored_board.oldest_created_at == board.oldest_created_at
