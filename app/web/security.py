@@ -141,6 +141,9 @@ def _init_login_throttle(app: Flask, app_settings: Settings) -> None:
         swallow_errors=True,  # Redis down: fall back to per-process counters, never a 500
         in_memory_fallback_enabled=True,
     )
+    # Only the login view has limits: API requests (intake's hot path) skip the limiter's
+    # per-request lookup of which limits apply.
+    limiter.request_filter(lambda: request.blueprint == "api")
     view = app.view_functions["auth.login"]
     view = limiter.limit(
         lambda: settings().login_limit_account,
