@@ -36,9 +36,42 @@ def _job_id() -> str | None:
 
 def deliver_attempt_job(attempt_id: int) -> str:
     faults.checkpoint("dequeued")
-    result = delivery.deliver_attempt(runtime(), attempt_id)
+    # With other queued deliveries of the same connection where it allows (app/services/delivery/batch.py).
+    result = delivery.deliver_batch(runtime(), attempt_id, on_claimed=drop_claimed_jobs)
     log.info("attempt %s: %s", attempt_id, result, extra={"job_id": _job_id(), "attempt_id": attempt_id})
     return result
+
+
+def drop_claimed_jobs(attempt_ids: list[int]) -> None:
+    """Attempts this job claimed for its batch: their own jobs, still waiting in the queue, would
+    only find nothing to claim — take them out of the queue (one pipeline). A job a worker has
+    already taken runs and finds its attempt claimed (a no-op); work that is claimed is never
+    re-queued (the lease and the reaper cover it), so removing its job loses nothing."""
+    from rq import Queue
+    from rq.job import Job
+
+    job = _current_job()
+    if job is None or not attempt_ids:
+        return
+    queue = Queue(job.origin, connection=job.connection)
+    ids = [f"{queue.name}-deliver-{attempt_id}" for attempt_id in attempt_ids]
+    try:
+        with job.connection.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.lrem(queue.key, 1, job_id)
+            removed = pipe.execute()
+            for job_id, n in zip(ids, removed, strict=True):
+                if n:
+                    pipe.delete(Job.key_for(job_id))
+            pipe.execute()
+    except Exception:  # an optimisation only: the jobs left run as no-ops
+        log.warning("could not drop the jobs of a batch's attempts", exc_info=True)
+
+
+def _current_job():
+    from rq import get_current_job
+
+    return get_current_job()
 
 
 def run_replay_job(replay_id: int) -> str:

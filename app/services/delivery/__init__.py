@@ -1,6 +1,6 @@
 """Delivery, automatic retries, approved replays and the lease reaper (SPEC 2, 3.1), one module per
 flow: deliver (first delivery and retries' attempts), retries (the scheduler), replays, reaper,
-outbox (what the relay reads); common (the gate, the call, the heartbeat, the bookkeeping after a
+outbox (what the relay reads), batch (several deliveries of one connection per job); common (the gate, the call, the heartbeat, the bookkeeping after a
 call) and runtime (what a worker needs).
 
 A network call never happens inside a database transaction: each flow is
@@ -10,6 +10,7 @@ nothing; a worker that dies mid-call leaves an expired lease that the reaper
 turns into `unknown_outcome` — never into a silent re-send.
 """
 
+from .batch import deliver_batch
 from .common import (
     Heartbeat,
     attempt_result_values,
@@ -42,6 +43,7 @@ __all__ = [
     "close_adapters",
     "default_adapter_factory",
     "deliver_attempt",
+    "deliver_batch",
     "envelope_for",
     "escalate_breached",
     "finish_attempt",

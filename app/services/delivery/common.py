@@ -67,19 +67,28 @@ def held(detail: str) -> Outcome:
     )
 
 
-def gate(rt: Runtime, conn: Connection, message_type: str) -> Outcome | None:
-    """Reasons not to call the EHR at all: connection disabled, type not enabled (config), or the
-    circuit open — or half-open with another worker's probe in flight (held: not a try)."""
+def config_refusal(conn: Connection, message_type: str) -> Outcome | None:
+    """The configuration reasons not to call: connection disabled, type not enabled, or the
+    scheduled pinned-version check found another FHIR version."""
     refusal = routing_refusal(connections.settings_for(conn), message_type)
     if refusal:
         return Outcome(AttemptOutcome.REJECTED, Category.CONFIG, detail=refusal, provably_not_applied=True)
-    if conn.version_mismatch:  # the scheduled pinned-version check found another FHIR version
+    if conn.version_mismatch:
         return Outcome(
             AttemptOutcome.REJECTED,
             Category.CONFIG,
             detail=f"pinned FHIR version check: {conn.version_mismatch}; not sent",
             provably_not_applied=True,
         )
+    return None
+
+
+def gate(rt: Runtime, conn: Connection, message_type: str) -> Outcome | None:
+    """Reasons not to call the EHR at all: connection disabled, type not enabled (config), or the
+    circuit open — or half-open with another worker's probe in flight (held: not a try)."""
+    refused = config_refusal(conn, message_type)
+    if refused is not None:
+        return refused
     if connections.is_paused(conn):
         until = f" until {conn.paused_until:%Y-%m-%d %H:%M} UTC" if conn.paused_until else ""
         return held(
@@ -245,10 +254,19 @@ class Heartbeat:
     SIGKILL takes the thread with the process: the lease then runs out and the reaper acts.
     """
 
-    def __init__(self, rt: Runtime, *, attempt_id: int, replay_id: int | None = None):
-        self.rt, self.attempt_id, self.replay_id = rt, attempt_id, replay_id
+    def __init__(
+        self,
+        rt: Runtime,
+        *,
+        attempt_id: int | None = None,
+        replay_id: int | None = None,
+        attempt_ids: list[int] | None = None,
+    ):
+        self.rt, self.replay_id = rt, replay_id
+        self.attempt_ids = list(attempt_ids or []) + ([attempt_id] if attempt_id is not None else [])
+        self.attempt_id = self.attempt_ids[0] if self.attempt_ids else None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{attempt_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"lease-{self.attempt_id}", daemon=True)
 
     def __enter__(self):
         self._thread.start()
@@ -264,8 +282,12 @@ class Heartbeat:
             try:
                 with transaction(self.rt.sessions) as s:
                     until = {"lease_expires_at": utcnow() + timedelta(seconds=self.rt.lease_seconds)}
-                    cas_update(
-                        s, Attempt, self.attempt_id, expect={"outcome": AttemptState.IN_FLIGHT}, values=until
+                    # one statement for a whole batch: each row still only while it is in flight
+                    s.execute(
+                        sa.update(Attempt)
+                        .where(Attempt.id.in_(self.attempt_ids), Attempt.outcome == AttemptState.IN_FLIGHT)
+                        .values(**until)
+                        .execution_options(synchronize_session=False)
                     )
                     if self.replay_id is not None:
                         cas_update(

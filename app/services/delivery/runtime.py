@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,6 +45,30 @@ def close_adapters() -> None:
         _adapters.popitem()[1].close()
 
 
+DELIVERY_BATCH = 5
+DELIVERY_CONCURRENCY = 5
+
+
+def delivery_settings_from_env(environ=None) -> dict[str, int]:
+    """RECON_DELIVERY_BATCH (deliveries per job, 1 = one at a time) and RECON_DELIVERY_CONCURRENCY
+    (calls to one connection in flight at once per worker process), each at least 1."""
+    environ = os.environ if environ is None else environ
+    out = {}
+    for key, name, default in (
+        ("delivery_batch", "RECON_DELIVERY_BATCH", DELIVERY_BATCH),
+        ("delivery_concurrency", "RECON_DELIVERY_CONCURRENCY", DELIVERY_CONCURRENCY),
+    ):
+        raw = environ.get(name, "").strip()
+        try:
+            value = int(raw) if raw else default
+        except ValueError:
+            raise ValueError(f"{name} must be a whole number, not {raw!r}") from None
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, not {value}")
+        out[key] = value
+    return out
+
+
 @dataclass
 class Runtime:
     """What a worker needs to run a flow: sessions, lease length, its name, adapters."""
@@ -58,6 +83,10 @@ class Runtime:
     # A number in [0, 1) per retry for the backoff's full jitter (a seeded demo scripts it).
     jitter: Callable[[], float] | None = None
     retry_cap_seconds: float = RETRY_CAP_SECONDS  # no automatic retry waits longer than this
+    # Deliveries of one connection a job claims and settles together, and how many of their calls
+    # are in flight at once (RECON_DELIVERY_BATCH, RECON_DELIVERY_CONCURRENCY; app/services/delivery/batch.py).
+    delivery_batch: int = DELIVERY_BATCH
+    delivery_concurrency: int = DELIVERY_CONCURRENCY
 
     @classmethod
     def from_settings(cls, settings, worker_name: str) -> Runtime:
@@ -71,6 +100,7 @@ class Runtime:
             housekeeping_seconds=settings.housekeeping_seconds,
             handoff_margin_seconds=settings.handoff_margin_seconds,
             reconcile_grace_seconds=settings.reconcile_grace_seconds,
+            **delivery_settings_from_env(),
         )
 
     @property
