@@ -31,11 +31,13 @@ import sqlalchemy.orm as so
 from app.db.models import AuditEvent, AuditHead, AuditPending
 from app.db.session import DEFER_SEAL, after_commit, is_sqlite
 from app.domain.audit_chain import (
+    COPY_COLUMNS,
     GENESIS_HASH,
     ChunkResult,
     VerifyResult,
     chain_hash,
     join_chunks,
+    verify_copy_lines,
     verify_rows,
 )
 
@@ -560,31 +562,113 @@ def verify_database(engine: sa.Engine, *, jobs: int = 1, min_chunk: int = 200_00
         edges = [1] + [lo + (hi - lo + 1) * k // jobs for k in range(1, jobs)] + [hi + 1]
         ranges = [(edges[k], edges[k + 1] - 1) for k in range(jobs)]
         url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        import multiprocessing
-
-        # spawn, not fork: a forked child of a threaded process (the web app, a worker with its
-        # housekeeping thread, the test suite) can inherit a lock some other thread held, and hang.
-        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-            chunks = pool.starmap(_verify_range, [(url, snapshot, a, b) for a, b in ranges])
+        chunks = _in_processes(_verify_range, [(url, snapshot, a, b) for a, b in ranges])
         return _against_head(join_chunks(chunks), head)
 
 
-def _verify_range(url: str, snapshot: str, lo: int, hi: int) -> ChunkResult:
-    """A worker process: ids lo..hi in the exported snapshot."""
-    import psycopg
+def _in_processes(target: Callable[..., ChunkResult], calls: list[tuple]) -> list[ChunkResult]:
+    """target(*args) for each args, each in a child process of its own; results in order.
 
-    with psycopg.connect(url) as raw:
+    fork when this process runs one thread (the CLI): the child starts at once, with nothing to
+    import. Otherwise spawn: a forked child of a threaded process (the web app, a worker with its
+    housekeeping thread, the test suite) can inherit a lock some other thread held, and hang.
+    A forked child never touches the parent's connections (it opens its own and leaves through
+    os._exit, so nothing of the parent's is closed or finalised in it)."""
+    import multiprocessing
+
+    method = (
+        "fork"
+        if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
+        else "spawn"
+    )
+    ctx = multiprocessing.get_context(method)
+    children = []
+    try:
+        for args in calls:
+            receive, send = ctx.Pipe(duplex=False)
+            child = ctx.Process(target=_child, args=(send, target, args), daemon=True)
+            child.start()
+            send.close()
+            children.append((child, receive))
+        results = []
+        for child, receive in children:
+            try:
+                ok, value = receive.recv()
+            except EOFError:
+                raise RuntimeError(
+                    f"audit verify: a checking process died (exit code {child.exitcode})"
+                ) from None
+            if not ok:
+                raise RuntimeError(f"audit verify: a checking process failed: {value}")
+            results.append(value)
+        return results
+    finally:
+        for child, receive in children:
+            receive.close()
+            if child.is_alive():
+                child.join(5)
+            if child.is_alive():
+                child.kill()
+                child.join()
+
+
+def _child(send, target: Callable[..., ChunkResult], args: tuple) -> None:
+    try:
+        result = (True, target(*args))
+    except BaseException as exc:  # reported to the parent, which raises
+        result = (False, f"{type(exc).__name__}: {exc}")
+    send.send(result)
+    send.close()
+
+
+# A range of the chain as COPY text lines (app.domain.audit_chain.COPY_COLUMNS, details last).
+_COPY_RANGE = (
+    "COPY (SELECT "
+    + ", ".join(COPY_COLUMNS)
+    + " FROM audit_events WHERE id BETWEEN {lo} AND {hi} ORDER BY id) "
+    "TO STDOUT WITH (NULL E'\\x0b')"
+)
+
+
+def _verify_range(url: str, snapshot: str, lo: int, hi: int) -> ChunkResult:
+    """A checking process: ids lo..hi in the exported snapshot, read with COPY (the server streams
+    without waiting for the client; no row objects are built) and checked line by line."""
+    import psycopg
+    from psycopg import pq
+
+    raw = psycopg.connect(url, autocommit=True)
+    try:
+        raw.execute("SET datestyle = 'ISO, YMD'")
         raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         raw.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
-        with raw.cursor(name="audit_verify") as cursor:
-            cursor.itersize = FETCH_ROWS
-            cursor.execute(
-                _pg_params(_ROW_SQL["postgresql"] + " WHERE id BETWEEN :lo AND :hi ORDER BY id"),
-                {"lo": lo, "hi": hi},
-            )
+        pg = raw.pgconn
+        pg.nonblocking = 0  # libpq's blocking calls from here on (sending, then each line)
+        # libpq directly: one call per line (psycopg's Copy object costs several times that).
+        # The connection is this process's own and is closed on the way out, also when the
+        # check stops early in the middle of the COPY.
+        pg.send_query(_COPY_RANGE.format(lo=int(lo), hi=int(hi)).encode())
+        started = pg.get_result()
+        if started is None or started.status != pq.ExecStatus.COPY_OUT:
+            message = started.error_message.decode(errors="replace") if started is not None else ""
+            raise RuntimeError(f"COPY did not start: {message}")
 
-            with contextlib.closing(prefetched(lambda: cursor.fetchmany(FETCH_ROWS))) as rows:
-                return verify_rows(rows, prev_hash=None, first_id=None)
+        def lines() -> Iterator[bytes]:
+            get = pg.get_copy_data
+            while True:
+                size, data = get(0)
+                if size < 0:
+                    break
+                yield bytes(data)
+            done = pg.get_result()
+            if done is None or done.status != pq.ExecStatus.COMMAND_OK:
+                message = done.error_message.decode(errors="replace") if done is not None else ""
+                raise RuntimeError(f"COPY failed: {message}")
+            while pg.get_result() is not None:
+                pass
+
+        return verify_copy_lines(lines(), prev_hash=None, first_id=None)
+    finally:
+        raw.close()  # mid-COPY too: closing ends the read (nothing is committed or rolled back)
 
 
 def _head_row(conn: sa.Connection) -> tuple[int, str] | None:
