@@ -7,33 +7,41 @@ beside its anchor measured in the same run on the same Redis:
 * simulator at 100 ms, 4 workers — target ≥ 200 deliveries/s (issue 6; needs concurrent calls
   per connection: RECON_DELIVERY_CONCURRENCY).
 
-Messages are accepted through the API (gunicorn) and relayed into RQ before the workers start;
+The simulator runs as `recon sim` in a process of its own. Messages are accepted through the API
+(gunicorn); their jobs are handed to RQ once every worker process is up;
 a rate is counted from the first claim to the last settled attempt (the database's timestamps),
 an anchor from its first job's start to its last job's end (RQ's timestamps): neither counts
 process start-up. Size: RECON_BENCH_DELIVERY_MESSAGES (default 1,000; RECON_BENCH_QUICK=1: 400).
+Worker settings per line: RECON_BENCH_FAST_BATCH / _CONCURRENCY (0 ms), RECON_BENCH_SLOW_BATCH /
+_CONCURRENCY (100 ms).
 Statements per delivery: RECON_BENCH_STATEMENTS=1 adds a line counting every SQL statement of an
 in-process burst worker (delivery and housekeeping) per delivered message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import types
 import uuid
 
 import pytest
 import sqlalchemy as sa
 
 from tests.perf.conftest import report
-from tests.perf.test_bench_pipeline import _hammer, _requests, _workers, gunicorn
+from tests.perf.test_bench_pipeline import _free_port, _hammer, _requests, _workers, gunicorn
 
 FAST_TARGET_RATIO = 0.5
 SLOW_TARGET_PER_S = 200
 SLOW_LATENCY_MS = 100
 ONE_WORKER_TARGET_PER_S = 40
+FAST_BATCH, FAST_CONCURRENCY = 20, 4  # RECON_DELIVERY_BATCH / _CONCURRENCY for the 0 ms lines
+SLOW_BATCH, SLOW_CONCURRENCY = 32, 16  # and for the 100 ms line
 
 
 def _messages() -> int:
@@ -106,19 +114,78 @@ def _bare_rq_rate(redis_url: str, jobs: int, workers: int) -> float:
     return jobs / (ended - started).total_seconds()
 
 
-def _submit(port: int, token: str, prefix: str, count: int) -> None:
-    seconds, _ = _hammer(port, _requests(token, "mercy-epic", prefix, count))
+def _submit(port: int, token: str, prefix: str, count: int, connection: str = "mercy-epic") -> None:
+    seconds, _ = _hammer(port, _requests(token, connection, prefix, count))
     assert seconds > 0
 
 
-def _relay(sessions, queue) -> None:
-    """Every accepted message's job into RQ now, so workers find the whole batch waiting."""
-    from app.adapters.queue import relay_outbox
-    from app.services.delivery import Runtime
+@contextlib.contextmanager
+def _own_simulator(env: dict):
+    """`recon sim` in a process of its own, as deployed: the workers' calls do not compete with
+    the test process (gunicorn's client, the polling) for one interpreter lock."""
+    import httpx
 
-    rt = Runtime(sessions=sessions, worker_name="bench-relay")
-    while relay_outbox(rt, queue):
-        pass
+    fhir_port, mllp_port = _free_port(), _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "sim",
+            "--fhir-port",
+            str(fhir_port),
+            "--mllp-port",
+            str(mllp_port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    sim = types.SimpleNamespace(base_url=f"http://127.0.0.1:{fhir_port}")
+    sim.tenant_url = lambda tenant: f"{sim.base_url}/fhir/{tenant}"
+    try:
+        for _ in range(300):
+            try:
+                httpx.get(f"{sim.base_url}/fhir/ping/metadata", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield sim
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def _hold_outbox(sessions) -> list:
+    """Take the accepted messages' outbox rows (marked relayed, so the workers' own relay leaves
+    them): `_release` enqueues their jobs once every worker is up."""
+    from app.db.models import OutboxEntry
+    from app.services.clock import utcnow
+
+    with sessions() as s, s.begin():
+        rows = s.execute(
+            sa.update(OutboxEntry)
+            .where(OutboxEntry.relayed_at.is_(None))
+            .values(relayed_at=utcnow())
+            .returning(OutboxEntry.kind, OutboxEntry.ref_id, OutboxEntry.job_id)
+        ).all()
+    return sorted(rows, key=lambda r: int(r.ref_id))
+
+
+def _release(queue, rows) -> None:
+    from app.adapters.queue import JOB_FUNCTIONS, JOB_TIMEOUT
+
+    with queue.connection.pipeline() as pipe:
+        for row in rows:
+            queue.enqueue_call(
+                JOB_FUNCTIONS[row.kind],
+                args=(int(row.ref_id),),
+                job_id=f"{queue.name}-{row.job_id}",
+                timeout=JOB_TIMEOUT,
+                result_ttl=600,
+                pipeline=pipe,
+            )
+        pipe.execute()
 
 
 def _delivered_window(sessions, first_attempt_id: int) -> tuple[int, float]:
@@ -142,10 +209,20 @@ def _last_attempt_id(sessions) -> int:
 
 
 def _deliver(env, sessions, queue, workers: int, expected: int, first_attempt_id: int) -> float:
-    """Start `workers` real `recon worker` processes, wait until every message is delivered."""
+    """Start `workers` real `recon worker` processes; once every one is up (has beaten), hand them
+    the held jobs and wait until every message is delivered."""
+    held = _hold_outbox(sessions)
     code = "from app.cli import main; main(['worker'])"
-    procs = _spawn(code, env, workers)
+    # housekeeping (relay, re-queue) is not what is measured: every job is handed over at once
+    procs = _spawn(code, dict(env, RECON_HOUSEKEEPING_SECONDS="30"), workers)
     try:
+        keys = [f"recon:worker-alive:{queue.name}:recon-{socket.gethostname()}-{p.pid}" for p in procs]
+        deadline = time.monotonic() + 120
+        while not all(queue.connection.exists(k) for k in keys) and time.monotonic() < deadline:
+            dead = [p for p in procs if p.poll() is not None]
+            assert not dead, _output(dead[0])
+            time.sleep(0.05)
+        _release(queue, held)
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             count, _ = _delivered_window(sessions, first_attempt_id)
@@ -173,32 +250,74 @@ def _deliver(env, sessions, queue, workers: int, expected: int, first_attempt_id
 
 @pytest.mark.postgres
 @pytest.mark.timeout(900)
-def test_bench_delivery(
-    database_url, redis_url, queue_name, queue, users, fhir_connection, sessions, sim_control
-):
+def test_bench_delivery(database_url, redis_url, queue_name, queue, users, sessions):
+    from app.db.session import transaction
+    from app.services import connections
+    from tests.conftest import SimControl
+
     count = _messages()
     env = dict(os.environ, DATABASE_URL=database_url, REDIS_URL=redis_url, RECON_QUEUE=queue_name)
     env.pop("RECON_FAULT_INJECT", None)
-    tenant = fhir_connection.tenant
-    token = users["svc_token"]
+    with _own_simulator(env) as sim:
+        tenant = f"bench{uuid.uuid4().hex[:8]}"
+        with transaction(sessions) as s:
+            connections.add_customer(s, "Bench Health")
+            connections.add_connection(
+                s,
+                "mercy-epic",
+                customer="Bench Health",
+                protocol="fhir-r4",
+                endpoint=sim.tenant_url(tenant),
+                vendor="epic",
+                connect_timeout=2.0,
+                read_timeout=5.0,
+                retry_backoff_seconds=0.0,
+            )
+        _bench(
+            env, sessions, queue, users["svc_token"], tenant, SimControl(sim), count, redis_url, database_url
+        )
+
+
+def _bench(env, sessions, queue, token, tenant, sim_control, count, redis_url, database_url) -> None:
+    # The worker settings of each line (RECON_DELIVERY_BATCH / _CONCURRENCY, printed in it): larger
+    # batches than the defaults (5 / 5) at 0 ms, wide concurrency for the slow EHR at 100 ms.
+    fast = {
+        "delivery_batch": int(os.environ.get("RECON_BENCH_FAST_BATCH", FAST_BATCH)),
+        "delivery_concurrency": int(os.environ.get("RECON_BENCH_FAST_CONCURRENCY", FAST_CONCURRENCY)),
+    }
+    slow = {
+        "delivery_batch": int(os.environ.get("RECON_BENCH_SLOW_BATCH", SLOW_BATCH)),
+        "delivery_concurrency": int(os.environ.get("RECON_BENCH_SLOW_CONCURRENCY", SLOW_CONCURRENCY)),
+    }
     runs = [
-        ("delivery_0ms_1_worker", 0, 1, max(count // 2, 200)),
-        ("delivery_0ms_4_workers", 0, 4, count),
-        ("delivery_100ms_4_workers", SLOW_LATENCY_MS, 4, count),
+        ("delivery_0ms_1_worker", 0, 1, max(count // 2, 200), fast),
+        ("delivery_0ms_4_workers", 0, 4, count, fast),
+        ("delivery_100ms_4_workers", SLOW_LATENCY_MS, 4, count, slow),
     ]
     only = os.environ.get("RECON_BENCH_DELIVERY_ONLY")  # e.g. "0ms_4" to run the matching lines
     runs = [run for run in runs if not only or any(o in run[0] for o in only.split(","))]
     delivered_before = 0
     with gunicorn("app:create_app()", env, _workers(database_url)) as port:
-        for name, latency, workers, messages in runs:
+        for name, latency, workers, messages, settings in runs:
             sim_control.set_profile(tenant, latency_ms=latency)
             first = _last_attempt_id(sessions)
             _submit(port, token, f"{name}-{uuid.uuid4().hex[:6]}", messages)
-            _relay(sessions, queue)
-            rate = _deliver(env, sessions, queue, workers, messages, first)
+            run_env = dict(
+                env,
+                RECON_DELIVERY_BATCH=str(settings["delivery_batch"]),
+                RECON_DELIVERY_CONCURRENCY=str(settings["delivery_concurrency"]),
+            )
+            rate = _deliver(run_env, sessions, queue, workers, messages, first)
             delivered_before += messages
             assert sim_control.applied(tenant)["total"] == delivered_before
-            figures = {"db": "PostgreSQL", "messages": messages, "workers": workers, "latency_ms": latency}
+            figures = {
+                "db": "PostgreSQL",
+                "messages": messages,
+                "workers": workers,
+                "latency_ms": latency,
+                "batch": settings["delivery_batch"],
+                "concurrency": settings["delivery_concurrency"],
+            }
             figures["deliveries_per_s"] = f"{rate:.0f}"
             if latency == 0:
                 anchor = _bare_rq_rate(redis_url, messages, workers)

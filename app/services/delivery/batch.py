@@ -208,7 +208,10 @@ def run_calls(rt: Runtime, conn: Connection, batch: list[Claimed]) -> None:
     # HL7 v2 over MLLP: one persistent connection, answered in order — one call at a time.
     limit = 1 if conn.protocol == Protocol.HL7V2_MLLP else rt.delivery_concurrency
     # after a successful probe the breaker is closing: count failures afresh
-    breaker = _Breaker(conn, limit, failures=0 if state == "half_open" else conn.consecutive_failures)
+    failures = 0 if state == "half_open" else conn.consecutive_failures
+    key = (conn.id, conn.endpoint)
+    # A connection whose last batch here went well starts as wide as it ended (no ramp per batch).
+    breaker = _Breaker(conn, limit, failures=failures, successes=_healthy.get(key, 0) if not failures else 0)
     workers = max(1, min(limit, len(batch)))
     pool = _pool(workers) if workers > 1 else None
 
@@ -236,6 +239,11 @@ def run_calls(rt: Runtime, conn: Connection, batch: list[Claimed]) -> None:
             futures.append(pool.submit(one, c))
     for future in futures:
         future.result()
+    _healthy[key] = breaker.successes if breaker.failures == 0 else 0
+
+
+# (connection id, endpoint) → the width its last batch in this process reached, while healthy
+_healthy: dict[tuple[int, str], int] = {}
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -254,16 +262,18 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 class _Breaker:
     """The batch's own view of the breaker while its calls run (the stored counters are written at
     settle). Calls in flight at once: threshold − 1 − failures (at least one), plus one more for
-    each success of the batch, at most `limit` — a connection starts carefully and widens while the
-    EHR answers, so a failing EHR sees about as many calls as one call at a time would have sent
-    (with threshold 2: one at a time) and never more than `limit` past the threshold. Once the
+    each success, at most `limit` — a connection starts carefully and widens while the EHR
+    answers (a healthy connection's next batch in this process starts as wide as the last one
+    ended), so a failing EHR sees about as many calls as one call at a time would have sent (with
+    threshold 2: one at a time) and never more than `limit` past the threshold. Once the
     consecutive failures reach the threshold, nothing more is sent (the rest are held)."""
 
-    def __init__(self, conn: Connection, limit: int, failures: int):
+    def __init__(self, conn: Connection, limit: int, failures: int, successes: int = 0):
         self.failures = failures
         self.threshold = conn.circuit_failure_threshold
         self.limit = max(limit, 1)
-        self.successes = self.in_flight = 0
+        self.successes = min(successes, self.limit)
+        self.in_flight = 0
         self._cond = threading.Condition()
 
     @property
