@@ -516,6 +516,7 @@ def _params(part: str, values: dict) -> dict:
 
 def _execute(session: so.Session, part: tuple[str, dict]):
     name, values = part
+    session.flush()  # as in _run: what the session holds keeps its order
     return session.connection().execute(_statement(name), _params(name, values))
 
 
@@ -529,6 +530,10 @@ def _run(session: so.Session, statement, params: dict, *, one: bool = False):
     processing of ~55 binds, execution context, result metadata) was a fifth of the request's
     CPU. Errors surface as SQLAlchemy's (IntegrityError for a racing duplicate key). SQLite: as
     Core runs it."""
+    # What the session holds goes first, as the ORM's execute would autoflush it: an audit event
+    # recorded earlier in this transaction (a batch import) must take its place in the chain
+    # before this message's.
+    session.flush()
     conn = session.connection()
     if conn.dialect.name != "postgresql":
         return conn.execute(statement, params).one()

@@ -142,3 +142,25 @@ def test_background_sealer_retries_while_another_process_holds_the_sealer_lock(
     with transaction(sessions, read_only=True) as s:
         assert s.scalar(sa.select(sa.func.count()).select_from(AuditPending)) == 0
         assert audit.verify(s).ok
+
+
+def test_an_event_recorded_before_an_intake_in_one_transaction_comes_first_in_the_chain(
+    users, fhir_connection, sessions
+):
+    """A batch import records events and accepts messages in one transaction: the chain keeps
+    the order they were recorded in (intake's statements run beside the ORM, not through it)."""
+    from app.db.models import User
+    from app.services.intake import submit_message
+
+    with transaction(sessions) as s:
+        svc = s.get(User, users["svc"].id)
+        audit.record(s, actor="svc", action="batch.start", subject_type="batch", subject_id="b1")
+        submit_message(s, svc, "order-1", message_body("mercy-epic", medication_request(1)))
+        audit.record(s, actor="svc", action="batch.end", subject_type="batch", subject_id="b1")
+    with transaction(sessions, read_only=True) as s:
+        actions = s.scalars(sa.select(AuditEvent.action).order_by(AuditEvent.id)).all()
+    assert [a for a in actions if a in ("batch.start", "message.receive", "batch.end")] == [
+        "batch.start",
+        "message.receive",
+        "batch.end",
+    ]
