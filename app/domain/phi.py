@@ -248,8 +248,10 @@ _OURS = (
 )
 _OUR_ATTRIBUTE = (
     rf"""\s{_OURS}\s*=\s*(?:"[^"]*"|'[^']*')"""
-    # and whole tags that carry only our state: hidden inputs (CSRF token, versions), meta tags.
-    r"""|<input\s[^>]*type="hidden"[^>]*>|<meta\s[^>]*>"""
+    # and whole tags that carry only our state: hidden inputs (CSRF token, versions), selection
+    # checkboxes (their values are our row ids: a bare patient id that equals an exception id
+    # must not turn a selection into "****"), meta tags.
+    r"""|<input\s[^>]*type="(?:hidden|checkbox)"[^>]*>|<meta\s[^>]*>"""
 )
 
 

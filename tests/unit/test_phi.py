@@ -195,3 +195,17 @@ def test_log_lines_lose_patient_references_pid_segments_and_the_scopes_identifie
         phi.close_scope()
     assert line["msg"] == "rejected Patient/****: PID|****\rPV1|1"
     assert line["detail"] == "about ****ff"
+
+
+def test_html_keeps_selection_checkboxes_whose_row_id_equals_a_patients_bare_id():
+    """Patient/123456's bare id and exception 123456 on one queue page: the row stays selectable
+    (the checkbox's value is our row id), the visible text is still masked."""
+    redactor = Redactor(["Patient/123456", "123456"])
+    page = (
+        '<input type="checkbox" id="sel-123456" name="ids" value="123456:3" form="bulk-form" '
+        'aria-label="Select exception 123456"> Patient/123456'
+    )
+    assert redactor.html(page) == (
+        '<input type="checkbox" id="sel-123456" name="ids" value="123456:3" form="bulk-form" '
+        'aria-label="Select exception 123456"> Patient/****56'
+    )
