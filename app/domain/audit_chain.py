@@ -235,21 +235,7 @@ def verify_rows(
 
 # The columns of a COPY line, in this order (details last), as `recon audit verify` reads them:
 # `COPY (SELECT <COPY_COLUMNS> …) TO STDOUT WITH (NULL E'\x0b')`, DateStyle ISO.
-COPY_COLUMNS = (
-    "id",
-    "prev_hash",
-    "hash",
-    "occurred_at",
-    "actor",
-    "action",
-    "subject_type",
-    "subject_id",
-    "from_state",
-    "to_state",
-    "reason",
-    "reason_code",
-    "details",
-)
+COPY_COLUMNS = ("id", "prev_hash", "hash", *EVENT_FIELDS[1:])
 COPY_NULL = b"\x0b"  # a raw vertical tab: COPY writes one in the data as the escape \v
 _STAMP_PAD = {19: b".000000Z", **{n: b"0" * (26 - n) + b"Z" for n in range(21, 27)}}
 

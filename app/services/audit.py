@@ -32,6 +32,7 @@ from app.db.models import AuditEvent, AuditHead, AuditPending
 from app.db.session import DEFER_SEAL, after_commit, is_sqlite
 from app.domain.audit_chain import (
     COPY_COLUMNS,
+    EVENT_FIELDS,
     GENESIS_HASH,
     ChunkResult,
     VerifyResult,
@@ -53,18 +54,7 @@ BACKSTOP_SECONDS = 10.0  # the web app's backstop: at most one seal per process 
 _PENDING = AuditPending.__table__
 _EVENTS = AuditEvent.__table__
 _HEAD = AuditHead.__table__
-_EVENT_COLUMNS = (
-    "occurred_at",
-    "actor",
-    "action",
-    "subject_type",
-    "subject_id",
-    "from_state",
-    "to_state",
-    "reason",
-    "reason_code",
-    "details",
-)
+_EVENT_COLUMNS = EVENT_FIELDS[1:]  # every hashed field but the id the sealer gives
 _RECORDED = "recon_audit_recorded"
 _TRY_LOCK = sa.select(sa.func.pg_try_advisory_xact_lock(SEALER_LOCK_KEY))
 _LOCK = sa.select(sa.func.pg_advisory_xact_lock(SEALER_LOCK_KEY))

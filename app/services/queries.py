@@ -434,6 +434,19 @@ def count_source(session: so.Session, now: datetime | None = None) -> CountSourc
 ROLLUP_VERSION = 2  # the shape below; a stored rollup of another shape is not read
 
 
+def _queues_holding(state: str, category: str) -> list[str]:
+    """The queues an active item in this state and category counts in: all, its category's
+    (every active state), and escalated / awaiting approval by state."""
+    targets = ["all"]
+    if state == ExceptionState.ESCALATED:
+        targets.append("escalated")
+    if state == ExceptionState.PENDING_APPROVAL:
+        targets.append("awaiting_approval")
+    if category in QUEUES:
+        targets.append(category)
+    return targets
+
+
 def rollups(groups: Iterable[dict]) -> dict:
     """What every page needs of the counts, computed once per refresh from its groups (dicts with
     the keys of `active_groups`) rather than once per page view: per named queue {"total",
@@ -447,14 +460,7 @@ def rollups(groups: Iterable[dict]) -> dict:
     for g in groups:
         n, state, category, sla = int(g["n"]), g["state"], g["category"], g["sla_status"]
         late = n if sla == SlaStatus.BREACHED.value else 0
-        targets = ["all"]
-        if state == ExceptionState.ESCALATED:
-            targets.append("escalated")
-        if state == ExceptionState.PENDING_APPROVAL:
-            targets.append("awaiting_approval")
-        if category in queues:  # a category queue holds every active state of its category
-            targets.append(category)
-        for target in targets:
+        for target in _queues_holding(state, category):
             queues[target]["total"] += n
             queues[target]["breached"] += late
             by_sla[target][sla] = by_sla[target].get(sla, 0) + n
@@ -706,14 +712,7 @@ def queue_counts(session: so.Session, now: datetime | None = None) -> dict[str, 
     counts = {q: {"total": 0, "breached": 0} for q in QUEUES}
     for state, category, total, late in rows:
         total, late = int(total or 0), int(late or 0)
-        targets = ["all"]
-        if state == ExceptionState.ESCALATED:
-            targets.append("escalated")
-        if state == ExceptionState.PENDING_APPROVAL:
-            targets.append("awaiting_approval")
-        if category in counts:  # a category queue holds every active state of its category
-            targets.append(category)
-        for target in targets:
+        for target in _queues_holding(state, category):
             counts[target]["total"] += total
             counts[target]["breached"] += late
     return counts
