@@ -278,4 +278,3 @@ def test_bench_intake(database_url, redis_url, users, fhir_connection, sessions)
         f"{INTAKE_TARGET_P99_MS} ms (issue 6, PostgreSQL, 8 connections)",
         ok,
     )
-
