@@ -29,8 +29,8 @@ import sqlalchemy.orm as so
 
 log = logging.getLogger(__name__)
 
-COALESCE_SECONDS = 0.05  # a hand-off waits this long for others before sealing
-RETRY_SECONDS = 0.01  # another process's sealer holds the lock: look again after this long
+COALESCE_SECONDS = 0.1  # a hand-off waits this long for others before sealing
+RETRY_SECONDS = 0.05  # another process's sealer holds the lock: look again after this long
 
 
 class BackgroundSealer:
