@@ -28,9 +28,7 @@ def install_runtime(rt: delivery.Runtime) -> None:
 
 
 def _job_id() -> str | None:
-    from rq import get_current_job
-
-    job = get_current_job()
+    job = _current_job()
     return job.id if job else None
 
 
@@ -50,11 +48,14 @@ def drop_claimed_jobs(attempt_ids: list[int]) -> None:
     from rq import Queue
     from rq.job import Job
 
+    from app.adapters.queue import rq_job_id
+    from app.domain.delivery import deliver_job_id
+
     job = _current_job()
     if job is None or not attempt_ids:
         return
     queue = Queue(job.origin, connection=job.connection)
-    ids = [f"{queue.name}-deliver-{attempt_id}" for attempt_id in attempt_ids]
+    ids = [rq_job_id(queue.name, deliver_job_id(attempt_id)) for attempt_id in attempt_ids]
     try:
         with job.connection.pipeline(transaction=False) as pipe:
             for job_id in ids:

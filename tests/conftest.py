@@ -261,25 +261,30 @@ def users(sessions, password_hash, monkeypatch):
 @pytest.fixture
 def fhir_connection(sessions, sim):
     """A customer and a FHIR connection pointing at a fresh simulator tenant."""
+    tenant = f"t{uuid.uuid4().hex[:10]}"
+    conn = add_fhir_connection(sessions, sim.tenant_url(tenant))
+    conn.tenant = tenant
+    return conn
+
+
+def add_fhir_connection(sessions, endpoint: str, customer: str = "Mercy Health"):
+    """A customer and its FHIR connection `mercy-epic` to `endpoint`, with short test timeouts."""
     from app.db.session import transaction
     from app.services import connections
 
-    tenant = f"t{uuid.uuid4().hex[:10]}"
     with transaction(sessions) as s:
-        connections.add_customer(s, "Mercy Health")
-        conn = connections.add_connection(
+        connections.add_customer(s, customer)
+        return connections.add_connection(
             s,
             "mercy-epic",
-            customer="Mercy Health",
+            customer=customer,
             protocol="fhir-r4",
-            endpoint=sim.tenant_url(tenant),
+            endpoint=endpoint,
             vendor="epic",
             connect_timeout=2.0,
             read_timeout=5.0,
             retry_backoff_seconds=0.0,
         )
-    conn.tenant = tenant
-    return conn
 
 
 @pytest.fixture

@@ -36,6 +36,12 @@ JOB_FUNCTIONS = {
 JOB_TIMEOUT = 300
 
 
+def rq_job_id(queue_name: str, job_id: str) -> str:
+    """An outbox row's job id in RQ: namespaced by queue, so installations (and test runs)
+    sharing one Redis never collide."""
+    return f"{queue_name}-{job_id}"
+
+
 def relay_outbox(rt: delivery.Runtime, queue: Queue) -> int:
     """Move unrelayed outbox rows into RQ; safe to run from several workers at once."""
     entries = delivery.pending_outbox(rt)
@@ -45,8 +51,7 @@ def relay_outbox(rt: delivery.Runtime, queue: Queue) -> int:
             queue.enqueue_call(
                 JOB_FUNCTIONS[entry.kind],
                 args=(int(entry.ref_id),),
-                # Namespaced by queue so installations (and test runs) sharing one Redis never collide.
-                job_id=f"{queue.name}-{entry.job_id}",
+                job_id=rq_job_id(queue.name, entry.job_id),
                 unique=True,
                 timeout=JOB_TIMEOUT,
                 result_ttl=3600,
@@ -179,10 +184,10 @@ def requeue_stranded(rt: delivery.Runtime, queue: Queue) -> int:
             continue
         if (now - work.relayed_at).total_seconds() >= policy.housekeeping_seconds:
             to_ask.append(work)  # judged only after one pass: a fresh job gets its chance first
-    views = job_views(queue, [f"{queue.name}-{work.job_id}" for work in to_ask])
+    views = job_views(queue, [rq_job_id(queue.name, work.job_id) for work in to_ask])
     for work in to_ask:
         unclaimed = (now - work.relayed_at).total_seconds()
-        reason = requeue_reason(views[f"{queue.name}-{work.job_id}"], unclaimed, policy)
+        reason = requeue_reason(views[rq_job_id(queue.name, work.job_id)], unclaimed, policy)
         if reason:
             lost.append((work, reason))
     return liveness.queue_again(rt.sessions, lost)

@@ -103,6 +103,18 @@ def routing_refusal(settings: ConnectionSettings, message_type: str) -> str | No
 
 # Categories a worker may retry automatically (SPEC 3.2).
 AUTO_RETRY_CATEGORIES = frozenset({Category.TRANSPORT, Category.EHR_UNAVAILABLE})
+# Failures that count towards a connection's circuit breaker: the EHR, or the way to it, is down.
+BREAKER_CATEGORIES = frozenset({Category.TRANSPORT, Category.EHR_UNAVAILABLE})
+
+
+def counts_against_breaker(outcome: Outcome) -> bool:
+    """A real call's outcome that adds to the consecutive failures (anything else resets them)."""
+    return not outcome.delivered and outcome.category in BREAKER_CATEGORIES
+
+
+def deliver_job_id(attempt_id: int) -> str:
+    """The outbox's job id for delivering an attempt (the relay namespaces it by queue)."""
+    return f"deliver-{attempt_id}"
 
 
 def auto_retry_eligible(outcome: Outcome, settings: ConnectionSettings) -> bool:

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm as so
 
 from app.db.models import Connection, Customer, SlaRuleRow
-from app.domain.delivery import Category, ConnectionSettings, Outcome, Protocol
+from app.domain.delivery import ConnectionSettings, Outcome, Protocol, counts_against_breaker
 from app.domain.errors import Conflict, Invalid, NotFound
 from app.domain.sla import SlaPolicy, SlaRule
 
@@ -194,7 +194,7 @@ def note_outcome_for_circuit(conn: Connection, outcome: Outcome) -> str | None:
     closed), "reopened" (the half-open probe failed), "closed" (a call succeeded while open or
     half-open), or None. A failure of a call that left before the circuit opened only extends it."""
     before = circuit_state(conn)
-    if outcome.delivered or outcome.category not in (Category.TRANSPORT, Category.EHR_UNAVAILABLE):
+    if not counts_against_breaker(outcome):
         conn.consecutive_failures = 0
         conn.circuit_open_until = None
         conn.circuit_probe_until = None

@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql
 
 from app.db.models import Attempt, Connection, Message, MessageIdentifier, OutboxEntry, PayloadVersion, User
 from app.domain.categorize import categorize_reported_error
-from app.domain.delivery import Category, clinical_risk, control_id_for, routing_refusal
+from app.domain.delivery import Category, clinical_risk, control_id_for, deliver_job_id, routing_refusal
 from app.domain.errors import Invalid, NotFound
 from app.domain.idempotency import request_fingerprint
 from app.domain.identifiers import extract_identifiers
@@ -371,7 +371,7 @@ def _store(
                 {
                     "kind": "deliver",
                     "ref_id": str(attempt_id),
-                    "job_id": f"deliver-{attempt_id}",
+                    "job_id": deliver_job_id(attempt_id),
                     "created_at": now,
                 },
             )
@@ -523,7 +523,7 @@ def _execute(session: so.Session, part: tuple[str, dict]):
 _compiled: dict = {}
 
 
-def _run(session: so.Session, statement, params: dict, *, one: bool = False):
+def _run(session: so.Session, statement, params: dict):
     """Run one of intake's prebuilt Core statements in the session's transaction and return its
     single row. PostgreSQL: as the SQL it compiles to (compiled once per process), on the
     transaction's own driver connection, prepared — SQLAlchemy's per-execution work (parameter
@@ -548,6 +548,7 @@ def _run(session: so.Session, statement, params: dict, *, one: bool = False):
                 processors[key] = process
         # Binds with fixed values (a function's literal arguments) as SQLAlchemy would send them.
         fixed = {key: value for key, value in compiled.construct_params(params).items() if key not in params}
+        # (the statement itself is kept so that its id is never reused by another object)
         found = _compiled[id(statement)] = (compiled.string, processors, fixed, statement)
     sql, processors, fixed, _ = found
     values = dict(fixed)

@@ -19,6 +19,7 @@ import sqlalchemy.orm as so
 
 from app.db.cas import cas_update
 from app.db.models import Attempt, ExceptionItem, Message, MessageIdentifier, OutboxEntry
+from app.domain.delivery import deliver_job_id
 from app.domain.states import AttemptState, ExceptionState, MessageState
 
 from . import audit
@@ -143,7 +144,7 @@ def release_waiting(s: so.Session, message_id: str) -> int:
             OutboxEntry(
                 kind="deliver",
                 ref_id=str(attempt_id),
-                job_id=f"deliver-{attempt_id}-released-{now:%Y%m%d%H%M%S%f}",
+                job_id=f"{deliver_job_id(attempt_id)}-released-{now:%Y%m%d%H%M%S%f}",
                 created_at=now,
             )
         )

@@ -4,12 +4,13 @@
 Intake is the hot path: sealing each request's one event in its own transaction after its
 commit cost two more transactions (a WAL flush each) per request and made every gunicorn
 worker queue on the sealer's lock. A deferring unit of work (`transaction(..., defer_seal=True)`)
-instead hands its committed events' highest seq to this thread and returns; the thread wakes,
-and seals everything committed so far in one batch (`audit.seal`, the same sealer as
-everywhere: one at a time across processes, in commit order). Under load one seal covers the
-events of every request that committed while the previous seal ran.
+instead hands its committed events' highest seq to this thread and returns; the thread waits
+COALESCE_SECONDS for more, then seals everything committed so far in one batch (`audit._seal_batch`,
+the same batch as everywhere: one sealer at a time across processes, in commit order), with a
+try-lock — never waiting for another process's sealer. Under load one seal covers the events of
+every request that committed in the meantime.
 
-The window: an intake event is normally sealed within milliseconds of the response; it is in
+The window: an intake event is normally sealed within a fifth of a second of the response; it is in
 `audit_pending` (counted by `pending_summary`, shown on the audit page) until then. A process
 killed in that window leaves its events to the backstops (the next seal anywhere, worker
 housekeeping, `recon audit seal`): nothing is lost, the state change and its event committed
@@ -128,12 +129,6 @@ def for_factory(factory: so.sessionmaker) -> BackgroundSealer:
         if sealer is None:
             sealer = _sealers[key] = BackgroundSealer(factory)
         return sealer
-
-
-def drain_all(timeout: float = 10.0) -> bool:
-    with _registry_lock:
-        sealers = list(_sealers.values())
-    return all(s.drain(timeout) for s in sealers)
 
 
 @atexit.register

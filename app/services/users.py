@@ -260,7 +260,7 @@ def issue_enrollment_link(
     secret = secrets.token_urlsafe(32)
     link = EnrollmentLink(
         user_id=user.id,
-        token_hash=_token_hash(secret),
+        token_hash=token_hash(secret),
         created_by_id=actor.id,
         created_at=now,
         expires_at=now + timedelta(hours=hours),
@@ -286,7 +286,7 @@ def issue_enrollment_link(
 def enrollment_for(session: so.Session, secret: str) -> EnrollmentLink | None:
     """The unused, unexpired link for this secret, or None."""
     link = session.scalar(
-        sa.select(EnrollmentLink).where(EnrollmentLink.token_hash == _token_hash(secret or ""))
+        sa.select(EnrollmentLink).where(EnrollmentLink.token_hash == token_hash(secret or ""))
     )
     if link is None or link.used_at is not None or link.expires_at <= utcnow():
         return None
@@ -318,7 +318,8 @@ def complete_enrollment(session: so.Session, secret: str, password: str) -> User
     return user
 
 
-def _token_hash(token: str) -> str:
+def token_hash(token: str) -> str:
+    """What is stored of a token (and what the web app's token cache is keyed by)."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
@@ -341,7 +342,7 @@ def create_token(
     now = utcnow()
     row = ApiToken(
         user_id=user.id,
-        token_hash=_token_hash(token),
+        token_hash=token_hash(token),
         prefix=token[:10],
         created_at=now,
         expires_at=now + timedelta(days=days),
@@ -422,7 +423,7 @@ def token_check(session: so.Session, token: str) -> tuple[User | None, str, bool
     found = session.execute(
         sa.select(ApiToken.expires_at, ApiToken.last_used_at, User)
         .join(User, User.id == ApiToken.user_id)
-        .where(ApiToken.token_hash == _token_hash(token), ApiToken.revoked_at.is_(None))
+        .where(ApiToken.token_hash == token_hash(token), ApiToken.revoked_at.is_(None))
     ).first()
     if found is None:
         return None, "invalid", False, None
@@ -445,7 +446,7 @@ def touch_token(session: so.Session, token: str) -> None:
     session.execute(
         sa.update(ApiToken)
         .where(
-            ApiToken.token_hash == _token_hash(token),
+            ApiToken.token_hash == token_hash(token),
             sa.or_(ApiToken.last_used_at.is_(None), ApiToken.last_used_at < now - TOUCH_EVERY),
         )
         .values(last_used_at=now)

@@ -10,7 +10,6 @@ timeout and younger than the absolute lifetime.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 import time
@@ -129,12 +128,12 @@ _TOKEN_CACHE_MAX = 1000
 
 def _checked_token(token: str):
     from app.services.clock import utcnow
-    from app.services.users import token_check, token_generation
+    from app.services.users import token_check, token_generation, token_hash
 
     from .extensions import unit_of_work
 
     ttl = current_app.config.get("RECON_TOKEN_CACHE_SECONDS", 0)
-    key = hashlib.sha256(token.encode()).hexdigest()
+    key = token_hash(token)
     generation = token_generation()
     hit = _token_cache.get(key) if ttl > 0 else None
     if hit is not None and hit[1] == generation and time.monotonic() - hit[0] < ttl:

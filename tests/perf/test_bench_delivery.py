@@ -14,8 +14,8 @@ an anchor from its first job's start to its last job's end (RQ's timestamps): ne
 process start-up. Size: RECON_BENCH_DELIVERY_MESSAGES (default 1,000; RECON_BENCH_QUICK=1: 400).
 Worker settings per line: RECON_BENCH_FAST_BATCH / _CONCURRENCY (0 ms), RECON_BENCH_SLOW_BATCH /
 _CONCURRENCY (100 ms).
-Statements per delivery: RECON_BENCH_STATEMENTS=1 adds a line counting every SQL statement of an
-in-process burst worker (delivery and housekeeping) per delivered message.
+Statements per delivery: a line counting every SQL statement of an in-process burst worker
+(delivery and housekeeping) per delivered message (RECON_BENCH_STATEMENTS_MESSAGES, default 200).
 """
 
 from __future__ import annotations
@@ -251,28 +251,14 @@ def _deliver(env, sessions, queue, workers: int, expected: int, first_attempt_id
 @pytest.mark.postgres
 @pytest.mark.timeout(900)
 def test_bench_delivery(database_url, redis_url, queue_name, queue, users, sessions):
-    from app.db.session import transaction
-    from app.services import connections
-    from tests.conftest import SimControl
+    from tests.conftest import SimControl, add_fhir_connection
 
     count = _messages()
     env = dict(os.environ, DATABASE_URL=database_url, REDIS_URL=redis_url, RECON_QUEUE=queue_name)
     env.pop("RECON_FAULT_INJECT", None)
     with _own_simulator(env) as sim:
         tenant = f"bench{uuid.uuid4().hex[:8]}"
-        with transaction(sessions) as s:
-            connections.add_customer(s, "Bench Health")
-            connections.add_connection(
-                s,
-                "mercy-epic",
-                customer="Bench Health",
-                protocol="fhir-r4",
-                endpoint=sim.tenant_url(tenant),
-                vendor="epic",
-                connect_timeout=2.0,
-                read_timeout=5.0,
-                retry_backoff_seconds=0.0,
-            )
+        add_fhir_connection(sessions, sim.tenant_url(tenant), customer="Bench Health")
         _bench(
             env, sessions, queue, users["svc_token"], tenant, SimControl(sim), count, redis_url, database_url
         )
@@ -340,8 +326,6 @@ def _bench(env, sessions, queue, token, tenant, sim_control, count, redis_url, d
 
 def test_bench_delivery_statements(database_url, users, fhir_connection, run_worker, sessions, sim_control):
     """SQL statements per delivered message, the in-process burst worker's whole run."""
-    if os.environ.get("RECON_BENCH_STATEMENTS") != "1":
-        pytest.skip("RECON_BENCH_STATEMENTS=1 counts statements")
     from app.db.session import get_engine
 
     messages = int(os.environ.get("RECON_BENCH_STATEMENTS_MESSAGES", 200))

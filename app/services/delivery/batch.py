@@ -33,7 +33,7 @@ import sqlalchemy as sa
 from app.db.active import literal_states
 from app.db.models import Attempt, Connection, ExceptionItem, Message, PayloadVersion
 from app.db.session import transaction
-from app.domain.delivery import Category, Envelope, Outcome, Protocol
+from app.domain.delivery import Category, Envelope, Outcome, Protocol, counts_against_breaker
 from app.domain.states import AttemptState, ExceptionState, MessageState
 
 from .. import connections, faults
@@ -54,8 +54,6 @@ from .common import (
 from .deliver import deliver_attempt, settle_delivery
 from .runtime import Runtime
 from .versions import recheck_soon
-
-_BREAKER_CATEGORIES = (Category.TRANSPORT, Category.EHR_UNAVAILABLE)
 
 
 @dataclass
@@ -200,7 +198,7 @@ def run_calls(rt: Runtime, conn: Connection, batch: list[Claimed]) -> None:
         # One probe across all workers (the gate's claim); only when it succeeds does the rest go.
         probe, batch = batch[0], batch[1:]
         probe.outcome, probe.contacted = call(rt, conn, probe.envelope, probe.message_type)
-        if not (probe.contacted and _resets_breaker(probe.outcome)):
+        if not probe.contacted or counts_against_breaker(probe.outcome):
             for c in batch:  # held (another call is probing, or the circuit opens again)
                 c.outcome, c.contacted = call(rt, conn, c.envelope, c.message_type)
             return
@@ -296,16 +294,12 @@ class _Breaker:
     def release(self, outcome: Outcome | None) -> None:
         with self._cond:
             self.in_flight -= 1
-            if outcome is None or (not outcome.delivered and outcome.category in _BREAKER_CATEGORIES):
+            if outcome is None or counts_against_breaker(outcome):
                 self.failures += 1
             else:
                 self.failures = 0
                 self.successes += 1
             self._cond.notify_all()
-
-
-def _resets_breaker(outcome: Outcome) -> bool:
-    return outcome.delivered or outcome.category not in _BREAKER_CATEGORIES
 
 
 def _breaker_at_rest(conn: Connection) -> bool:
@@ -355,9 +349,9 @@ def settle_batch(rt: Runtime, connection_id: int, batch: list[Claimed]) -> dict[
         if not settled:
             return results
         contacted = [c.outcome for c in settled if c.contacted]
-        quiet = all(
-            (o.delivered or o.category not in _BREAKER_CATEGORIES) and not o.capability for o in contacted
-        ) and not any(c.outcome.category is Category.CONFIG for c in settled)
+        quiet = all(not counts_against_breaker(o) and not o.capability for o in contacted) and not any(
+            c.outcome.category is Category.CONFIG for c in settled
+        )
         conn = s.get(Connection, connection_id, populate_existing=True)
         if not (quiet and _breaker_at_rest(conn)):
             # Something to write on the connection row (breaker counters, capability): lock it.

@@ -9,6 +9,7 @@ from app.db.active import literal_states
 from app.db.cas import cas_update
 from app.db.models import Attempt, ExceptionItem, OutboxEntry
 from app.db.session import transaction
+from app.domain.delivery import deliver_job_id
 from app.domain.states import AttemptState, ExceptionState
 
 from .. import ordering
@@ -40,7 +41,9 @@ def queue_retry(s: so.Session, item: ExceptionItem) -> Attempt | None:
     )
     s.add(attempt)
     s.flush()
-    s.add(OutboxEntry(kind="deliver", ref_id=str(attempt.id), job_id=f"deliver-{attempt.id}", created_at=now))
+    s.add(
+        OutboxEntry(kind="deliver", ref_id=str(attempt.id), job_id=deliver_job_id(attempt.id), created_at=now)
+    )
     return attempt
 
 

@@ -53,8 +53,8 @@ def _idempotent_intake(service):
     body = json_object()
     actor = current_actor()
     try:
-        # The lookup bounds this transaction's lock wait (a request racing an uncommitted one
-        # with the same key waits at most 10 s, then 409) in its own round trip.
+        # The service's lookup also bounds this transaction's lock wait (a request racing an
+        # uncommitted one with the same key waits at most 10 s, then 409): no round trip of its own.
         with unit_of_work(defer_seal=True) as s:
             result = service(s, actor, key, body)
     except IntegrityError:
