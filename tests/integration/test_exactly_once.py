@@ -65,7 +65,10 @@ def test_two_hundred_orders_applied_exactly_once_despite_dropped_responses(
             .select_from(ExceptionItem)
             .where(ExceptionItem.category == "unknown_outcome", ExceptionItem.state == "open")
         )
-    assert 30 <= unknown <= 90, unknown  # the fault rate really bit
+    # The fault rate really bit: the seeded profile drops about a third of the creates (60 here).
+    # No upper bound: on a loaded machine a create that outlasts the 5 s read timeout is also, and
+    # rightly, an unknown outcome (CI once saw 91); what matters is the invariant checked below.
+    assert unknown >= 30, unknown
 
     rounds = 0
     while review_and_approve_everything_open(sessions, users):
