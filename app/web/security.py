@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 
-from flask import Flask, current_app, request
+from flask import Flask, Response, current_app, request
 from flask.sessions import SecureCookieSessionInterface
 from flask_limiter import Limiter, RequestLimit
 from flask_talisman import Talisman
@@ -62,6 +62,34 @@ class SessionCookies(SecureCookieSessionInterface):
         return request.host.rsplit(":", 1)[0] not in LOCAL_HOSTS if request else True
 
 
+class _Talisman(Talisman):
+    """flask-talisman, with the headers it computes kept: they are the same for every response
+    (no view has options of its own, no CSP nonce), except HSTS, which only a secure request gets.
+    Talisman re-parses the CSP and permissions policies per response otherwise — a twentieth of
+    an intake request's CPU. A view given options of its own is still answered by Talisman."""
+
+    def __init__(self, *args, **kwargs):
+        self._headers_for: dict[bool, list[tuple[str, str]]] = {}
+        super().__init__(*args, **kwargs)
+
+    def _set_response_headers(self, response):
+        view = current_app.view_functions.get(request.endpoint)
+        if getattr(view, "talisman_view_options", None) is not None:
+            return super()._set_response_headers(response)
+        secure = request.is_secure or request.headers.get("X-Forwarded-Proto", "http") == "https"
+        headers = self._headers_for.get(secure)
+        if headers is None:
+            probe = Response()
+            before = set(probe.headers.keys())
+            super()._set_response_headers(probe)
+            headers = self._headers_for[secure] = [
+                (k, v) for k, v in probe.headers.items() if k not in before
+            ]
+        for name, value in headers:
+            response.headers[name] = value
+        return response
+
+
 def client_address() -> str:
     """The client's address (behind RECON_TRUSTED_PROXIES proxies, the one they forwarded)."""
     return request.remote_addr or "-"
@@ -99,7 +127,7 @@ def init_app(app: Flask, app_settings: Settings) -> None:
         n = app_settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)
     app.session_interface = SessionCookies()
-    Talisman(
+    _Talisman(
         app,
         force_https=False,  # TLS ends at the load balancer; it redirects
         session_cookie_secure=False,  # decided per request by SessionCookies
@@ -127,6 +155,27 @@ def init_app(app: Flask, app_settings: Settings) -> None:
     _init_login_throttle(app, app_settings)
 
 
+def _skip_hooks_for_api(app: Flask, limiter: Limiter) -> None:
+    """Wrap the limiter's before-, after- and teardown-request hooks so that they do nothing for
+    an API request (each found by identity; any not found is left as it is)."""
+
+    def is_api() -> bool:
+        return request.blueprint == "api"
+
+    before = app.before_request_funcs.get(None, [])
+    for i, hook in enumerate(before):
+        if hook == limiter._check_request_limit:
+            before[i] = lambda: None if is_api() else limiter._check_request_limit()
+    after = app.after_request_funcs.get(None, [])
+    for i, hook in enumerate(after):
+        if getattr(hook, "args", None) == (limiter,):  # partial(Limiter.__inject_headers, limiter)
+            after[i] = (lambda h: lambda response: response if is_api() else h(response))(hook)
+    teardown = app.teardown_request_funcs.get(None, [])
+    for i, hook in enumerate(teardown):
+        if getattr(hook, "__self__", None) is limiter:  # limiter's per-request context release
+            teardown[i] = (lambda h: lambda exc=None: None if is_api() else h(exc))(hook)
+
+
 def _init_login_throttle(app: Flask, app_settings: Settings) -> None:
     # One prefix per deployment (its database): deployments sharing a Redis, or test runs with a
     # fresh database each, never share counters.
@@ -141,9 +190,11 @@ def _init_login_throttle(app: Flask, app_settings: Settings) -> None:
         swallow_errors=True,  # Redis down: fall back to per-process counters, never a 500
         in_memory_fallback_enabled=True,
     )
-    # Only the login view has limits: API requests (intake's hot path) skip the limiter's
-    # per-request lookup of which limits apply.
+    # Only the login view has limits (checked by its decorators below). The limiter's own
+    # request hooks look up which limits apply to every request; API requests (intake's hot path)
+    # skip those hooks altogether.
     limiter.request_filter(lambda: request.blueprint == "api")
+    _skip_hooks_for_api(app, limiter)
     view = app.view_functions["auth.login"]
     view = limiter.limit(
         lambda: settings().login_limit_account,

@@ -164,3 +164,20 @@ def test_an_event_recorded_before_an_intake_in_one_transaction_comes_first_in_th
         "message.receive",
         "batch.end",
     ]
+
+
+def test_api_requests_skip_the_login_limiters_hooks_and_logins_still_pass_through_them(
+    database_url, redis_url, users, fhir_connection, monkeypatch
+):
+    # Only the login view has limits; the limiter's per-request hooks cost an intake request
+    # CPU for nothing, so API requests skip them (app/web/security.py).
+    app = _app(database_url, redis_url)
+    (limiter,) = app.extensions["limiter"]
+    calls = []
+    original = limiter._check_request_limit
+    monkeypatch.setattr(limiter, "_check_request_limit", lambda *a, **k: calls.append(1) or original(*a, **k))
+    client = app.test_client()
+    assert _post(client, users["svc_token"], 1, key_prefix="limiter").status_code == 202
+    assert calls == []
+    assert client.get("/login").status_code == 200
+    assert calls  # its before-request hook (and the view's own limits, for a POST)

@@ -108,8 +108,16 @@ def test_hsts_only_when_configured(monkeypatch, database_url, redis_url):
     assert "Strict-Transport-Security" not in plain.test_client().get("/login", base_url="https://x").headers
     monkeypatch.setenv("RECON_HSTS_SECONDS", "31536000")
     strict = create_app({"DATABASE_URL": database_url, "REDIS_URL": redis_url, "TESTING": True})
-    r = strict.test_client().get("/login", base_url="https://console.example")
+    # The headers are computed once and kept (app/web/security.py): a plain request first must
+    # not leave the secure ones without HSTS, nor the other way round.
+    client = strict.test_client()
+    assert "Strict-Transport-Security" not in client.get("/login").headers
+    r = client.get("/login", base_url="https://console.example")
     assert r.headers["Strict-Transport-Security"] == "max-age=31536000"
+    assert r.headers["Content-Security-Policy"] == client.get("/login").headers["Content-Security-Policy"]
+    forwarded = client.get("/login", headers={"X-Forwarded-Proto": "https"})
+    assert forwarded.headers["Strict-Transport-Security"] == "max-age=31536000"
+    assert "Strict-Transport-Security" not in client.get("/login").headers
 
 
 def test_session_cookie_is_secure_outside_localhost(client, users):
