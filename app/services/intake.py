@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import json
 import uuid
 from dataclasses import dataclass
 
@@ -128,7 +129,6 @@ _IDENTIFIERS = MessageIdentifier.__table__
 _ATTEMPTS = Attempt.__table__
 _OUTBOX = OutboxEntry.__table__
 _CONNECTIONS = Connection.__table__
-_TEXT_ARRAY = postgresql.ARRAY(sa.String)
 
 
 @dataclass
@@ -313,8 +313,7 @@ def _store(
                     "identifiers",
                     {
                         "message_id": message_id,
-                        "kinds": [kind for kind, _ in identifiers],
-                        "values": [value for _, value in identifiers],
+                        "rows": json.dumps([{"kind": kind, "value": value} for kind, value in identifiers]),
                     },
                 )
             )
@@ -475,14 +474,16 @@ def _bound(part: str, table: sa.Table, names) -> dict:
 def _build(part: str):
     if part == "event":
         return audit.PENDING_INSERT
-    if part == "identifiers":  # PostgreSQL: every identifier of the message from two arrays
+    if part == "identifiers":
+        # PostgreSQL: every identifier of the message from one JSON array of {kind, value} — one
+        # parameter whatever the count (the driver dumps two text arrays element by element in
+        # Python: a twentieth of the request's CPU).
         rows = (
-            sa.func.unnest(
-                sa.bindparam("identifiers__kinds", type_=_TEXT_ARRAY),
-                sa.bindparam("identifiers__values", type_=_TEXT_ARRAY),
+            sa.func.json_to_recordset(
+                sa.cast(sa.bindparam("identifiers__rows", type_=sa.String), postgresql.JSON)
             )
-            .table_valued("kind", "value")
-            .render_derived()
+            .table_valued(sa.column("kind", sa.Text), sa.column("value", sa.Text))
+            .render_derived(name="identifier_rows", with_types=True)
         )
         return sa.insert(_IDENTIFIERS).from_select(
             ["message_id", "kind", "value"],
