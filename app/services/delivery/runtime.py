@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +19,10 @@ AdapterFactory = Callable[[Connection], object]
 
 # One adapter per connection settings per worker process (default_adapter_factory).
 _adapters: dict = {}
+# A batch's calls run on a thread pool (batch.py): its threads ask for the adapter at once. Without
+# the lock, two of them could each make one and the second close the first's client mid-request
+# (a spurious unknown outcome on a worker's first batch).
+_adapters_lock = threading.Lock()
 
 
 def default_adapter_factory(conn: Connection):
@@ -27,10 +32,14 @@ def default_adapter_factory(conn: Connection):
 
     settings = connections.settings_for(conn)
     adapter = _adapters.get(settings)
-    if adapter is None:
-        for stale in [k for k in _adapters if k.name == settings.name]:
-            _adapters.pop(stale).close()
-        adapter = _adapters[settings] = adapter_for(settings)
+    if adapter is not None:
+        return adapter
+    with _adapters_lock:
+        adapter = _adapters.get(settings)
+        if adapter is None:
+            for stale in [k for k in _adapters if k.name == settings.name]:
+                _adapters.pop(stale).close()
+            adapter = _adapters[settings] = adapter_for(settings)
     return adapter
 
 
@@ -41,8 +50,9 @@ def cached_adapters(connection_name: str | None = None) -> list:
 
 def close_adapters() -> None:
     """Close and forget every adapter this process made (tests; a worker shutting down)."""
-    while _adapters:
-        _adapters.popitem()[1].close()
+    with _adapters_lock:
+        while _adapters:
+            _adapters.popitem()[1].close()
 
 
 DELIVERY_BATCH = 5
