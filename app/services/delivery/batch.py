@@ -140,16 +140,7 @@ def claim_batch(s, rt: Runtime, conn: Connection, attempt_id: int) -> list[Claim
     # the connection — with several workers, most jobs would otherwise find nothing to do.
     if rt.delivery_batch > len(rows):
         others = (
-            sa.select(Attempt.id)
-            .join(Message, Message.id == Attempt.message_id)
-            .where(
-                literal_states(Attempt.outcome, [AttemptState.QUEUED.value]),
-                Attempt.held_behind.is_(None),
-                Message.connection_id == conn.id,
-            )
-            .order_by(Attempt.id)
-            .limit(rt.delivery_batch - len(rows))
-            .with_for_update(of=Attempt, skip_locked=True)
+            queued_of_connection(conn.id, rt.delivery_batch - len(rows))
             # A CTE: PostgreSQL runs it once. As `IN (subquery … LIMIT)` the planner may run the
             # subquery again (seen: one job claimed all 400 queued attempts).
             .cte("batch_claim")
@@ -184,6 +175,31 @@ def claim_batch(s, rt: Runtime, conn: Connection, attempt_id: int) -> list[Claim
         c.message_type = message.message_type
         c.envelope = envelope_for(message, payloads.get(c.payload_version_id) or PayloadVersion(text=""))
     return batch
+
+
+def queued_of_connection(connection_id: int, limit: int) -> sa.Select:
+    """The first `limit` queued, unheld attempts of a connection in id order, locked; rows another
+    claimer holds are skipped (PostgreSQL; SQLite has one writer and ignores the clause).
+
+    Each queued attempt's connection is read through its message's primary key (a correlated
+    subquery, which the planner cannot turn into a join): the cost is linear in the queued attempts
+    (ix_attempts_queued; a few µs each, 2–4 ms at 1,000 queued) whatever the statistics say. As a
+    join on messages.connection_id, a planner without fresh statistics (a backlog that just arrived)
+    chose a nested loop reading every message of the connection for every queued attempt — queued ×
+    messages: ~75–110 ms of PostgreSQL CPU per claim at 1,000 queued, which with four workers
+    claiming at once was the pipeline's bottleneck (tests/integration/test_delivery_claim_plan.py)."""
+    connection_of = sa.select(Message.connection_id).where(Message.id == Attempt.message_id).scalar_subquery()
+    return (
+        sa.select(Attempt.id)
+        .where(
+            literal_states(Attempt.outcome, [AttemptState.QUEUED.value]),
+            Attempt.held_behind.is_(None),
+            connection_of == connection_id,
+        )
+        .order_by(Attempt.id)
+        .limit(limit)
+        .with_for_update(of=Attempt, skip_locked=True)
+    )
 
 
 def run_calls(rt: Runtime, conn: Connection, batch: list[Claimed]) -> None:
@@ -379,4 +395,12 @@ def settle_batch(rt: Runtime, connection_id: int, batch: list[Claimed]) -> dict[
     return results
 
 
-__all__ = ["BatchResult", "Claimed", "claim_batch", "deliver_batch", "run_calls", "settle_batch"]
+__all__ = [
+    "BatchResult",
+    "Claimed",
+    "claim_batch",
+    "deliver_batch",
+    "queued_of_connection",
+    "run_calls",
+    "settle_batch",
+]
