@@ -278,6 +278,7 @@ class Housekeeping:
         }
         steps = self._steps_to_run()
         if "retries" in steps:
+            _guarded(delivery.end_expired_pauses, rt)  # a window's end is audited like a resume
             counts["retries"] = _guarded(delivery.schedule_due_retries, rt)
         counts["reaped"] = _guarded(delivery.reap_expired_leases, rt)
         if "stranded" in steps:

@@ -298,6 +298,58 @@ def resume_connection(
     return released
 
 
+SYSTEM_ACTOR = "system"
+WINDOW_ENDED = "the maintenance window ended"
+
+
+def end_expired_pauses(session: so.Session, now=None) -> int:
+    """Maintenance windows whose end (`until`) has passed, ended as a resume would end them: what
+    they held drains in order and `connection.resumed` is audited (actor `system`, reason "the
+    maintenance window ended") — without it the audit log showed a pause that never ended.
+    Compare-and-set on the window as read: a window an admin changed or ended meanwhile is left
+    as they left it, and two workers never end one window twice. Returns how many were ended."""
+    now = now or utcnow()
+    expired = session.execute(
+        sa.select(Connection.id, Connection.name, Connection.paused_at, Connection.paused_until).where(
+            Connection.paused_at.is_not(None), Connection.paused_until <= now
+        )
+    ).all()
+    ended = 0
+    for conn_id, name, paused_at, paused_until in expired:
+        won = session.execute(
+            sa.update(Connection)
+            .where(
+                Connection.id == conn_id,
+                Connection.paused_at == paused_at,
+                Connection.paused_until == paused_until,
+            )
+            .values(paused_at=None, paused_until=None, paused_reason=None, paused_by=None)
+            .execution_options(synchronize_session="fetch")
+        ).rowcount
+        if won != 1:
+            continue
+        conn = session.get(Connection, conn_id)
+        released = drain_held(session, conn, now)
+        audit.record(
+            session,
+            actor=SYSTEM_ACTOR,
+            action="connection.resumed",
+            subject_type="connection",
+            subject_id=conn_id,
+            from_state="paused",
+            to_state="active",
+            reason=WINDOW_ENDED,
+            details={
+                "name": name,
+                "paused_since": paused_at.isoformat() + "Z",
+                "until": paused_until.isoformat() + "Z",
+                "released": released,
+            },
+        )
+        ended += 1
+    return ended
+
+
 def drain_held(session: so.Session, conn: Connection, now) -> int:
     """Make what waited on this connection due now: retrying items in their (next_retry_at, id)
     order — schedule_due_retries takes them in that order — and deferred replays."""

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import sqlalchemy as sa
 
 from app.adapters.queue import Housekeeping
 from app.db.models import Attempt, AuditEvent, Connection, ExceptionItem, Message
 from app.db.session import transaction
 from app.services import connections, delivery, ordering
+from app.services.clock import utcnow
 from app.services.exceptions import DecisionInput, decide
 from tests.conftest import PASSWORD
 from tests.samples import message_body
@@ -193,6 +196,53 @@ def test_pause_holds_everything_and_resume_drains_in_order_audited(
         f"/api/v1/connections/{conn_id}/resume", json={}, headers={"Authorization": f"Bearer {admin}"}
     )
     assert r.status_code == 409  # not paused
+
+
+def test_a_window_that_reaches_its_end_is_resumed_by_the_system_audited_once(
+    client, users, sessions, sim_connection, sim_control, run_worker, make_tokens, runtime, queue
+):
+    tenant = sim_connection("window-fhir", customer="Window Health", retry_backoff_seconds=0.0)
+    with transaction(sessions) as s:
+        conn_id = connections.by_name(s, "window-fhir").id
+    admin = make_tokens("adam")["adam"]
+    until = (utcnow() + timedelta(hours=1)).isoformat() + "Z"
+    r = client.post(
+        f"/api/v1/connections/{conn_id}/pause",
+        json={"reason": "EHR upgrade window", "until": until},
+        headers={"Authorization": f"Bearer {admin}"},
+    )
+    assert r.status_code == 200 and r.json["paused"]["until"], r.get_data(as_text=True)
+    keys = ["window-0", "window-1"]
+    ids = [
+        _submit(client, users, "window-fhir", key, n, {"reference": f"Patient/w-{n}"})
+        for n, key in enumerate(keys)
+    ]
+    run_worker()
+    svc = users["svc"].username
+    assert _applied(sim_control, tenant, svc, keys) == [0, 0]  # held until the window's end
+    with transaction(sessions) as s:  # the hour passes
+        s.execute(
+            sa.update(Connection)
+            .where(Connection.id == conn_id)
+            .values(paused_until=utcnow() - timedelta(seconds=1))
+        )
+    for _ in range(2):  # two passes (or two workers): the window ends once
+        Housekeeping(runtime, queue, shared=False).run_once()
+    run_worker()
+    assert _applied(sim_control, tenant, svc, keys) == [1, 1]
+    assert _delivered_order(sessions, ids) == ids
+    with transaction(sessions, read_only=True) as s:
+        conn = s.get(Connection, conn_id)
+        assert (conn.paused_at, conn.paused_until, conn.paused_reason) == (None, None, None)
+        events = s.execute(
+            sa.select(AuditEvent.action, AuditEvent.actor, AuditEvent.reason)
+            .where(AuditEvent.action.like("connection.%"), AuditEvent.subject_id == str(conn_id))
+            .order_by(AuditEvent.id)
+        ).all()
+    assert [tuple(e) for e in events if e[0] != "connection.create"] == [
+        ("connection.paused", "adam", "EHR upgrade window"),
+        ("connection.resumed", connections.SYSTEM_ACTOR, connections.WINDOW_ENDED),
+    ]
 
 
 def test_pinned_version_is_checked_again_on_the_schedule(

@@ -25,7 +25,7 @@ from .deliver import claim_attempt, deliver_attempt, settle_attempt, settle_deli
 from .outbox import mark_relayed, next_deferred_at, pending_outbox
 from .reaper import escalate_breached, reap_expired_leases
 from .replays import claim_replay, run_replay, settle_replay
-from .retries import queue_retry, schedule_due_retries
+from .retries import end_expired_pauses, queue_retry, schedule_due_retries
 from .runtime import AdapterFactory, Runtime, cached_adapters, close_adapters, default_adapter_factory
 from .versions import VERSION_CHECK_STEP, check_pinned_versions
 
@@ -57,6 +57,7 @@ __all__ = [
     "resolve",
     "run_replay",
     "schedule_due_retries",
+    "end_expired_pauses",
     "settle_attempt",
     "settle_delivery",
     "settle_replay",

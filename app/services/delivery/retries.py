@@ -12,7 +12,7 @@ from app.db.session import transaction
 from app.domain.delivery import deliver_job_id
 from app.domain.states import AttemptState, ExceptionState
 
-from .. import ordering
+from .. import connections, ordering
 from ..clock import utcnow
 from .runtime import Runtime
 
@@ -45,6 +45,13 @@ def queue_retry(s: so.Session, item: ExceptionItem) -> Attempt | None:
         OutboxEntry(kind="deliver", ref_id=str(attempt.id), job_id=deliver_job_id(attempt.id), created_at=now)
     )
     return attempt
+
+
+def end_expired_pauses(rt: Runtime) -> int:
+    """Maintenance windows whose `until` has passed end (audited, held items released) before
+    the scheduler looks for due retries."""
+    with transaction(rt.sessions) as s:
+        return connections.end_expired_pauses(s, utcnow())
 
 
 def schedule_due_retries(rt: Runtime, limit: int = 100) -> int:
