@@ -255,6 +255,30 @@ _OUR_ATTRIBUTE = (
 )
 
 
+def _case_folding() -> dict[int, int] | None:
+    """str.translate table taking every character the regex engine treats as the same letter when
+    ignoring case (beyond lower-casing: ı/i, ſ/s, µ/μ, the Greek and Cyrillic variants) to one of
+    them; None when this Python does not expose the engine's table."""
+    try:
+        from re._casefix import _EXTRA_CASES  # the engine's own table (Python 3.11+)
+    except ImportError:  # pragma: no cover - another Python
+        return None
+    return {cp: min((cp, *others)) for cp, others in _EXTRA_CASES.items() if min((cp, *others)) != cp}
+
+
+_FOLDING = _case_folding()
+_FOLDED_AWAY = re.compile("[" + "".join(map(chr, _FOLDING or {})) + "]") if _FOLDING else None
+
+
+def _fold(text: str) -> str | None:
+    """The text as a case-insensitive match sees it: lower-cased, equivalent letters made one
+    (translated only when one of them occurs: str.translate is a dict lookup per character)."""
+    if _FOLDED_AWAY is None:
+        return None
+    lowered = text.lower()
+    return lowered.translate(_FOLDING) if _FOLDED_AWAY.search(lowered) else lowered
+
+
 class Redactor:
     """Masks every occurrence of the given identifiers (and their escaped forms) in any text,
     case-insensitively and word-bounded (not inside a longer word or number), in one pass.
@@ -268,10 +292,13 @@ class Redactor:
         self._words: str | None = None
         self._text: re.Pattern | None = None
         self._html: re.Pattern | None = None
+        self._html_folded: re.Pattern | None = None
+        self._forms: set[str] = set()
         if values:
             # Matching ignores case: one lower-case spelling of each form is enough. Longest first
             # at each position (the trie's optional tails are greedy).
-            self._words = _trie_pattern({form.lower() for value in values for form in escaped_forms(value)})
+            self._forms = {form.lower() for value in values for form in escaped_forms(value)}
+            self._words = _trie_pattern(self._forms)
 
     def __bool__(self) -> bool:
         return self._words is not None
@@ -306,10 +333,35 @@ class Redactor:
 
     def html(self, value: str) -> str:
         """An HTML document or fragment: text and attribute values masked, except our own URLs,
-        element ids and htmx attributes (see _OURS)."""
+        element ids and htmx attributes (see _OURS).
+
+        Matched case-sensitively on the text case-folded (`_fold`), which finds exactly what the
+        case-insensitive pattern finds at half its cost (a queue page: 8 ms -> 4 ms); the
+        original text is kept and only the matches are masked. A text whose folding changes its
+        length (a character that lower-cases to two) is matched case-insensitively instead."""
         if self._words is None or not value:
             return value
+        folded = _fold(value)
+        if folded is None or len(folded) != len(value):
+            return self._html_ignoring_case(value)
+        if self._html_folded is None:
+            words = _trie_pattern({_fold(form) or form for form in self._forms})
+            self._html_folded = re.compile(rf"(?P<ours>{_OUR_ATTRIBUTE})|(?<!\w)(?:{words})(?!\w)")
+        parts: list[str] = []
+        last = 0
+        for match in self._html_folded.finditer(folded):
+            if match.group("ours"):
+                continue
+            start, end = match.span()
+            parts.append(value[last:start])
+            parts.append(self.mask(value[start:end]))
+            last = end
+        if not parts:
+            return value
+        parts.append(value[last:])
+        return "".join(parts)
 
+    def _html_ignoring_case(self, value: str) -> str:
         def replace(match: re.Match) -> str:
             return match.group(0) if match.group("ours") else self.mask(match.group(0))
 

@@ -209,3 +209,27 @@ def test_html_keeps_selection_checkboxes_whose_row_id_equals_a_patients_bare_id(
         '<input type="checkbox" id="sel-123456" name="ids" value="123456:3" form="bulk-form" '
         'aria-label="Select exception 123456"> Patient/****56'
     )
+
+
+# Letters the regex engine equates when ignoring case beyond lower-casing, one that lower-cases to
+# two characters, and ordinary text and markup around identifiers.
+_TRICKY = "ıIiſSsKkµμΣσςİßẞ ·—<>\"'=/-_.0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@given(
+    st.lists(st.text(alphabet=_TRICKY, min_size=1, max_size=12), min_size=1, max_size=4),
+    st.lists(st.text(alphabet=_TRICKY, max_size=20), max_size=6),
+    st.data(),
+)
+def test_html_masking_on_folded_text_finds_what_matching_ignoring_case_finds(identifiers, fillers, data):
+    redactor = Redactor(["Patient/pat-4711", "Kessler", "Sıms", *identifiers])
+    if not redactor:
+        return
+    pieces = []
+    for filler in fillers:
+        pieces.append(filler)
+        word = data.draw(st.sampled_from(["PATIENT/pat-4711", "kessler", "SIMS", "ſims", *identifiers]))
+        pieces.append(data.draw(st.sampled_from([word, word.upper(), word.lower(), word.title()])))
+    pieces.append('<a href="/exceptions/12" id="KESSLER">Kessler</a><input type="hidden" value="kessler">')
+    page = " ".join(pieces)
+    assert redactor.html(page) == redactor._html_ignoring_case(page)
