@@ -25,7 +25,7 @@ import uuid
 
 import httpx
 
-from tests.perf.conftest import Timer, percentile, report
+from tests.perf.conftest import Timer, percentile, quiesce_postgres, report
 from tests.samples import medication_request, message_body
 
 MESSAGES = 400  # delivered by the delivery benchmark
@@ -239,6 +239,8 @@ def test_bench_intake(database_url, redis_url, users, fhir_connection, sessions)
     workers = _workers(database_url)
     count = _intake_messages()
     token = users["svc_token"]
+    if is_pg:
+        print(f"\nintake benchmark: {quiesce_postgres(database_url)}")
     with gunicorn("tests.perf.bare_app:app", env, workers) as port:
         _hammer(port, _requests("x", "mercy-epic", "warm", 200))
         bare_seconds, _ = _hammer(port, _requests("x", "mercy-epic", "bare", count))
