@@ -1,7 +1,7 @@
 """Structured JSON logs (python-json-logger) carrying request id, job id, idempotency key,
 actor and duration; never PHI: SQL parameters are left out of logged database errors, the
 development server's request lines lose their query strings, and every line is masked like a
-response for a role without PHI access (redact_log_text)."""
+response for a role without PHI access (log_redactor)."""
 
 from __future__ import annotations
 
@@ -51,8 +51,8 @@ class JsonFormatter(_LibraryJsonFormatter):
 
     def process_log_record(self, log_data):
         # The last step before a line is written: every string in it, message, extras and
-        # traceback alike, loses what identifies a patient (redact_log_text).
-        redact = _line_redactor()
+        # traceback alike, loses what identifies a patient (log_redactor).
+        redact = log_redactor()
         return {key: redact(value) if isinstance(value, str) else value for key, value in log_data.items()}
 
 
@@ -61,11 +61,13 @@ _PATIENT_REFERENCE = re.compile(r"\b((?:Patient|Person|RelatedPerson)/)[A-Za-z0-
 _PID_SEGMENT = re.compile(r"\b(PID[|^])[^\r\n]*")
 
 
-def _line_redactor():
-    """redact_log_text for the fields of one log line: the identifiers known to this request or
-    job are gathered once per line, not once per field, and a field that cannot hold a
-    reference's or a segment's shape ("/", "PID") skips those patterns (one access-log line has
-    a dozen fields; redacting them was a twentieth of an intake request's CPU)."""
+def log_redactor():
+    """No PHI in logs (SPEC 7): a function masking, in one log line's fields, patient references
+    and PID segments by their shape, and every known identifier of the messages this request or
+    job has loaded (app.services.phi's collector; docs/SECURITY.md "PHI"). The identifiers are
+    gathered once per line, not once per field, and a field that cannot hold a reference's or a
+    segment's shape ("/", "PID") skips those patterns (one access-log line has a dozen fields;
+    redacting them was a twentieth of an intake request's CPU)."""
     try:
         from app.domain.phi import reference_forms
         from app.services.phi import current_scope, redactor_for
@@ -87,13 +89,6 @@ def _line_redactor():
         return known.text(text) if known is not None else text
 
     return redact
-
-
-def redact_log_text(text: str) -> str:
-    """No PHI in logs (SPEC 7): a log line loses patient references and PID segments by their
-    shape, and every known identifier of the messages this request or job has loaded
-    (app.services.phi's collector; docs/SECURITY.md "PHI")."""
-    return _line_redactor()(text)
 
 
 _QUERY_IN_REQUEST_LINE = re.compile(r'("[A-Z]+ [^ ?"]*)\?[^ "]*')

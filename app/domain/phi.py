@@ -345,7 +345,7 @@ class Redactor:
         if folded is None or len(folded) != len(value):
             return self._html_ignoring_case(value)
         if self._html_folded is None:
-            words = _trie_pattern({_fold(form) or form for form in self._forms})
+            words = _trie_pattern({_fold(form) for form in self._forms})  # _fold works: checked above
             self._html_folded = re.compile(rf"(?P<ours>{_OUR_ATTRIBUTE})|(?<!\w)(?:{words})(?!\w)")
         parts: list[str] = []
         last = 0

@@ -283,6 +283,16 @@ def resume_connection(
         raise Conflict(f"connection {conn.name} is not paused", code="not_paused")
     held_since = conn.paused_at
     conn.paused_at = conn.paused_until = conn.paused_reason = conn.paused_by = None
+    return _end_window(
+        session, conn, now, actor=actor, reason=(reason or "").strip()[:500] or None, paused_since=held_since
+    )
+
+
+def _end_window(
+    session: so.Session, conn: Connection, now, *, actor: str, reason, paused_since, **details
+) -> int:
+    """A maintenance window just cleared on `conn`: what it held drains in order, and the end is
+    audited (`connection.resumed`). Returns how many items were released."""
     released = drain_held(session, conn, now)
     audit.record(
         session,
@@ -292,8 +302,13 @@ def resume_connection(
         subject_id=conn.id,
         from_state="paused",
         to_state="active",
-        reason=(reason or "").strip()[:500] or None,
-        details={"name": conn.name, "paused_since": held_since.isoformat() + "Z", "released": released},
+        reason=reason,
+        details={
+            "name": conn.name,
+            "paused_since": paused_since.isoformat() + "Z",
+            **details,
+            "released": released,
+        },
     )
     return released
 
@@ -310,12 +325,12 @@ def end_expired_pauses(session: so.Session, now=None) -> int:
     as they left it, and two workers never end one window twice. Returns how many were ended."""
     now = now or utcnow()
     expired = session.execute(
-        sa.select(Connection.id, Connection.name, Connection.paused_at, Connection.paused_until).where(
+        sa.select(Connection.id, Connection.paused_at, Connection.paused_until).where(
             Connection.paused_at.is_not(None), Connection.paused_until <= now
         )
     ).all()
     ended = 0
-    for conn_id, name, paused_at, paused_until in expired:
+    for conn_id, paused_at, paused_until in expired:
         won = session.execute(
             sa.update(Connection)
             .where(
@@ -328,23 +343,14 @@ def end_expired_pauses(session: so.Session, now=None) -> int:
         ).rowcount
         if won != 1:
             continue
-        conn = session.get(Connection, conn_id)
-        released = drain_held(session, conn, now)
-        audit.record(
+        _end_window(
             session,
+            session.get(Connection, conn_id),
+            now,
             actor=SYSTEM_ACTOR,
-            action="connection.resumed",
-            subject_type="connection",
-            subject_id=conn_id,
-            from_state="paused",
-            to_state="active",
             reason=WINDOW_ENDED,
-            details={
-                "name": name,
-                "paused_since": paused_at.isoformat() + "Z",
-                "until": paused_until.isoformat() + "Z",
-                "released": released,
-            },
+            paused_since=paused_at,
+            until=paused_until.isoformat() + "Z",
         )
         ended += 1
     return ended

@@ -29,9 +29,7 @@ def _plan(engine, statement) -> tuple[str, int]:
     return str(plan), plan["Shared Hit Blocks"] + plan.get("Shared Read Blocks", 0)
 
 
-def test_claim_reads_messages_by_primary_key_with_or_without_statistics(sessions, users, is_postgres):
-    if not is_postgres:
-        pytest.skip("EXPLAIN plans are checked on PostgreSQL")
+def test_claim_reads_messages_by_primary_key_with_or_without_statistics(sessions, users):
     with transaction(sessions) as s:
         connections.add_customer(s, "Mercy Health")
         ids = [

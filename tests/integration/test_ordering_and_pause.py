@@ -55,6 +55,17 @@ def _delivered_order(sessions, message_ids: list[str]) -> list[str]:
     return [m for m, _ in rows]
 
 
+def _pause_events(sessions, conn_id: int) -> list[tuple]:
+    """The connection's audited events after its creation: (action, actor, reason)."""
+    with transaction(sessions, read_only=True) as s:
+        events = s.execute(
+            sa.select(AuditEvent.action, AuditEvent.actor, AuditEvent.reason)
+            .where(AuditEvent.action.like("connection.%"), AuditEvent.subject_id == str(conn_id))
+            .order_by(AuditEvent.id)
+        ).all()
+    return [tuple(e) for e in events if e[0] != "connection.create"]
+
+
 def _ordered_trio(client, users, sessions, sim_connection, sim_control, run_worker):
     """A sequence-sensitive connection; A rejected (waits for a human), then B and C for the same
     patient and D for another patient."""
@@ -182,13 +193,7 @@ def test_pause_holds_everything_and_resume_drains_in_order_audited(
     run_worker()
     assert _applied(sim_control, tenant, svc, keys) == [1, 1, 1, 1]
     assert _delivered_order(sessions, ids) == ids
-    with transaction(sessions, read_only=True) as s:
-        events = s.execute(
-            sa.select(AuditEvent.action, AuditEvent.actor, AuditEvent.reason)
-            .where(AuditEvent.action.like("connection.%"), AuditEvent.subject_id == str(conn_id))
-            .order_by(AuditEvent.id)
-        ).all()
-    assert [tuple(e) for e in events if e[0] != "connection.create"] == [
+    assert _pause_events(sessions, conn_id) == [
         ("connection.paused", "adam", "EHR upgrade window"),
         ("connection.resumed", "adam", "done"),
     ]
@@ -234,12 +239,7 @@ def test_a_window_that_reaches_its_end_is_resumed_by_the_system_audited_once(
     with transaction(sessions, read_only=True) as s:
         conn = s.get(Connection, conn_id)
         assert (conn.paused_at, conn.paused_until, conn.paused_reason) == (None, None, None)
-        events = s.execute(
-            sa.select(AuditEvent.action, AuditEvent.actor, AuditEvent.reason)
-            .where(AuditEvent.action.like("connection.%"), AuditEvent.subject_id == str(conn_id))
-            .order_by(AuditEvent.id)
-        ).all()
-    assert [tuple(e) for e in events if e[0] != "connection.create"] == [
+    assert _pause_events(sessions, conn_id) == [
         ("connection.paused", "adam", "EHR upgrade window"),
         ("connection.resumed", connections.SYSTEM_ACTOR, connections.WINDOW_ENDED),
     ]

@@ -34,7 +34,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.perf.conftest import report
-from tests.perf.test_bench_pipeline import _free_port, _hammer, _requests, _workers, gunicorn
+from tests.perf.test_bench_pipeline import _free_port, _hammer, _requests, _workers, gunicorn, serving
 
 FAST_TARGET_RATIO = 0.5
 SLOW_TARGET_PER_S = 200
@@ -123,37 +123,21 @@ def _submit(port: int, token: str, prefix: str, count: int, connection: str = "m
 def _own_simulator(env: dict):
     """`recon sim` in a process of its own, as deployed: the workers' calls do not compete with
     the test process (gunicorn's client, the polling) for one interpreter lock."""
-    import httpx
-
     fhir_port, mllp_port = _free_port(), _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "app.cli",
-            "sim",
-            "--fhir-port",
-            str(fhir_port),
-            "--mllp-port",
-            str(mllp_port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    command = [
+        sys.executable,
+        "-m",
+        "app.cli",
+        "sim",
+        "--fhir-port",
+        str(fhir_port),
+        "--mllp-port",
+        str(mllp_port),
+    ]
     sim = types.SimpleNamespace(base_url=f"http://127.0.0.1:{fhir_port}")
     sim.tenant_url = lambda tenant: f"{sim.base_url}/fhir/{tenant}"
-    try:
-        for _ in range(300):
-            try:
-                httpx.get(f"{sim.base_url}/fhir/ping/metadata", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with serving(command, env, f"{sim.base_url}/fhir/ping/metadata", tries=300):
         yield sim
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 def _hold_outbox(sessions) -> list:

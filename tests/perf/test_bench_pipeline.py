@@ -49,28 +49,32 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
+def serving(command: list[str], env: dict, ready_url: str, *, ready=lambda response: True, tries: int = 200):
+    """`command` in a process of its own, waited for until `ready_url` answers (and `ready` accepts
+    the answer); terminated on the way out."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(tries):
+            try:
+                if ready(httpx.get(ready_url, timeout=1)):
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@contextlib.contextmanager
 def gunicorn(app: str, env: dict, workers: list[str]):
     """`app` served by gunicorn as in production, in its own processes: the benchmark's HTTP
     clients do not share its interpreter lock."""
     port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", *workers, "-b", f"127.0.0.1:{port}", app],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    command = [sys.executable, "-m", "gunicorn", *workers, "-b", f"127.0.0.1:{port}", app]
+    with serving(command, env, f"http://127.0.0.1:{port}/healthz", ready=lambda r: r.status_code == 200):
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 def _requests(token: str, connection: str, prefix: str, count: int) -> list[bytes]:
