@@ -112,9 +112,12 @@ def counts_against_breaker(outcome: Outcome) -> bool:
     return not outcome.delivered and outcome.category in BREAKER_CATEGORIES
 
 
+DELIVER_JOB_PREFIX = "deliver-"
+
+
 def deliver_job_id(attempt_id: int) -> str:
     """The outbox's job id for delivering an attempt (the relay namespaces it by queue)."""
-    return f"deliver-{attempt_id}"
+    return f"{DELIVER_JOB_PREFIX}{attempt_id}"
 
 
 def auto_retry_eligible(outcome: Outcome, settings: ConnectionSettings) -> bool:

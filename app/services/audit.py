@@ -145,6 +145,8 @@ def _pending_statement() -> sa.Insert:
 # in the use case's transaction and hands the returned seq to `note_recorded`, which seals it
 # after the commit as `record` does.
 PENDING_INSERT = _pending_statement()
+PENDING_TABLE = _PENDING
+PENDING_COLUMNS = _EVENT_COLUMNS  # the columns PENDING_INSERT writes (`pending_params` names them)
 
 
 def pending_params(
@@ -178,6 +180,13 @@ def _note(session: so.Session, event: AuditPending | int) -> None:
     if len(recorded) == 1:
         hook = _hand_to_sealer if session.info.get(DEFER_SEAL) else _seal_after_commit
         after_commit(session, "audit.seal", lambda factory: hook(factory, recorded))
+
+
+def seal_committed(factory: so.sessionmaker, seqs: list[int], *, in_background: bool) -> None:
+    """Events inserted by PENDING_INSERT's columns in a transaction that has committed outside
+    `transaction()` (intake's one-statement path): sealed as `transaction()` seals a unit of
+    work's — by the process's background sealer, or before this returns."""
+    (_hand_to_sealer if in_background else _seal_after_commit)(factory, list(seqs))
 
 
 def _hand_to_sealer(factory: so.sessionmaker, recorded: list[AuditPending | int]) -> None:

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from app.db.session import get_engine, transaction
 from app.services import audit
 from tests.audit_data import fill_chain
-from tests.perf.conftest import Timer, percentile, report
+from tests.perf.conftest import Timer, percentile, quiesce_postgres, report
 
 APPEND_EVENTS = 20_000
 WRITE_EVERY_SECONDS = 0.02
@@ -176,6 +176,8 @@ def test_bench_audit_chain(sessions, database_url, is_postgres):
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.exec_driver_sql("VACUUM ANALYZE audit_events")
     print(f"\ngenerated {size - existing} chained events in {generate.seconds:.1f} s (total {size})")
+    if is_postgres:  # the million rows just written flushed first: the anchors and the CLIs alike
+        print(f"audit benchmark: {quiesce_postgres(database_url)}")
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

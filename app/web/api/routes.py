@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
-from flask import Response, g, jsonify, request, stream_with_context
+from flask import Response, current_app, g, jsonify, request, stream_with_context
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from app.domain.errors import Conflict, Invalid
@@ -16,7 +16,12 @@ from app.services import api_views, audit, audit_export, drift, queries
 from app.services.audit_export import event_json
 from app.services.clock import utcnow
 from app.services.exceptions import DecisionInput
-from app.services.intake import find_existing, replay_response, submit_message
+from app.services.intake import (
+    find_existing,
+    replay_response,
+    submit_message,
+    submit_message_in_one_statement,
+)
 from app.services.intake import report_exception as report_failed_message
 
 from ..access import current_actor, public, requires
@@ -53,10 +58,17 @@ def _idempotent_intake(service):
     body = json_object()
     actor = current_actor()
     try:
-        # The service's lookup also bounds this transaction's lock wait (a request racing an
-        # uncommitted one with the same key waits at most 10 s, then 409): no round trip of its own.
-        with unit_of_work(defer_seal=True) as s:
-            result = service(s, actor, key, body)
+        # Both paths bound their lock wait (a request racing an uncommitted one with the same key
+        # waits at most 10 s, then 409) inside their own statements: no round trip of its own.
+        result = None
+        if service is submit_message:  # in one round trip when it can be (None: it wrote nothing)
+            background = current_app.config.get("RECON_SEAL_MODE", "background") == "background"
+            result = submit_message_in_one_statement(
+                sessions(), actor, key, body, seal_in_background=background
+            )
+        if result is None:
+            with unit_of_work(defer_seal=True) as s:
+                result = service(s, actor, key, body)
     except IntegrityError:
         # A concurrent request with the same key committed first: answer as a replay.
         with unit_of_work() as s:
