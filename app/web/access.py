@@ -77,10 +77,15 @@ def _session_end_reason(user) -> str | None:
 
 def bearer_token() -> str | None:
     """The token of an `Authorization: Bearer <token>` header (scheme case-insensitive, RFC 7235)."""
-    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    return _bearer_token(request.headers)
+
+
+def _bearer_token(headers) -> str | None:
+    scheme, _, token = headers.get("Authorization", "").strip().partition(" ")
+    token = token.strip()
+    if not token or scheme.lower() != "bearer":
         return None
-    return token.strip()
+    return token
 
 
 def _may_scrape() -> bool:
@@ -126,15 +131,12 @@ _token_cache: dict[str, tuple[float, int, object, object]] = {}
 _TOKEN_CACHE_MAX = 1000
 
 
-def _checked_token(token: str):
-    from app.services.clock import utcnow
-    from app.services.users import token_check, token_generation, token_hash
-
-    from .extensions import unit_of_work
-
-    ttl = current_app.config.get("RECON_TOKEN_CACHE_SECONDS", 0)
-    key = token_hash(token)
-    generation = token_generation()
+def _checked_token(token: str, ttl: float | None = None):
+    users, utcnow, unit_of_work = _token_functions()
+    if ttl is None:
+        ttl = current_app.config.get("RECON_TOKEN_CACHE_SECONDS", 0)
+    key = users.token_hash(token)
+    generation = users.token_generation()
     hit = _token_cache.get(key) if ttl > 0 else None
     if hit is not None and hit[1] == generation and time.monotonic() - hit[0] < ttl:
         expires_at = hit[3]
@@ -142,7 +144,7 @@ def _checked_token(token: str):
             return None, "expired", False
         return hit[2], "ok", False
     with unit_of_work(read_only=True) as s:
-        user, status, stale, expires_at = token_check(s, token)
+        user, status, stale, expires_at = users.token_check(s, token)
     if ttl > 0 and user is not None and user.role == Role.SERVICE.value:
         if len(_token_cache) >= _TOKEN_CACHE_MAX:
             _token_cache.clear()
@@ -152,36 +154,56 @@ def _checked_token(token: str):
     return user, status, stale
 
 
+_token_imports = None
+
+
+def _token_functions():
+    """(app.services.users, its utcnow, unit_of_work), imported on first use, not per request
+    (this module is imported while the app, and those modules' own imports, are being set up)."""
+    global _token_imports
+    if _token_imports is None:
+        from app.services import users
+        from app.services.clock import utcnow
+
+        from .extensions import unit_of_work
+
+        _token_imports = (users, utcnow, unit_of_work)
+    return _token_imports
+
+
 def _check_access():
-    g.actor = None
-    view = app_view()
-    if request.endpoint == "static":
+    # The request's context objects are looked up once here, not once per attribute (each
+    # look-up through Flask's proxies is a context-variable read).
+    ctx_g = g._get_current_object()
+    req = request._get_current_object()
+    ctx_g.actor = None
+    endpoint = req.endpoint
+    app = current_app._get_current_object()
+    view = app.view_functions.get(endpoint) if endpoint else None
+    if endpoint == "static":
         return None
     if view is None:
         return None  # 404/405 handled by Flask
     needed = getattr(view, "required_permissions", None)
-    is_api = request.blueprint == "api"
+    is_api = req.blueprint == "api"
     if needed == (SCRAPE,):
         return None if _may_scrape() else _api_error(401, "unauthorized", "metrics need the scrape token")
     if is_api:
-        from app.services.users import touch_token
-
-        from .extensions import unit_of_work
-
         if needed == (PUBLIC,):
             return None
-        token = bearer_token()
+        token = _bearer_token(req.headers)
         if token is None:
             return _api_error(401, "unauthorized", "send Authorization: Bearer <token>")
-        user, status, stale = _checked_token(token)
+        user, status, stale = _checked_token(token, app.config.get("RECON_TOKEN_CACHE_SECONDS", 0))
         if status == "expired":
             return _api_error(401, "token_expired", "this token has expired; create a new one on My tokens")
         if user is None:
             return _api_error(401, "unauthorized", "invalid or revoked token")
         if stale:
+            users, _utcnow, unit_of_work = _token_functions()
             with unit_of_work() as s:
-                touch_token(s, token)
-        g.actor = user
+                users.touch_token(s, token)
+        ctx_g.actor = user
     else:
         if current_user.is_authenticated:
             if not has_permission(current_user.role, Permission.CONSOLE_LOGIN):
@@ -195,16 +217,17 @@ def _check_access():
                 if needed == (PUBLIC,):
                     return None
                 return _to_login()
-            g.actor = current_user._get_current_object()
+            ctx_g.actor = current_user._get_current_object()
         if needed == (PUBLIC,):
             return None
-        if g.actor is None:
+        if ctx_g.actor is None:
             return _to_login()
     if not needed:
         return _api_error(403, "forbidden", "endpoint has no access rule") if is_api else abort(403)
-    if not all(has_permission(g.actor.role, p) for p in needed):
+    role = ctx_g.actor.role
+    if not all(has_permission(role, p) for p in needed):
         if is_api:
-            return _api_error(403, "forbidden", f"role {g.actor.role} may not do this")
+            return _api_error(403, "forbidden", f"role {role} may not do this")
         abort(403)
     return None
 

@@ -21,33 +21,43 @@ MAX_ROW_ID = 2**31 - 1
 MAX_JSON_DEPTH = 32
 
 
-def json_depth(value) -> int:
-    """How deeply a parsed JSON value nests (a scalar is 0), without recursion."""
-    deepest, stack = 0, [(value, 0)]
+# NULs are looked for down to this container depth (the root is 0); the depth limit refuses a
+# body long before a real one gets there.
+_NUL_DEPTH = 20
+
+
+def scan_json(body) -> tuple[bool, bool]:
+    """One pass over a parsed JSON body: (nests deeper than MAX_JSON_DEPTH, holds a NUL in a key
+    or string). Payload fields (PAYLOAD_FIELDS, at any level) are not looked into for NULs, and
+    neither is a container nested deeper than _NUL_DEPTH; every container counts for the depth.
+    Without recursion."""
+    if isinstance(body, str):
+        return False, "\x00" in body
+    if not isinstance(body, dict | list):
+        return False, False
+    nul = False
+    stack = [(body, 0, True)]
     while stack:
-        item, depth = stack.pop()
+        item, depth, look = stack.pop()
+        if depth >= MAX_JSON_DEPTH:
+            return True, nul
+        look = look and depth <= _NUL_DEPTH
         if isinstance(item, dict):
-            item = list(item.values())
-        if isinstance(item, list):
-            deepest = max(deepest, depth + 1)
-            if depth + 1 > MAX_JSON_DEPTH:
-                break
-            stack.extend((child, depth + 1) for child in item)
-    return deepest
-
-
-def _has_nul(value, depth: int = 0) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if depth > 20:
-        return False
-    if isinstance(value, dict):
-        return any(
-            k not in PAYLOAD_FIELDS and (_has_nul(k) or _has_nul(v, depth + 1)) for k, v in value.items()
-        )
-    if isinstance(value, list):
-        return any(_has_nul(v, depth + 1) for v in value)
-    return False
+            for key, value in item.items():
+                look_here = look and not nul and key not in PAYLOAD_FIELDS
+                if look_here and (
+                    (isinstance(key, str) and "\x00" in key) or (isinstance(value, str) and "\x00" in value)
+                ):
+                    nul = True
+                if isinstance(value, (dict, list)):
+                    stack.append((value, depth + 1, look_here))
+        else:
+            for value in item:
+                if look and not nul and isinstance(value, str) and "\x00" in value:
+                    nul = True
+                if isinstance(value, (dict, list)):
+                    stack.append((value, depth + 1, look))
+    return False, nul
 
 
 def _too_deep():
@@ -57,18 +67,22 @@ def _too_deep():
 def init_app(app: Flask) -> None:
     @app.before_request
     def _reject_nul():
-        fields = list(request.args.items(multi=True))
-        if request.mimetype == "application/json":
+        req = request._get_current_object()  # one context look-up, not one per attribute
+        if req.mimetype == "application/json":
             try:
-                body = request.get_json(silent=True)
+                body = req.get_json(silent=True)
             except RecursionError:
                 return _too_deep()
-            if json_depth(body) > MAX_JSON_DEPTH:
+            too_deep, nul = scan_json(body)
+            if too_deep:
                 return _too_deep()
-            if _has_nul(body):
-                fields.append(("json", "\x00"))
         else:
-            fields += [(k, v) for k, v in request.form.items(multi=True) if k not in PAYLOAD_FIELDS]
-        if any(_has_nul(k) or _has_nul(v) for k, v in fields):
+            nul = any(
+                "\x00" in k or "\x00" in v for k, v in req.form.items(multi=True) if k not in PAYLOAD_FIELDS
+            )
+        # No query string, no arguments to parse.
+        if not nul and req.query_string:
+            nul = any("\x00" in k or "\x00" in v for k, v in req.args.items(multi=True))
+        if nul:
             return error_response(400, "invalid_characters", "request fields must not contain NUL characters")
         return None

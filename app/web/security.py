@@ -72,11 +72,33 @@ class _Talisman(Talisman):
         self._headers_for: dict[bool, list[tuple[str, str]]] = {}
         super().__init__(*args, **kwargs)
 
+    def init_app(self, app: Flask, **kwargs):
+        super().init_app(app, **kwargs)
+        # Talisman's two before-request hooks, _force_https and _make_nonce, do nothing unless
+        # HTTPS is forced, the session cookie made Secure, a CSP nonce wanted or the view has
+        # options of its own: one hook in their place runs them only then.
+        before = app.before_request_funcs.setdefault(None, [])
+        hooks = [self._force_https, self._make_nonce]
+        if before[-2:] == hooks:
+            before[-2:] = [self._before_request]
+
+    def _before_request(self):
+        if not (self.force_https or self.session_cookie_secure or self.content_security_policy_nonce_in):
+            req = request._get_current_object()
+            view = current_app.view_functions.get(req.endpoint)
+            if getattr(view, "talisman_view_options", None) is None:
+                return None
+        redirect = self._force_https()
+        if redirect is not None:
+            return redirect
+        return self._make_nonce()
+
     def _set_response_headers(self, response):
-        view = current_app.view_functions.get(request.endpoint)
+        req = request._get_current_object()
+        view = current_app.view_functions.get(req.endpoint)
         if getattr(view, "talisman_view_options", None) is not None:
             return super()._set_response_headers(response)
-        secure = request.is_secure or request.headers.get("X-Forwarded-Proto", "http") == "https"
+        secure = req.is_secure or req.headers.get("X-Forwarded-Proto", "http") == "https"
         headers = self._headers_for.get(secure)
         if headers is None:
             probe = Response()
@@ -144,12 +166,17 @@ def init_app(app: Flask, app_settings: Settings) -> None:
     @app.after_request
     def _no_store(response):
         # Pages, fragments and API answers carry PHI or per-user state: never cached anywhere.
+        headers = response.headers
         if request.endpoint != "static":
-            response.headers["Cache-Control"] = "no-store"
-            response.headers["Pragma"] = "no-cache"
+            headers["Cache-Control"] = "no-store"
+            headers["Pragma"] = "no-cache"
         # One URL answers a whole page or, to htmx, a fragment: no cache (the browser's included)
-        # may hand one out for the other, so Back/Forward always restore a whole page.
-        response.vary.add("HX-Request")
+        # may hand one out for the other, so Back/Forward always restore a whole page. No Vary
+        # yet (nearly every response): the header is set as response.vary.add would set it.
+        if "Vary" in headers:
+            response.vary.add("HX-Request")
+        else:
+            headers["Vary"] = "HX-Request"
         return response
 
     _init_login_throttle(app, app_settings)

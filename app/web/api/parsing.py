@@ -13,6 +13,14 @@ from ..input_guard import MAX_ROW_ID
 
 _MISSING = object()
 _KINDS = {str: "a string", int: "an integer", bool: "a boolean", float: "a number", list: "a list of strings"}
+# What each kind accepts, checked for the one kind asked (not all five per field).
+_CHECKS = {
+    str: lambda value: isinstance(value, str),
+    int: lambda value: isinstance(value, int) and not isinstance(value, bool),
+    bool: lambda value: isinstance(value, bool),
+    float: lambda value: isinstance(value, int | float) and not isinstance(value, bool),
+    list: lambda value: isinstance(value, list) and all(isinstance(v, str) for v in value),
+}
 
 
 def json_object() -> dict:
@@ -31,14 +39,7 @@ def field(body: dict, name: str, kind: type, *, required: bool = False, default:
         if required:
             raise Invalid(f"{name} is required", code="invalid_body")
         return default
-    ok = {
-        str: isinstance(value, str),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        bool: isinstance(value, bool),
-        float: isinstance(value, int | float) and not isinstance(value, bool),
-        list: isinstance(value, list) and all(isinstance(v, str) for v in value),
-    }[kind]
-    if not ok:
+    if not _CHECKS[kind](value):
         raise Invalid(f"{name} must be {_KINDS[kind]}", code="invalid_body")
     return value
 
