@@ -182,6 +182,14 @@ def encode_text(text: str, content_type: str) -> bytes:
     return text.encode("utf-8")
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def detect_mojibake(text: str, content_type: str, document: dict | None = None) -> Repair | None:
     """ftfy's verdict on the whole text, located at the first field (or line) it would change.
     `document`: the already parsed FHIR resource, if the caller has it."""
@@ -197,7 +205,10 @@ def detect_mojibake(text: str, content_type: str, document: dict | None = None) 
             repaired = _fix_strings(doc, "", found, ftfy.fix_encoding_and_explain)
             if not found:
                 return None
-            return Repair("mojibake", found[0][0], found[0][1], json.dumps(repaired, ensure_ascii=False))
+            text = json.dumps(repaired, ensure_ascii=False)
+            if not _encodable(text):  # a lone surrogate from a \u escape: kept as an escape
+                text = json.dumps(repaired)
+            return Repair("mojibake", found[0][0], found[0][1], text)
     fixed = ftfy.fix_encoding_and_explain(text)
     if fixed.text == text:
         return None

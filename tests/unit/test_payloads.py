@@ -120,3 +120,20 @@ def test_utf8_text_round_trips_byte_for_byte(text):
     decoded = decode_text(raw, HL7_ER7)
     if not text.startswith("\ufeff") and declared_charset(raw) is None:
         assert decoded.text == text and decoded.encoding == "utf-8"
+
+
+def test_a_repair_proposal_keeps_a_lone_surrogate_as_its_escape():
+    """A FHIR string may hold a lone surrogate as a \\u escape (valid JSON, no UTF-8 form): the
+    proposed repair of mojibake elsewhere in the resource must still be storable text (it was a
+    UnicodeEncodeError and a 500 at intake), with every other value as repaired."""
+    text = json.dumps(
+        {
+            "resourceType": "Patient",
+            "identifier": [{"system": "a\ud800b", "value": "x"}],
+            "name": [{"text": "JosÃ©"}],
+        }
+    )
+    repair = detect_mojibake(text, "application/fhir+json")
+    assert repair is not None and repair.where == "name[0].text"
+    repaired = json.loads(encode_text(repair.repaired_text, "application/fhir+json"))
+    assert repaired["identifier"][0]["system"] == "a\ud800b" and repaired["name"][0]["text"] == "José"
