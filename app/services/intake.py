@@ -324,7 +324,7 @@ def _store(
                     "identifiers",
                     {
                         "message_id": message_id,
-                        "rows": json.dumps([{"kind": kind, "value": value} for kind, value in identifiers]),
+                        "rows": _identifiers_json(identifiers),
                     },
                 )
             )
@@ -521,6 +521,22 @@ def _bound(part: str, table: sa.Table, names) -> dict:
     return {name: sa.bindparam(f"{part}__{name}", type_=table.c[name].type) for name in names}
 
 
+def _identifier_rows():
+    """PostgreSQL: a message's identifiers as rows (kind, value) of the one JSON parameter
+    `identifiers__rows` (a list of {kind, value}; `_identifiers_json`)."""
+    return (
+        sa.func.json_to_recordset(
+            sa.cast(sa.bindparam("identifiers__rows", type_=sa.String), postgresql.JSON)
+        )
+        .table_valued(sa.column("kind", sa.Text), sa.column("value", sa.Text))
+        .render_derived(name="identifier_rows", with_types=True)
+    )
+
+
+def _identifiers_json(identifiers) -> str:
+    return json.dumps([{"kind": kind, "value": value} for kind, value in identifiers])
+
+
 def _build(part: str):
     if part == "event":
         return audit.PENDING_INSERT
@@ -528,13 +544,7 @@ def _build(part: str):
         # PostgreSQL: every identifier of the message from one JSON array of {kind, value} — one
         # parameter whatever the count (the driver dumps two text arrays element by element in
         # Python: a twentieth of the request's CPU).
-        rows = (
-            sa.func.json_to_recordset(
-                sa.cast(sa.bindparam("identifiers__rows", type_=sa.String), postgresql.JSON)
-            )
-            .table_valued(sa.column("kind", sa.Text), sa.column("value", sa.Text))
-            .render_derived(name="identifier_rows", with_types=True)
-        )
+        rows = _identifier_rows()
         return sa.insert(_IDENTIFIERS).from_select(
             ["message_id", "kind", "value"],
             sa.select(sa.bindparam("identifiers__message_id", type_=sa.String), rows.c.kind, rows.c.value),
@@ -696,13 +706,7 @@ def _one_statement_intake() -> sa.Select:
         ["id", *payload_columns],
         sa.select(ids.c.payload_id, *bound("payload", _PAYLOADS, payload_columns)).select_from(message),
     )
-    rows = (
-        sa.func.json_to_recordset(
-            sa.cast(sa.bindparam("identifiers__rows", type_=sa.String), postgresql.JSON)
-        )
-        .table_valued(sa.column("kind", sa.Text), sa.column("value", sa.Text))
-        .render_derived(name="identifier_rows", with_types=True)
-    )
+    rows = _identifier_rows()
     identifiers = sa.insert(_IDENTIFIERS).from_select(
         ["message_id", "kind", "value"], sa.select(message.c.id, rows.c.kind, rows.c.value)
     )
@@ -784,17 +788,18 @@ def submit_message_in_one_statement(
         "queued",
         now,
     )
+    # The statement draws the payload's and the attempt's ids, and names the outbox row by the latter.
     attempt_row = _attempt_row(message_id, None, now)
     del attempt_row["payload_version_id"]
-    outbox_row = _outbox_row(0, now)
+    outbox_row = {k: v for k, v in _outbox_row(0, now).items() if k not in ("ref_id", "job_id")}
     for part, values in (
         ("message", message_row),
         ("payload", _payload_row(message_id, decoded, client, now)),
         ("attempt", attempt_row),
-        ("outbox", {"kind": outbox_row["kind"], "created_at": outbox_row["created_at"]}),
+        ("outbox", outbox_row),
     ):
         params.update(_params(part, values))
-    params["identifiers__rows"] = json.dumps([{"kind": kind, "value": value} for kind, value in identifiers])
+    params["identifiers__rows"] = _identifiers_json(identifiers)
     params.update(_receive_params(client, message_id, "queued", key, conn, message_type, decoded, {}))
     row = _run_autocommit(engine, _ONE_STATEMENT, params)
     if row is None:  # the key is taken, or the connection's settings changed
