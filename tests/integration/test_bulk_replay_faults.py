@@ -50,12 +50,17 @@ def keys_of(sessions, ids) -> dict[int, str]:
 
 
 def test_bulk_replay_of_500_with_dropped_responses_applies_each_once_and_cancel_stops_the_rest(
-    users, fhir_connection, sessions, runtime, queue, sim_control, run_worker
+    users, fhir_connection, sessions, runtime, queue, sim, sim_control, run_worker
 ):
-    tenant = fhir_connection.tenant
+    # A tenant of a fixed name: the simulator draws each fault from (tenant, delivery identifier,
+    # attempt, seed), so the same creates are dropped in every run (a fresh random tenant made the
+    # number of drops among the 51 released a coin toss: fewer than 2 in ~3% of runs).
+    tenant = "bulk-500-dropped-responses"
     ids = rejected_orders(sessions, users["svc"], 500, prefix="bulk")
     with transaction(sessions) as s:  # a replay after a dropped response waits out this window
-        s.get(Connection, fhir_connection.id).read_timeout = 1.0
+        connection = s.get(Connection, fhir_connection.id)
+        connection.read_timeout = 1.0
+        connection.endpoint = sim.tenant_url(tenant)
     # 10% of creates are committed and then the connection drops; the EHR ignores If-None-Exist.
     sim_control.set_profile(tenant, rate_commit_then_drop=0.1, ignore_if_none_exist=True, seed="bulk-500")
     first = approved_batch(sessions, users, ids, Pace(500, 1.0))
@@ -86,7 +91,7 @@ def test_bulk_replay_of_500_with_dropped_responses_applies_each_once_and_cancel_
     assert done.adds_up and done.total == 500
     assert (done.held, done.released) == (0, 0)
     assert done.delivered + done.failed == released and done.cancelled == 500 - released
-    assert 2 <= done.failed <= 15, done  # the drops really bit (10% of 51)
+    assert 2 <= done.failed <= 15, done  # the drops really bit (10% of 51; 1 s timeouts add to them)
 
     keys = keys_of(sessions, ids)
     with transaction(sessions, read_only=True) as s:
