@@ -182,7 +182,9 @@ def encode_text(text: str, content_type: str) -> bytes:
     return text.encode("utf-8")
 
 
-def _encodable(text: str) -> bool:
+def is_unicode(text: str) -> bool:
+    """Whether `text` has a UTF-8 form (a lone surrogate from a JSON \\u escape has none: no
+    database can store it as text)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -206,7 +208,7 @@ def detect_mojibake(text: str, content_type: str, document: dict | None = None) 
             if not found:
                 return None
             text = json.dumps(repaired, ensure_ascii=False)
-            if not _encodable(text):  # a lone surrogate from a \u escape: kept as an escape
+            if not is_unicode(text):  # a lone surrogate from a \u escape: kept as an escape
                 text = json.dumps(repaired)
             return Repair("mojibake", found[0][0], found[0][1], text)
     fixed = ftfy.fix_encoding_and_explain(text)

@@ -41,6 +41,7 @@ from app.domain.payloads import (
     PROPOSED_REPAIR,
     decode_payload,
     encode_text,
+    is_unicode,
     patient_reference,
     sha256_hex,
 )
@@ -94,21 +95,13 @@ def _raw_payload(body: dict) -> bytes:
         raise Invalid("payload_base64 is not valid base64", code="invalid_body") from None
 
 
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: no database can store it as text
-        return False
-    return True
-
-
 # The widest indexed text a message keeps beside its payload (Message.patient_ref,
 # MessageIdentifier.value).
 STORABLE_LENGTH = 200
 
 
 def _storable(value: str) -> bool:
-    return len(value) <= STORABLE_LENGTH and "\x00" not in value and _is_unicode(value)
+    return len(value) <= STORABLE_LENGTH and "\x00" not in value and is_unicode(value)
 
 
 def _indexed_fields(body: dict, decoded):
@@ -212,7 +205,7 @@ def _lookup(session: so.Session, client: User, key: str, body: dict) -> _Lookup:
     then be written in one statement."""
     name = body.get("connection")
     params = {"client_id": client.id, "key": key}
-    if not isinstance(name, str) or "\x00" in name or not _is_unicode(name):  # refused below
+    if not isinstance(name, str) or "\x00" in name or not is_unicode(name):  # refused below
         return _Lookup(session.execute(_LOOKUP["existing"], params).first(), None)
     pg = session.get_bind().dialect.name == "postgresql"
     # Core statements run on the session's connection: the ORM's execute path adds nothing here
@@ -249,7 +242,7 @@ def _validated(body: dict, found: _Lookup, *, require_error: bool = False):
     for name in ("connection", "message_type", "content_type", *(("error",) if require_error else ())):
         if not isinstance(body.get(name), str) or not body[name].strip():
             raise Invalid(f"{name} is required", code="invalid_body")
-        if name != "error" and not _is_unicode(body[name]):
+        if name != "error" and not is_unicode(body[name]):
             raise Invalid(f"{name} must be valid Unicode text", code="invalid_body")
     if body["content_type"] not in CONTENT_TYPES:
         raise Invalid(f"content_type must be one of {', '.join(CONTENT_TYPES)}", code="invalid_body")
@@ -673,7 +666,7 @@ def _remember_connection(pool, name: str, connection: _ConnectionRow, guard: str
 
 def _one_statement_intake() -> sa.Select:
     def bound(part: str, table: sa.Table, names) -> list:
-        return [sa.bindparam(f"{part}__{name}", type_=table.c[name].type) for name in names]
+        return list(_bound(part, table, names).values())
 
     settings_unchanged = sa.exists().where(
         _CONNECTIONS.c.id == sa.bindparam("connection_id", type_=sa.Integer),
@@ -732,12 +725,7 @@ def _one_statement_intake() -> sa.Select:
         sa.insert(audit.PENDING_TABLE)
         .from_select(
             event_columns,
-            sa.select(
-                *(
-                    sa.bindparam(f"audit_event__{name}", type_=audit.PENDING_TABLE.c[name].type)
-                    for name in event_columns
-                )
-            ).select_from(message),
+            sa.select(*bound("audit_event", audit.PENDING_TABLE, event_columns)).select_from(message),
         )
         .returning(audit.PENDING_TABLE.c.seq)
         .cte("audit_event")

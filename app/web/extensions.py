@@ -53,7 +53,7 @@ def unit_of_work(*, read_only: bool = False, defer_seal: bool = False):
     from app.services.exceptions import ApprovalPasswordFailed
 
     try:
-        defer = defer_seal and current_app.config.get("RECON_SEAL_MODE", "background") == "background"
+        defer = defer_seal and seals_in_background()
         with transaction(sessions(), read_only=read_only, defer_seal=defer) as s:
             yield s
     except ApprovalPasswordFailed as exc:
@@ -64,6 +64,12 @@ def unit_of_work(*, read_only: bool = False, defer_seal: bool = False):
         with transaction(sessions()) as s:
             record_approval_password_failure(s, exc.user_id, exception_id=exc.exception_id)
         raise
+
+
+def seals_in_background() -> bool:
+    """Whether this app's deferring units of work hand their audit events to the background
+    sealer (RECON_SEAL_MODE, see app/services/sealer.py)."""
+    return current_app.config.get("RECON_SEAL_MODE", "background") == "background"
 
 
 def redis_client():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
-from flask import Response, current_app, g, jsonify, request, stream_with_context
+from flask import Response, g, jsonify, request, stream_with_context
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from app.domain.errors import Conflict, Invalid
@@ -26,7 +26,7 @@ from app.services.intake import report_exception as report_failed_message
 
 from ..access import current_actor, public, requires
 from ..errors import error_response
-from ..extensions import csrf, sessions, unit_of_work
+from ..extensions import csrf, seals_in_background, sessions, unit_of_work
 from ..input_guard import MAX_ROW_ID
 from . import bp
 from .openapi import OPENAPI
@@ -62,9 +62,8 @@ def _idempotent_intake(service):
         # waits at most 10 s, then 409) inside their own statements: no round trip of its own.
         result = None
         if service is submit_message:  # in one round trip when it can be (None: it wrote nothing)
-            background = current_app.config.get("RECON_SEAL_MODE", "background") == "background"
             result = submit_message_in_one_statement(
-                sessions(), actor, key, body, seal_in_background=background
+                sessions(), actor, key, body, seal_in_background=seals_in_background()
             )
         if result is None:
             with unit_of_work(defer_seal=True) as s:
